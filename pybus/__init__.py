@@ -1,0 +1,44 @@
+"""pybus: an asyncio dispatcher for commands, queries and events."""
+
+from pybus.dispatcher import Dispatcher
+from pybus.engines import EventEngine, RequestEngine
+from pybus.errors import (
+    CascadeDepthExceeded,
+    DispatcherFrozen,
+    DispatcherNotStarted,
+    HandlerAlreadyRegistered,
+    HandlerNotFound,
+    HandlerSignatureError,
+    ImproperlyConfigured,
+    PyBusError,
+)
+from pybus.handlers import HandlerProtocol
+from pybus.messages import Command, Event, Query
+from pybus.routers import EventRouter, RequestRouter
+
+__version__ = "0.1.0"
+
+#: A ready dispatcher for applications that need one: `from pybus import dispatcher as dp`.
+dispatcher = Dispatcher()
+
+__all__ = [
+    "CascadeDepthExceeded",
+    "Command",
+    "Dispatcher",
+    "DispatcherFrozen",
+    "DispatcherNotStarted",
+    "Event",
+    "EventEngine",
+    "EventRouter",
+    "HandlerAlreadyRegistered",
+    "HandlerNotFound",
+    "HandlerProtocol",
+    "HandlerSignatureError",
+    "ImproperlyConfigured",
+    "PyBusError",
+    "Query",
+    "RequestEngine",
+    "RequestRouter",
+    "__version__",
+    "dispatcher",
+]

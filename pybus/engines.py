@@ -1,0 +1,317 @@
+"""Engines: run the compiled handlers of one kind.
+
+`RequestEngine.handle` runs the one handler of a command or query and returns
+its result; `EventEngine.publish` runs every handler of an event. Both hand
+follow-up events (return values and collected events) to the event engine,
+which publishes them breadth-first, level by level, in the order they were
+emitted, before the original call returns.
+
+The hot paths are written out by hand: a dict lookup on the message's class,
+a call, an await. Everything that can be decided once is decided at `start()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from inspect import isawaitable
+from itertools import chain
+from typing import Any
+
+from pybus.errors import CascadeDepthExceeded, HandlerNotFound, Kind, key_name
+from pybus.handlers import CallPlan
+
+_NO_PLANS: tuple[CallPlan, ...] = ()
+
+
+def message_key(message: object) -> object:
+    """The key a message is routed by: the string itself, or its class."""
+    return message if isinstance(message, str) else type(message)
+
+
+class EventEngine:
+    """Runs every handler of an event and the cascade of follow-up events.
+
+    Handlers of one event run one after the other in registration order
+    (handlers of base classes after, in MRO order), or all at once in a task
+    group when `concurrent`. A failing handler never stops the others; the
+    failures are raised together as an `ExceptionGroup` once all have run.
+    """
+
+    def __init__(
+        self,
+        plans: Mapping[object, tuple[CallPlan, ...]],
+        *,
+        foreign: Mapping[object, Kind],
+        concurrent: bool,
+        max_cascade_depth: int,
+    ) -> None:
+        self._exact = dict(plans)
+        self._foreign = foreign
+        self._concurrent = concurrent
+        self._max_depth = max_cascade_depth
+        # Resolved along the MRO once; classes first seen later are added by _resolve.
+        self._plans: dict[object, tuple[CallPlan, ...]] = {}
+        # Keys whose handlers are all plain async callables, run by publish's fast loop.
+        self._fast: dict[object, tuple[Callable[[Any], Any], ...]] = {}
+        #: Per class: does publishing an instance do anything? Filled on first sight.
+        self.wanted: dict[type, bool] = {}
+        for key in plans:
+            if isinstance(key, type):
+                self._resolve_class(key)
+            else:
+                self._remember(key, plans[key])
+
+    def _remember(self, key: object, plans: tuple[CallPlan, ...]) -> tuple[CallPlan, ...]:
+        self._plans[key] = plans
+        if plans and not self._concurrent and all(p.is_async and p.collect is None for p in plans):
+            self._fast[key] = tuple(p.invoke for p in plans)
+        return plans
+
+    def _resolve_class(self, cls: type) -> tuple[CallPlan, ...]:
+        return self._remember(
+            cls, tuple(chain.from_iterable(self._exact.get(base, _NO_PLANS) for base in cls.__mro__))
+        )
+
+    def _resolve(self, message: object) -> tuple[CallPlan, ...]:
+        if isinstance(message, str):
+            return self._plans.get(message, _NO_PLANS)
+        return self._resolve_class(type(message))
+
+    def handlers_for(self, message: object) -> tuple[CallPlan, ...]:
+        """The call plans that `publish(message)` runs, in order."""
+        plans = self._plans.get(message.__class__)
+        return self._resolve(message) if plans is None else plans
+
+    async def publish(self, event: object) -> None:
+        """Run every handler of `event`, then its follow-ups.
+
+        Raises `HandlerNotFound` when the event has no handler and its key is
+        registered as a command or query, and an `ExceptionGroup` of every
+        handler failure (follow-ups included) after all ran.
+        """
+        invokes = self._fast.get(event.__class__)
+        if invokes is None:
+            await self._publish(event)
+            return
+        # The common case, written out: no per-handler branching, no lists
+        # allocated unless a handler returns a follow-up or fails.
+        followups: list[Any] | None = None
+        failed: list[tuple[Callable[[Any], Any], Exception]] | None = None
+        for invoke in invokes:
+            try:
+                result = await invoke(event)
+            except Exception as exc:
+                if failed is None:
+                    failed = []
+                failed.append((invoke, exc))
+            else:
+                if result is not None:
+                    if followups is None:
+                        followups = []
+                    followups.append(result)
+        if failed is None and followups is None:
+            return
+        failures: list[Exception] = []
+        if failed is not None:
+            # The same function registered for a class and its base appears twice;
+            # either plan names the same handler.
+            plans = {plan.invoke: plan for plan in self._plans[event.__class__]}
+            failures.extend(_annotate(exc, plans[invoke], event) for invoke, exc in failed)
+        if followups is not None:
+            await self.cascade(followups, failures)
+        if failures:
+            raise _publish_failed(event, failures)
+
+    async def _publish(self, event: object) -> None:
+        plans = self.handlers_for(event)
+        if not plans:
+            self._check_foreign(event)
+            return
+        followups: list[Any] = []
+        failures: list[Exception] = []
+        await self._fan_out(event, plans, followups, failures)
+        if followups:
+            await self.cascade(followups, failures)
+        if failures:
+            raise _publish_failed(event, failures)
+
+    def wants(self, event: object) -> bool:
+        """False when publishing `event` would certainly do nothing (no handler, no error)."""
+        wanted = self.wanted.get(event.__class__)
+        if wanted is None:
+            wanted = bool(self.handlers_for(event)) or message_key(event) in self._foreign
+            if not isinstance(event, str):
+                self.wanted[event.__class__] = wanted
+        return wanted
+
+    async def cascade(self, events: list[Any], failures: list[Exception]) -> None:
+        """Publish follow-up events breadth-first, appending handler failures to `failures`."""
+        depth = 1
+        while events:
+            produced: list[Any] = []
+            for event in events:
+                plans = self._plans.get(event.__class__)
+                if plans is None:
+                    plans = self._resolve(event)
+                if plans:
+                    if depth > self._max_depth:
+                        cause = (
+                            ExceptionGroup("handler failures before the limit", failures)
+                            if failures
+                            else None
+                        )
+                        raise CascadeDepthExceeded(self._max_depth, message_key(event)) from cause
+                    await self._fan_out(event, plans, produced, failures)
+                elif (kind := self._foreign.get(message_key(event))) is not None:
+                    error = HandlerNotFound("event", message_key(event), registered_as=kind)
+                    error.add_note("it was returned or collected by a handler as a follow-up event")
+                    failures.append(error)
+            events = produced
+            depth += 1
+
+    def _check_foreign(self, event: object) -> None:
+        kind = self._foreign.get(message_key(event))
+        if kind is not None:
+            raise HandlerNotFound("event", message_key(event), registered_as=kind)
+
+    async def _fan_out(
+        self,
+        event: object,
+        plans: tuple[CallPlan, ...],
+        followups: list[Any],
+        failures: list[Exception],
+    ) -> None:
+        if self._concurrent and len(plans) > 1:
+            await self._fan_out_concurrently(event, plans, followups, failures)
+            return
+        for plan in plans:
+            try:
+                if plan.collect is None:
+                    result = plan.invoke(event)
+                    if plan.is_async or isawaitable(result):
+                        result = await result
+                else:
+                    result = await plan.collect(event, followups)
+            except Exception as exc:
+                failures.append(_annotate(exc, plan, event))
+            else:
+                if result is not None:
+                    followups.append(result)
+
+    async def _fan_out_concurrently(
+        self,
+        event: object,
+        plans: tuple[CallPlan, ...],
+        followups: list[Any],
+        failures: list[Exception],
+    ) -> None:
+        # Each handler gets its own list so follow-ups keep registration order,
+        # whatever order the handlers finish in.
+        outputs: list[list[Any]] = [[] for _ in plans]
+        errors: list[Exception | None] = [None] * len(plans)
+
+        async def run(index: int, plan: CallPlan) -> None:
+            try:
+                result = await call_plan(plan, event, outputs[index])
+            except Exception as exc:
+                errors[index] = _annotate(exc, plan, event)
+            else:
+                if result is not None:
+                    outputs[index].append(result)
+
+        async with asyncio.TaskGroup() as group:
+            for index, plan in enumerate(plans):
+                group.create_task(run(index, plan))
+        for output, error in zip(outputs, errors, strict=True):
+            if error is None:
+                followups.extend(output)
+            else:
+                failures.append(error)
+
+
+class RequestEngine:
+    """Runs the one handler of a command or query and returns its result.
+
+    The handler's exception reaches the caller unchanged. Follow-up events are
+    published after the handler returned and before `handle` returns.
+    """
+
+    def __init__(
+        self,
+        kind: Kind,
+        plans: Mapping[object, CallPlan],
+        *,
+        events: EventEngine,
+        foreign: Mapping[object, Kind],
+    ) -> None:
+        self.kind: Kind = kind
+        self._plans = dict(plans)
+        # Plain async handlers, called by handle's fast path without looking at the plan.
+        self._fast = {key: p.invoke for key, p in plans.items() if p.is_async and p.collect is None}
+        self._events = events
+        self._wanted = events.wanted
+        self._foreign = foreign
+
+    def plan_for(self, message: object) -> CallPlan:
+        """The call plan for `message`; raises `HandlerNotFound` when there is none."""
+        plan = self._plans.get(message.__class__)
+        if plan is None:
+            plan = self._plans.get(message) if isinstance(message, str) else None
+            if plan is None:
+                key = message_key(message)
+                raise HandlerNotFound(self.kind, key, registered_as=self._foreign.get(key))
+        return plan
+
+    async def handle(self, message: object) -> Any:
+        """Run the handler of `message` and its follow-ups; return the handler's result."""
+        invoke = self._fast.get(message.__class__)
+        if invoke is None:
+            return await self._handle(message)
+        result = await invoke(message)
+        if result is not None:
+            wanted = self._wanted.get(result.__class__)
+            if wanted or (wanted is None and self._events.wants(result)):
+                await self._follow_up([result], message)
+        return result
+
+    async def _handle(self, message: object) -> Any:
+        plan = self.plan_for(message)
+        followups: list[Any] = []
+        result = await call_plan(plan, message, followups)
+        if result is not None and self._events.wants(result):
+            followups.append(result)
+        if followups:
+            await self._follow_up(followups, message)
+        return result
+
+    async def _follow_up(self, events: list[Any], message: object) -> None:
+        failures: list[Exception] = []
+        await self._events.cascade(events, failures)
+        if failures:
+            raise ExceptionGroup(
+                f"{self.kind} {key_name(message_key(message))} succeeded, but "
+                f"{len(failures)} follow-up event handler(s) failed",
+                failures,
+            )
+
+
+async def call_plan(plan: CallPlan, message: object, followups: list[Any]) -> Any:
+    """Run one handler and return its result; collected events go to `followups`."""
+    if plan.collect is not None:
+        return await plan.collect(message, followups)
+    result = plan.invoke(message)
+    if plan.is_async or isawaitable(result):
+        result = await result
+    return result
+
+
+def _publish_failed(event: object, failures: list[Exception]) -> ExceptionGroup[Exception]:
+    return ExceptionGroup(
+        f"publishing {key_name(message_key(event))}: {len(failures)} event handler(s) failed", failures
+    )
+
+
+def _annotate(exc: Exception, plan: CallPlan, event: object) -> Exception:
+    exc.add_note(f"raised by {plan.handler} handling event {key_name(message_key(event))}")
+    return exc

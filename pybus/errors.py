@@ -1,0 +1,160 @@
+"""The exceptions pybus raises.
+
+Every error derives from `PyBusError`, builds its own message in `__init__`
+and says what happened and what to do instead::
+
+    PyBusError
+    ├── ImproperlyConfigured          a registration that cannot work
+    │   ├── HandlerSignatureError     the handler cannot be called as registered
+    │   └── HandlerAlreadyRegistered  a second handler for a command or query
+    ├── DispatcherFrozen              registration after start()
+    ├── DispatcherNotStarted          execute/query/publish before start()
+    ├── HandlerNotFound               no handler for the message (also a LookupError)
+    └── CascadeDepthExceeded          follow-up events nested past the limit
+
+A handler's own exception is never wrapped: it reaches the caller of
+`execute`/`query` unchanged, and event handler failures are raised together
+as an `ExceptionGroup`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Kind = Literal["event", "command", "query"]
+
+#: How a user sends a message of each kind, for hints in error messages.
+CALLS: dict[Kind, str] = {
+    "event": "dp.publish()",
+    "command": "dp.execute()",
+    "query": "dp.query()",
+}
+
+#: The dispatcher attribute holding the router of each kind.
+ROUTERS: dict[Kind, str] = {
+    "event": "events",
+    "command": "commands",
+    "query": "queries",
+}
+
+
+def key_name(key: object) -> str:
+    """Name a message key for people: a class by its qualified name, a string quoted."""
+    if isinstance(key, type):
+        # A class defined inside a function is named from that function on.
+        return key.__qualname__.rpartition("<locals>.")[2]
+    return repr(key)
+
+
+def with_article(kind: Kind) -> str:
+    """'an event', 'a command', 'a query'."""
+    return f"an {kind}" if kind == "event" else f"a {kind}"
+
+
+class PyBusError(Exception):
+    """Base class of every error pybus raises."""
+
+
+class ImproperlyConfigured(PyBusError):
+    """A registration or a setting that cannot work, reported when it is made."""
+
+
+class HandlerSignatureError(ImproperlyConfigured):
+    """The handler's parameters do not fit the registration.
+
+    Raised by `bind`/`register`, never at call time.
+    """
+
+    def __init__(self, kind: Kind, key: object, handler: str, reason: str) -> None:
+        self.kind = kind
+        self.key = key
+        self.handler = handler
+        self.reason = reason
+        super().__init__(f"Cannot register {handler} as the {kind} handler for {key_name(key)}: {reason}")
+
+
+class HandlerAlreadyRegistered(ImproperlyConfigured):
+    """A command or query key already has its one handler, or an event handler was
+    registered twice for the same event."""
+
+    def __init__(self, kind: Kind, key: object, existing: str, new: str) -> None:
+        self.kind = kind
+        self.key = key
+        self.existing = existing
+        self.new = new
+        if kind == "event":
+            text = (
+                f"{new} is already registered for event {key_name(key)}; "
+                "it would run twice for every event: remove the second registration"
+            )
+        else:
+            text = (
+                f"The {kind} {key_name(key)} already has a handler, {existing}; "
+                f"a {kind} has exactly one handler: remove the registration of {new} "
+                "or give it its own message class"
+            )
+        super().__init__(text)
+
+
+class DispatcherFrozen(PyBusError):
+    """A handler was registered after `start()` froze the handler maps."""
+
+    def __init__(self, kind: Kind, key: object, handler: str) -> None:
+        self.kind = kind
+        self.key = key
+        self.handler = handler
+        super().__init__(
+            f"Cannot register {handler} for {kind} {key_name(key)}: the dispatcher "
+            "has started and its handler maps are frozen; register every handler "
+            "before dp.start()"
+        )
+
+
+class DispatcherNotStarted(PyBusError):
+    """A message was sent before `start()`."""
+
+    def __init__(self, kind: Kind, message: object) -> None:
+        self.kind = kind
+        self.message = message
+        key = message if isinstance(message, str) else type(message)
+        super().__init__(
+            f"Cannot handle {kind} {key_name(key)}: the dispatcher is not started; "
+            "call dp.start() once every handler is registered"
+        )
+
+
+class HandlerNotFound(PyBusError, LookupError):
+    """No handler is registered for the message under the kind it was sent as.
+
+    `registered_as` names the kind the key is registered under, when it is.
+    """
+
+    def __init__(self, kind: Kind, key: object, registered_as: Kind | None = None) -> None:
+        self.kind = kind
+        self.key = key
+        self.registered_as = registered_as
+        name = key_name(key)
+        if registered_as is not None:
+            hint = f"it is registered as {with_article(registered_as)}: use {CALLS[registered_as]}"
+        else:
+            hint = f"register one with @dp.{ROUTERS[kind]}.register({name})"
+        super().__init__(f"No handler registered for {kind} {name}; {hint}")
+
+
+class CascadeDepthExceeded(PyBusError, RecursionError):
+    """Follow-up events nested deeper than the dispatcher's `max_cascade_depth`.
+
+    Usually a cycle: handlers that keep returning events that lead back to them.
+    Failures of handlers that ran before the limit was hit are attached as the
+    `__cause__` (an `ExceptionGroup`), so none is lost.
+    """
+
+    def __init__(self, limit: int, key: object) -> None:
+        self.limit = limit
+        self.key = key
+        super().__init__(
+            f"Follow-up event {key_name(key)} would be published at depth {limit + 1}, "
+            f"past max_cascade_depth={limit}; handlers probably form a cycle that keeps "
+            "returning events: break the cycle, or raise Dispatcher(max_cascade_depth=...) "
+            "if the chain is really that long"
+        )

@@ -1,0 +1,365 @@
+"""Handler inspection at registration, and the call plans compiled at start.
+
+`inspect_handler` runs once per `bind`: it decides how the handler is called
+(which parameter receives the message, which values are bound to the others)
+and raises `HandlerSignatureError` for anything that could not work. `compile`
+turns the result into a `CallPlan` whose `invoke` is the cheapest callable that
+does the job; for a plain async function with the message as its only
+argument, `invoke` is the function itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from pybus.errors import HandlerSignatureError, ImproperlyConfigured, Kind, key_name
+
+_EMPTY = inspect.Parameter.empty
+_POSITIONAL_ONLY = inspect.Parameter.POSITIONAL_ONLY
+_KEYWORD_ONLY = inspect.Parameter.KEYWORD_ONLY
+_VAR_POSITIONAL = inspect.Parameter.VAR_POSITIONAL
+_VAR_KEYWORD = inspect.Parameter.VAR_KEYWORD
+
+
+class HandlerProtocol(Protocol):
+    """A class handler that collects follow-up events while it handles a message.
+
+    After `handle` returns, the dispatcher calls `dump_events()` and publishes
+    what it returns, in order, before the handler's own return value. Each method
+    may be sync or async. A class handler is instantiated for every handling, so
+    collected events never leak between handlings.
+    """
+
+    def handle(self, message: Any, /) -> Any:
+        """Handle the message; may call `add_event` any number of times."""
+
+    def add_event(self, event: Any, /) -> Any:
+        """Remember an event to publish once `handle` has succeeded."""
+
+    def dump_events(self) -> Any:
+        """Return the events added so far (an iterable, or an awaitable of one)."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Handler:
+    """A registration, as inspected by `bind`.
+
+    `target` is what was registered (function, class or instance); `bound` are
+    the keyword values given at registration, which go to the class's `__init__`
+    for a class and to the call otherwise. `message_param` is the parameter that
+    receives the message (`None`: the handler takes no message), passed by
+    keyword when `message_by_keyword` is true.
+    """
+
+    kind: Kind
+    key: object
+    target: object
+    name: str
+    location: str
+    message_param: str | None
+    message_by_keyword: bool
+    bound: Mapping[str, object]
+    is_class: bool
+    method: str | None
+    is_async: bool
+    collects_events: bool
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.location})"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CallPlan:
+    """How the engines call one handler.
+
+    `invoke(message)` returns the result, or an awaitable of it when `is_async`.
+    When `collect` is set (a `HandlerProtocol` class or instance), the engines
+    call `await collect(message, followups)` instead, which appends the
+    collected events to `followups` and returns the handler's result.
+    """
+
+    handler: Handler
+    invoke: Callable[[Any], Any]
+    is_async: bool
+    collect: Callable[[Any, list[Any]], Awaitable[Any]] | None
+
+
+def callable_name(target: object) -> str:
+    """A readable name for a function, class, partial or instance."""
+    if isinstance(target, functools.partial):
+        return f"partial({callable_name(target.func)})"
+    name = getattr(target, "__qualname__", None)
+    if isinstance(name, str):
+        return name
+    return f"{type(target).__qualname__} instance"
+
+
+def _location(func: object) -> str:
+    func = inspect.unwrap(func.func if isinstance(func, functools.partial) else func)  # type: ignore[arg-type]
+    code = getattr(getattr(func, "__func__", func), "__code__", None)
+    if code is None:
+        return "<unknown>"
+    return f"{code.co_filename}:{code.co_firstlineno}"
+
+
+def _signature(kind: Kind, key: object, name: str, func: Callable[..., Any]) -> inspect.Signature:
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError) as exc:
+        raise HandlerSignatureError(
+            kind, key, name, f"its signature cannot be inspected ({exc}); wrap it in a function"
+        ) from exc
+
+
+def _method_params(cls: type, method: str, sig: inspect.Signature) -> list[inspect.Parameter]:
+    """The method's parameters without `self` (none to drop for static and class methods)."""
+    params = list(sig.parameters.values())
+    raw = inspect.getattr_static(cls, method)
+    if isinstance(raw, staticmethod | classmethod):
+        return params
+    return params[1:]
+
+
+def _find_method(target: object) -> str | None:
+    handle = getattr(target, "handle", None)
+    if callable(handle):
+        return "handle"
+    cls = target if isinstance(target, type) else type(target)
+    if any("__call__" in vars(c) for c in cls.__mro__[:-1]):
+        return "__call__"
+    return None
+
+
+def inspect_handler(
+    kind: Kind,
+    key: object,
+    target: object,
+    argname: str | None,
+    bound: Mapping[str, object],
+) -> Handler:
+    """Check that `target` can handle `key` as registered, and describe how to call it.
+
+    Raises `ImproperlyConfigured` for something that is not a handler and
+    `HandlerSignatureError` for parameters the registration cannot satisfy.
+    """
+    name = callable_name(target)
+    is_class = isinstance(target, type)
+    method: str | None = None
+    if is_class or not (inspect.isroutine(target) or isinstance(target, functools.partial)):
+        method = _find_method(target)
+        if method is None:
+            raise ImproperlyConfigured(
+                f"{name} cannot handle {kind} {key_name(key)}: a handler is an async or sync "
+                "function, a class with a handle() or __call__() method, or an instance "
+                "of one"
+            )
+    func: Callable[..., Any] = getattr(target, method) if method else target  # type: ignore[assignment]
+    sig = _signature(kind, key, name, func)
+    if is_class:
+        assert method is not None  # a class always has a method here
+        params = _method_params(target, method, sig)  # type: ignore[arg-type]
+        call_bound: Mapping[str, object] = {}
+    else:
+        params = list(sig.parameters.values())
+        call_bound = bound
+    where = f"{name}.{method}" if is_class else name
+    message_param, by_keyword = _message_param(kind, key, where, params, argname, call_bound)
+    _check_rest(kind, key, where, params, message_param, call_bound, is_class)
+    if is_class:
+        _check_init(kind, key, name, target, bound)  # type: ignore[arg-type]
+    collects = method is not None and callable(getattr(target, "dump_events", None))
+    return Handler(
+        kind=kind,
+        key=key,
+        target=target,
+        name=name,
+        location=_location(func),
+        message_param=message_param,
+        message_by_keyword=by_keyword,
+        bound=MappingProxyType(dict(bound)),
+        is_class=is_class,
+        method=method,
+        is_async=inspect.iscoroutinefunction(func),
+        collects_events=collects,
+    )
+
+
+def _names(params: list[inspect.Parameter]) -> str:
+    return ", ".join(repr(p.name) for p in params) or "none"
+
+
+def _message_param(
+    kind: Kind,
+    key: object,
+    where: str,
+    params: list[inspect.Parameter],
+    argname: str | None,
+    bound: Mapping[str, object],
+) -> tuple[str | None, bool]:
+    takes_any_keyword = any(p.kind is _VAR_KEYWORD for p in params)
+    if argname is not None:
+        if argname in bound:
+            raise HandlerSignatureError(
+                kind, key, where,
+                f"argname={argname!r} names the message parameter, but a value is also "
+                f"bound to {argname!r}; drop one of them",
+            )  # fmt: skip
+        named = [p for p in params if p.name == argname and p.kind not in (_VAR_POSITIONAL, _VAR_KEYWORD)]
+        if not named:
+            if takes_any_keyword:
+                return argname, True
+            raise HandlerSignatureError(
+                kind, key, where,
+                f"argname={argname!r} names no parameter; its parameters are {_names(params)}",
+            )  # fmt: skip
+        param = named[0]
+        if param is params[0] and param.kind is not _KEYWORD_ONLY:
+            return argname, False
+        if param.kind is _POSITIONAL_ONLY:
+            raise HandlerSignatureError(
+                kind, key, where,
+                f"argname={argname!r} names a positional-only parameter that is not the "
+                "first; make it the first parameter or let it be passed by keyword",
+            )  # fmt: skip
+        return argname, True
+    if not params or params[0].kind in (_KEYWORD_ONLY, _VAR_KEYWORD):
+        return None, False
+    first = params[0]
+    if first.name in bound:
+        raise HandlerSignatureError(
+            kind, key, where,
+            f"its first parameter {first.name!r} receives the message, but a value is "
+            f"bound to it; put the message parameter first, or name it with argname=",
+        )  # fmt: skip
+    return first.name, False
+
+
+def _check_rest(
+    kind: Kind,
+    key: object,
+    where: str,
+    params: list[inspect.Parameter],
+    message_param: str | None,
+    bound: Mapping[str, object],
+    is_class: bool,
+) -> None:
+    for param in params:
+        if param.name == message_param or param.kind in (_VAR_POSITIONAL, _VAR_KEYWORD):
+            continue
+        if param.default is not _EMPTY:
+            continue
+        if param.kind is _POSITIONAL_ONLY:
+            raise HandlerSignatureError(
+                kind, key, where,
+                f"parameter {param.name!r} is positional-only and has no default; pybus "
+                "passes only the message by position: give it a default or make it a "
+                "normal parameter",
+            )  # fmt: skip
+        if param.name in bound:
+            continue
+        if is_class:
+            reason = (
+                f"parameter {param.name!r} has no default; values bound at registration "
+                "go to __init__, so take it there or give it a default"
+            )
+        else:
+            reason = (
+                f"parameter {param.name!r} has no value; bind one at registration "
+                f"(register(..., {param.name}=...)) or give it a default"
+            )
+        raise HandlerSignatureError(kind, key, where, reason)
+    if not is_class:
+        _check_bound_accepted(kind, key, where, params, bound)
+
+
+def _check_bound_accepted(
+    kind: Kind,
+    key: object,
+    where: str,
+    params: list[inspect.Parameter],
+    bound: Mapping[str, object],
+) -> None:
+    if any(p.kind is _VAR_KEYWORD for p in params):
+        return
+    accepted = {p.name for p in params if p.kind not in (_POSITIONAL_ONLY, _VAR_POSITIONAL)}
+    for name in bound:
+        if name not in accepted:
+            raise HandlerSignatureError(
+                kind, key, where,
+                f"a value is bound to {name!r}, which it does not take by keyword; "
+                f"its parameters are {_names(params)}",
+            )  # fmt: skip
+
+
+def _check_init(kind: Kind, key: object, name: str, cls: type, bound: Mapping[str, object]) -> None:
+    params = list(_signature(kind, key, name, cls).parameters.values())
+    _check_rest(kind, key, f"{name}.__init__", params, None, bound, is_class=False)
+
+
+def compile_handler(handler: Handler) -> CallPlan:
+    """Build the call plan for one registration (done once, at `start()`)."""
+    target: Any = handler.target
+    method = handler.method
+    if handler.is_class:
+        init = dict(handler.bound)
+        call = _caller(handler.message_param, handler.message_by_keyword, {})
+
+        def instantiate() -> Any:
+            return target(**init)
+
+        def invoke(message: Any) -> Any:
+            return call(getattr(target(**init), method), message)  # type: ignore[arg-type]
+
+    else:
+        func = getattr(target, method) if method else target
+        kwargs = dict(handler.bound)
+        call = _caller(handler.message_param, handler.message_by_keyword, kwargs)
+        if handler.message_param is not None and not handler.message_by_keyword:
+            # The common case costs nothing: the function itself, or a C-level partial.
+            invoke = functools.partial(func, **kwargs) if kwargs else func
+        else:
+            invoke = functools.partial(call, func)
+
+        def instantiate() -> Any:
+            return target
+
+    collect = _collector(instantiate, method, call) if handler.collects_events else None
+    return CallPlan(handler, invoke, handler.is_async, collect)
+
+
+def _caller(
+    param: str | None, by_keyword: bool, kwargs: dict[str, object]
+) -> Callable[[Callable[..., Any], Any], Any]:
+    """A function that calls `func` with `message` the way the handler takes it."""
+    if param is None:
+        return lambda func, message: func(**kwargs)
+    if by_keyword:
+        return lambda func, message: func(**{param: message}, **kwargs)
+    return lambda func, message: func(message, **kwargs)
+
+
+def _collector(
+    instantiate: Callable[[], Any],
+    method: str | None,
+    call: Callable[[Callable[..., Any], Any], Any],
+) -> Callable[[Any, list[Any]], Awaitable[Any]]:
+    assert method is not None  # only classes and instances collect events
+
+    async def collect(message: Any, followups: list[Any]) -> Any:
+        instance = instantiate()
+        result = call(getattr(instance, method), message)
+        if inspect.isawaitable(result):
+            result = await result
+        events = instance.dump_events()
+        if inspect.isawaitable(events):
+            events = await events
+        if events:
+            followups.extend(events)
+        return result
+
+    return collect

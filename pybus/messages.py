@@ -1,0 +1,39 @@
+"""Optional base classes that give messages a type the checker can follow.
+
+Any object can be a message; these bases only add typing. A `Command[R]` or
+`Query[R]` tells mypy and pyright that `await dp.execute(cmd)` or
+`await dp.query(q)` returns `R`::
+
+    @dataclass(frozen=True, slots=True)
+    class GetUser(Query[User]):
+        user_id: int
+
+    user = await dp.query(GetUser(7))   # User, for the type checker
+
+The bases define no fields and empty `__slots__`, so they cost nothing at
+runtime and work with `dataclass(slots=True)`, pydantic and msgspec models.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+R_co = TypeVar("R_co", covariant=True)
+
+
+class Command(Generic[R_co]):
+    """A request for one change, handled by exactly one handler that returns `R_co`."""
+
+    __slots__ = ()
+
+
+class Query(Generic[R_co]):
+    """A request for data, handled by exactly one handler that returns `R_co`."""
+
+    __slots__ = ()
+
+
+class Event:
+    """A fact that happened; zero or more handlers receive it."""
+
+    __slots__ = ()

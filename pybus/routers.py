@@ -1,0 +1,159 @@
+"""Routers: where handlers are registered, one router per message kind.
+
+A router checks every registration when it is made, keeps the handler map
+until `start()`, then freezes it and hands compiled call plans to its engine.
+Subclass `EventRouter` or `RequestRouter` and pass the class to `Dispatcher`
+to customise registration; `register` always goes through `bind`, so
+overriding `bind` is enough.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from pybus.engines import EventEngine, RequestEngine
+from pybus.errors import (
+    DispatcherFrozen,
+    HandlerAlreadyRegistered,
+    ImproperlyConfigured,
+    Kind,
+    key_name,
+    with_article,
+)
+from pybus.handlers import Handler, callable_name, compile_handler, inspect_handler
+
+if TYPE_CHECKING:
+    from pybus.dispatcher import Dispatcher
+
+H = TypeVar("H")
+
+
+class _Router:
+    """Registration shared by both routers; subclasses decide how many handlers a key has."""
+
+    def __init__(self, dispatcher: Dispatcher, kind: Kind) -> None:
+        self.dispatcher = dispatcher
+        self.kind: Kind = kind
+        self._handlers: dict[object, list[Handler]] = {}
+        self._frozen = False
+
+    def register(self, key: object, /, argname: str | None = None, **initkwargs: Any) -> Callable[[H], H]:
+        """Decorator form of `bind`; returns the handler unchanged.
+
+        ::
+
+            @dp.commands.register(CreateUser, repo=repo)
+            async def create_user(cmd: CreateUser, repo: Repo) -> UserCreated: ...
+        """
+
+        def decorator(handler: H) -> H:
+            self.bind(key, handler, argname=argname, **initkwargs)
+            return handler
+
+        return decorator
+
+    def bind(self, key: object, handler: object, /, argname: str | None = None, **initkwargs: Any) -> Handler:
+        """Register `handler` for messages whose key is `key` and return the inspected registration.
+
+        `key` is a class (its instances are the messages) or a string (the
+        message is that string). `argname` names the parameter that receives the
+        message when it is not the first. The other keyword arguments are bound
+        values: passed to `__init__` for a class handler, to each call otherwise.
+
+        Raises `DispatcherFrozen` after `start()`, `ImproperlyConfigured` for a
+        key or handler that cannot work, `HandlerSignatureError` for parameters
+        the registration does not satisfy and `HandlerAlreadyRegistered` for a
+        duplicate.
+        """
+        if self._frozen:
+            raise DispatcherFrozen(self.kind, key, callable_name(handler))
+        _check_key(self.kind, key)
+        other = self.dispatcher.registered_kind(key)
+        if other is not None and other != self.kind:
+            raise ImproperlyConfigured(
+                f"Cannot register {callable_name(handler)} for {self.kind} {key_name(key)}: "
+                f"{key_name(key)} is already registered as {with_article(other)}; a message key "
+                "belongs to one kind, so give the two roles their own message classes"
+            )
+        registration = inspect_handler(self.kind, key, handler, argname, initkwargs)
+        self._add(registration)
+        return registration
+
+    def _add(self, handler: Handler) -> None:
+        raise NotImplementedError
+
+    @property
+    def handlers(self) -> Mapping[object, tuple[Handler, ...]]:
+        """A read-only view of the registrations, by key, in registration order."""
+        return MappingProxyType({key: tuple(found) for key, found in self._handlers.items()})
+
+    @property
+    def frozen(self) -> bool:
+        """True once `start()` has frozen this router's handler map."""
+        return self._frozen
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._handlers
+
+
+class EventRouter(_Router):
+    """Registers event handlers: any number per key, matched along the class MRO."""
+
+    engine_cls: ClassVar[type[EventEngine]] = EventEngine
+    engine: EventEngine | None = None
+
+    def _add(self, handler: Handler) -> None:
+        found = self._handlers.setdefault(handler.key, [])
+        for existing in found:
+            if existing.target is handler.target:
+                raise HandlerAlreadyRegistered(self.kind, handler.key, str(existing), str(handler))
+        found.append(handler)
+
+    def freeze(
+        self, *, foreign: Mapping[object, Kind], concurrent: bool, max_cascade_depth: int
+    ) -> EventEngine:
+        """Freeze the map and build the engine; `foreign` are the keys of the other kinds."""
+        self._frozen = True
+        plans = {key: tuple(compile_handler(h) for h in found) for key, found in self._handlers.items()}
+        self.engine = self.engine_cls(
+            plans,
+            foreign=foreign,
+            concurrent=concurrent,
+            max_cascade_depth=max_cascade_depth,
+        )
+        return self.engine
+
+
+class RequestRouter(_Router):
+    """Registers command or query handlers: exactly one per key, matched by exact key."""
+
+    engine_cls: ClassVar[type[RequestEngine]] = RequestEngine
+    engine: RequestEngine | None = None
+
+    def _add(self, handler: Handler) -> None:
+        found = self._handlers.get(handler.key)
+        if found:
+            raise HandlerAlreadyRegistered(self.kind, handler.key, str(found[0]), str(handler))
+        self._handlers[handler.key] = [handler]
+
+    def freeze(self, *, events: EventEngine, foreign: Mapping[object, Kind]) -> RequestEngine:
+        """Freeze the map and build the engine, which hands follow-up events to `events`."""
+        self._frozen = True
+        plans = {key: compile_handler(found[0]) for key, found in self._handlers.items()}
+        self.engine = self.engine_cls(self.kind, plans, events=events, foreign=foreign)
+        return self.engine
+
+
+def _check_key(kind: Kind, key: object) -> None:
+    if key is str:
+        raise ImproperlyConfigured(
+            f"Cannot register str as a {kind} key: string messages are matched by their "
+            "value, so register the string itself, e.g. register('on startup')"
+        )
+    if not isinstance(key, type | str):
+        raise ImproperlyConfigured(
+            f"Cannot register {key!r} as a {kind} key: a key is a message class or a "
+            "string; pass the class (CreateUser), not an instance (CreateUser(...))"
+        )

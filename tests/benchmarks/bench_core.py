@@ -1,0 +1,199 @@
+"""Core dispatch overhead, next to the direct `await handler(msg)` it replaces.
+
+Run: `uv run python tests/benchmarks/bench_core.py` (add `--quick` for a short run).
+
+Every line builds a new message per iteration on both sides, so the ratio is
+what a user sees for "construct and dispatch" against "construct and call".
+Each figure is the best of several rounds, to keep the machine's noise out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from pybus import Dispatcher
+
+
+@dataclass(slots=True)
+class Cmd:
+    n: int
+
+
+@dataclass(slots=True)
+class Qry:
+    n: int
+
+
+@dataclass(slots=True)
+class Evt:
+    n: int
+
+
+@dataclass(slots=True)
+class Cascading:
+    n: int
+
+
+async def handle_cmd(cmd: Cmd) -> None:
+    return None
+
+
+async def handle_query(query: Qry) -> int:
+    return query.n
+
+
+async def handle_event(event: Evt) -> None:
+    return None
+
+
+async def handle_cascading(cmd: Cascading) -> Evt:
+    return Evt(cmd.n)
+
+
+Loop = Callable[[int], Awaitable[None]]
+
+
+async def best_ns(loop: Loop, iterations: int, rounds: int) -> float:
+    """Best time per iteration over `rounds` runs of `loop(iterations)`, in ns."""
+    await loop(min(iterations, 1_000))  # warm caches and code paths
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter_ns()
+        await loop(iterations)
+        best = min(best, (time.perf_counter_ns() - start) / iterations)
+    return best
+
+
+def simple_dispatcher(event_handlers: int) -> Dispatcher:
+    dp = Dispatcher()
+    dp.commands.bind(Cmd, handle_cmd)
+    dp.queries.bind(Qry, handle_query)
+    dp.commands.bind(Cascading, handle_cascading)
+    for i in range(event_handlers):
+        # Distinct function objects: the same one twice is refused as a duplicate.
+        async def on_event(event: Evt) -> None:
+            return None
+
+        on_event.__qualname__ = f"on_event_{i}"
+        dp.events.bind(Evt, on_event)
+    dp.start()
+    return dp
+
+
+def crowded_dispatcher(types: int) -> tuple[Dispatcher, type]:
+    """A dispatcher with `types` command classes; returns it and one class from the middle."""
+    dp = Dispatcher()
+    classes = [type(f"Cmd{i}", (), {"__slots__": ("n",), "__init__": _init}) for i in range(types)]
+    for cls in classes:
+        dp.commands.bind(cls, handle_cmd)
+    dp.start()
+    return dp, classes[types // 2]
+
+
+def _init(self: object, n: int) -> None:
+    self.n = n  # type: ignore[attr-defined]
+
+
+async def run(iterations: int, rounds: int) -> list[tuple[str, float, float]]:
+    rows: list[tuple[str, float, float]] = []
+    ten = [simple_dispatcher(10).events.handlers[Evt][i].target for i in range(10)]
+
+    async def direct_cmd(n: int) -> None:
+        for i in range(n):
+            await handle_cmd(Cmd(i))
+
+    async def direct_query(n: int) -> None:
+        for i in range(n):
+            await handle_query(Qry(i))
+
+    async def direct_event(n: int) -> None:
+        for i in range(n):
+            await handle_event(Evt(i))
+
+    async def direct_ten(n: int) -> None:
+        handlers = ten
+        for i in range(n):
+            event = Evt(i)
+            for handler in handlers:
+                await handler(event)  # type: ignore[operator]
+
+    async def direct_cascade(n: int) -> None:
+        for i in range(n):
+            event = await handle_cascading(Cascading(i))
+            await handle_event(event)
+
+    one = simple_dispatcher(1)
+    tenfold = simple_dispatcher(10)
+    crowded, crowded_cls = crowded_dispatcher(10_000)
+    small, small_cls = crowded_dispatcher(1)
+
+    async def via_execute(n: int) -> None:
+        execute = one.execute
+        for i in range(n):
+            await execute(Cmd(i))
+
+    async def via_query(n: int) -> None:
+        query = one.query
+        for i in range(n):
+            await query(Qry(i))
+
+    async def via_publish_one(n: int) -> None:
+        publish = one.publish
+        for i in range(n):
+            await publish(Evt(i))
+
+    async def via_publish_ten(n: int) -> None:
+        publish = tenfold.publish
+        for i in range(n):
+            await publish(Evt(i))
+
+    async def via_cascade(n: int) -> None:
+        execute = one.execute
+        for i in range(n):
+            await execute(Cascading(i))
+
+    async def via_crowded(n: int) -> None:
+        execute, cls = crowded.execute, crowded_cls
+        for i in range(n):
+            await execute(cls(i))
+
+    async def via_small(n: int) -> None:
+        execute, cls = small.execute, small_cls
+        for i in range(n):
+            await execute(cls(i))
+
+    pairs: list[tuple[str, Loop, Loop]] = [
+        ("execute", via_execute, direct_cmd),
+        ("query", via_query, direct_query),
+        ("publish, 1 handler", via_publish_one, direct_event),
+        ("publish, 10 handlers", via_publish_ten, direct_ten),
+        ("execute + 1 follow-up event", via_cascade, direct_cascade),
+        ("execute, 1 registered type", via_small, direct_cmd),
+        ("execute, 10,000 registered types", via_crowded, direct_cmd),
+    ]
+    for name, via, direct in pairs:
+        ns = await best_ns(via, iterations, rounds)
+        base = await best_ns(direct, iterations, rounds)
+        rows.append((name, ns, base))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="10,000 iterations, 3 rounds")
+    args = parser.parse_args()
+    iterations, rounds = (10_000, 3) if args.quick else (args.iterations, args.rounds)
+    rows = asyncio.run(run(iterations, rounds))
+    print(f"{'case':<34} {'pybus ns/msg':>13} {'direct ns/msg':>14} {'ratio':>7} {'msg/s':>11}")
+    for name, ns, base in rows:
+        print(f"{name:<34} {ns:>13.0f} {base:>14.0f} {ns / base:>6.2f}x {1e9 / ns:>11,.0f}")
+
+
+if __name__ == "__main__":
+    main()

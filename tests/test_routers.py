@@ -1,0 +1,186 @@
+"""Registration on routers: decorators, bind, duplicates, freezing, custom routers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from pybus import (
+    Dispatcher,
+    DispatcherFrozen,
+    EventRouter,
+    HandlerAlreadyRegistered,
+    ImproperlyConfigured,
+    RequestRouter,
+)
+from pybus.handlers import Handler
+
+
+@dataclass
+class CreateUser:
+    name: str = "ada"
+
+
+@dataclass
+class UserCreated:
+    name: str = "ada"
+
+
+async def create_user(cmd: CreateUser) -> None:
+    return None
+
+
+async def other_create_user(cmd: CreateUser) -> None:
+    return None
+
+
+def test_register_returns_the_function_unchanged() -> None:
+    dp = Dispatcher()
+
+    @dp.commands.register(CreateUser)
+    async def handler(cmd: CreateUser) -> str:
+        return cmd.name
+
+    assert handler.__name__ == "handler"
+    assert [h.target for h in dp.commands.handlers[CreateUser]] == [handler]
+
+
+async def test_a_registered_function_stays_directly_callable() -> None:
+    dp = Dispatcher()
+
+    @dp.queries.register(CreateUser)
+    async def handler(cmd: CreateUser) -> str:
+        return cmd.name
+
+    assert await handler(CreateUser("direct")) == "direct"
+
+
+def test_the_three_registration_styles_are_equivalent() -> None:
+    dp = Dispatcher()
+    dp.register_command_handler(CreateUser, create_user)
+    dp.register_event_handler(UserCreated, create_user, argname="cmd")
+    dp.register_query_handler("users", create_user)
+    assert list(dp.commands.handlers) == [CreateUser]
+    assert list(dp.events.handlers) == [UserCreated]
+    assert list(dp.queries.handlers) == ["users"]
+    assert dp.registered_kind(CreateUser) == "command"
+    assert dp.registered_kind(UserCreated) == "event"
+    assert dp.registered_kind("users") == "query"
+    assert dp.registered_kind("nobody") is None
+
+
+def test_second_command_handler_is_refused() -> None:
+    dp = Dispatcher()
+    dp.commands.bind(CreateUser, create_user)
+    with pytest.raises(HandlerAlreadyRegistered) as info:
+        dp.commands.bind(CreateUser, other_create_user)
+    text = str(info.value)
+    assert text.startswith("The command CreateUser already has a handler, create_user (")
+    assert "remove the registration of other_create_user (" in text
+
+
+def test_second_query_handler_is_refused() -> None:
+    dp = Dispatcher()
+    dp.queries.bind("users", create_user)
+    with pytest.raises(HandlerAlreadyRegistered, match=r"^The query 'users' already has a handler"):
+        dp.queries.bind("users", create_user)
+
+
+def test_events_take_many_handlers_but_not_the_same_one_twice() -> None:
+    dp = Dispatcher()
+    dp.events.bind(UserCreated, create_user)
+    dp.events.bind(UserCreated, other_create_user)
+    with pytest.raises(HandlerAlreadyRegistered, match=r"create_user \(.*\) is already registered for event"):
+        dp.events.bind(UserCreated, create_user)
+    assert len(dp.events.handlers[UserCreated]) == 2
+
+
+def test_a_key_belongs_to_one_kind() -> None:
+    dp = Dispatcher()
+    dp.commands.bind(CreateUser, create_user)
+    with pytest.raises(ImproperlyConfigured) as info:
+        dp.events.bind(CreateUser, other_create_user)
+    assert str(info.value) == (
+        "Cannot register other_create_user for event CreateUser: CreateUser is already registered "
+        "as a command; a message key belongs to one kind, so give the two roles their own message classes"
+    )
+
+
+def test_registering_after_start_is_refused() -> None:
+    dp = Dispatcher()
+    dp.start()
+    for router in (dp.events, dp.commands, dp.queries):
+        with pytest.raises(DispatcherFrozen):
+            router.bind(CreateUser, create_user)
+    with pytest.raises(DispatcherFrozen) as info:
+        dp.register_event_handler("late", create_user)
+    assert str(info.value) == (
+        "Cannot register create_user for event 'late': the dispatcher has started and its handler "
+        "maps are frozen; register every handler before dp.start()"
+    )
+    assert all(router.frozen for router in (dp.events, dp.commands, dp.queries))
+
+
+@pytest.mark.parametrize("key", [CreateUser(), 42, None, str])
+def test_keys_are_classes_or_strings(key: object) -> None:
+    dp = Dispatcher()
+    with pytest.raises(ImproperlyConfigured, match=r"Cannot register .* as a command key"):
+        dp.commands.bind(key, create_user)
+
+
+def test_handlers_view_is_read_only() -> None:
+    dp = Dispatcher()
+    dp.commands.bind(CreateUser, create_user)
+    view = dp.commands.handlers
+    with pytest.raises(TypeError):
+        view[UserCreated] = ()  # type: ignore[index]
+    assert CreateUser in dp.commands
+    assert UserCreated not in dp.commands
+
+
+class AuditingRouter(RequestRouter):
+    """The iambus README's pattern: a subclass that overrides bind."""
+
+    seen: list[tuple[object, str | None]]
+
+    def bind(
+        self,
+        key: object,
+        handler: object,
+        /,
+        argname: str | None = None,
+        response_event: object = None,
+        **initkwargs: Any,
+    ) -> Handler:
+        self.seen = [*getattr(self, "seen", []), (key, argname)]
+        return super().bind(key, handler, argname=argname, **initkwargs)
+
+
+class LoudEventRouter(EventRouter):
+    pass
+
+
+async def test_custom_router_classes_are_used_and_register_goes_through_bind() -> None:
+    dp = Dispatcher(commands_router_cls=AuditingRouter, events_router_cls=LoudEventRouter)
+    assert isinstance(dp.commands, AuditingRouter)
+    assert isinstance(dp.events, LoudEventRouter)
+    assert type(dp.queries) is RequestRouter
+
+    @dp.commands.register(CreateUser, argname="cmd")
+    async def handler(cmd: CreateUser) -> str:
+        return f"created {cmd.name}"
+
+    dp.register_command_handler("ping", create_user)
+    assert dp.commands.seen == [(CreateUser, "cmd"), ("ping", None)]
+    dp.start()
+    assert await dp.execute(CreateUser("bob")) == "created bob"
+
+
+def test_routers_are_created_on_first_use_and_kept() -> None:
+    dp = Dispatcher()
+    assert dp.events is dp.events
+    assert dp.commands is not dp.queries
+    assert (dp.commands.kind, dp.queries.kind, dp.events.kind) == ("command", "query", "event")
+    assert dp.commands.dispatcher is dp
