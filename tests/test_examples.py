@@ -24,3 +24,12 @@ def test_quickstart_shows_command_follow_up_and_query() -> None:
         "[result]  execute returned user id 1",
         "[query]   GetUserName(1) -> 'Ada'",
     ]
+
+
+def test_readme_example_runs() -> None:
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.splitlines() == ["welcome, user 1", "UserRegistered(user_id=1)"]
