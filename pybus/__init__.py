@@ -14,6 +14,7 @@ from pybus.errors import (
 )
 from pybus.handlers import HandlerProtocol
 from pybus.messages import Command, Event, Query
+from pybus.providers import Factory, Singleton
 from pybus.routers import EventRouter, RequestRouter
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "Event",
     "EventEngine",
     "EventRouter",
+    "Factory",
     "HandlerAlreadyRegistered",
     "HandlerNotFound",
     "HandlerProtocol",
@@ -39,6 +41,7 @@ __all__ = [
     "Query",
     "RequestEngine",
     "RequestRouter",
+    "Singleton",
     "__version__",
     "dispatcher",
 ]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, NoReturn, TypeVar, overload
+from typing import Any, NoReturn, Self, TypeVar, overload
 
 from pybus.engines import EventEngine, RequestEngine
 from pybus.errors import DispatcherNotStarted, ImproperlyConfigured, Kind
 from pybus.handlers import Handler
 from pybus.messages import Command, Query
+from pybus.providers import Provider, Resolver
 from pybus.routers import EventRouter, RequestRouter
 
 R = TypeVar("R")
@@ -30,6 +32,10 @@ class Dispatcher:
     `concurrent_events=True` runs the handlers of one event concurrently in a
     task group instead of one after the other. `max_cascade_depth` bounds how
     deep follow-up events may nest before `CascadeDepthExceeded`.
+    `handler_factory` builds class handlers (for a DI container); its result may
+    be awaitable, and `__init__` is then not checked at registration.
+
+    `async with dp:` starts the dispatcher on entry and stops it on exit.
     """
 
     def __init__(
@@ -40,6 +46,7 @@ class Dispatcher:
         queries_router_cls: type[RequestRouter] | None = None,
         concurrent_events: bool = False,
         max_cascade_depth: int = 64,
+        handler_factory: Callable[..., Any] | None = None,
     ) -> None:
         if (
             isinstance(max_cascade_depth, bool)
@@ -54,6 +61,10 @@ class Dispatcher:
         self._queries_router_cls = queries_router_cls or RequestRouter
         self.concurrent_events = concurrent_events
         self.max_cascade_depth = max_cascade_depth
+        #: Builds class handlers as `handler_factory(cls)` or `handler_factory(cls, **bound)`.
+        self.handler_factory = handler_factory
+        #: Resolves this dispatcher's providers; Singletons live here, not in the process.
+        self.resolver = Resolver()
         self._events: EventRouter | None = None
         self._commands: RequestRouter | None = None
         self._queries: RequestRouter | None = None
@@ -148,6 +159,32 @@ class Dispatcher:
         queries = self.queries.freeze(events=events, foreign=_except(kinds, "query"))
         self._bind_engines(events, commands, queries)
         self._started = True
+
+    async def stop(self) -> None:
+        """Tear down every Singleton this dispatcher created, last created first.
+
+        Every teardown runs; if one raises, that exception propagates once all
+        have run (earlier ones chained as its `__context__`).
+        """
+        await self.resolver.aclose()
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def override(self, provider: Provider, replacement: Any) -> contextlib.AbstractContextManager[None]:
+        """Resolve `provider` as `replacement` (a value or another provider) inside a `with` block.
+
+        Works before and after `start()`, nests, and restores the provider (and a
+        Singleton's existing instance) when the block ends::
+
+            with dp.override(repo_provider, FakeRepo()):
+                await dp.execute(CreateUser("ada"))
+        """
+        return self.resolver.override(provider, replacement)
 
     def _bind_engines(self, events: EventEngine, commands: RequestEngine, queries: RequestEngine) -> None:
         self._execute = commands.handle

@@ -119,7 +119,7 @@ class DispatcherNotStarted(PyBusError):
         key = message if isinstance(message, str) else type(message)
         super().__init__(
             f"Cannot handle {kind} {key_name(key)}: the dispatcher is not started; "
-            "call dp.start() once every handler is registered"
+            "call dp.start() (or enter `async with dp:`) once every handler is registered"
         )
 
 

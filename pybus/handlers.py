@@ -13,12 +13,15 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from pybus.errors import HandlerSignatureError, ImproperlyConfigured, Kind, key_name
+from pybus.providers import Provider, Resolver, Singleton
 
+_MISSING: Final = object()
 _EMPTY = inspect.Parameter.empty
 _POSITIONAL_ONLY = inspect.Parameter.POSITIONAL_ONLY
 _KEYWORD_ONLY = inspect.Parameter.KEYWORD_ONLY
@@ -141,11 +144,14 @@ def inspect_handler(
     target: object,
     argname: str | None,
     bound: Mapping[str, object],
+    *,
+    check_init: bool = True,
 ) -> Handler:
     """Check that `target` can handle `key` as registered, and describe how to call it.
 
     Raises `ImproperlyConfigured` for something that is not a handler and
     `HandlerSignatureError` for parameters the registration cannot satisfy.
+    `check_init=False` leaves a class's `__init__` to a handler factory.
     """
     name = callable_name(target)
     is_class = isinstance(target, type)
@@ -170,7 +176,7 @@ def inspect_handler(
     where = f"{name}.{method}" if is_class else name
     message_param, by_keyword = _message_param(kind, key, where, params, argname, call_bound)
     _check_rest(kind, key, where, params, message_param, call_bound, is_class)
-    if is_class:
+    if is_class and check_init:
         _check_init(kind, key, name, target, bound)  # type: ignore[arg-type]
     collects = method is not None and callable(getattr(target, "dump_events", None))
     return Handler(
@@ -301,65 +307,144 @@ def _check_init(kind: Kind, key: object, name: str, cls: type, bound: Mapping[st
     _check_rest(kind, key, f"{name}.__init__", params, None, bound, is_class=False)
 
 
-def compile_handler(handler: Handler) -> CallPlan:
-    """Build the call plan for one registration (done once, at `start()`)."""
+def compile_handler(
+    handler: Handler, resolver: Resolver, handler_factory: Callable[..., Any] | None = None
+) -> CallPlan:
+    """Build the call plan for one registration (done once, at `start()`).
+
+    Plain registrations call the handler directly. Providers, a `handler_factory`
+    or collected events add a per-handling scope whose teardowns run after the
+    handler, whether it succeeded or not.
+    """
     target: Any = handler.target
     method = handler.method
+    bound = dict(handler.bound)
+    call = _caller(handler.message_param, handler.message_by_keyword)
+    has_providers = any(isinstance(value, Provider) for value in bound.values())
+    if handler.collects_events or (handler.is_class and (has_providers or handler_factory is not None)):
+        return _scoped_plan(handler, resolver, handler_factory, call)
     if handler.is_class:
-        init = dict(handler.bound)
-        call = _caller(handler.message_param, handler.message_by_keyword, {})
-
-        def instantiate() -> Any:
-            return target(**init)
 
         def invoke(message: Any) -> Any:
-            return call(getattr(target(**init), method), message)  # type: ignore[arg-type]
+            return call(getattr(target(**bound), method), message, {})  # type: ignore[arg-type]
 
-    else:
-        func = getattr(target, method) if method else target
-        kwargs = dict(handler.bound)
-        call = _caller(handler.message_param, handler.message_by_keyword, kwargs)
+        return CallPlan(handler, invoke, handler.is_async, None)
+    func = getattr(target, method) if method else target
+    if not has_providers:
         if handler.message_param is not None and not handler.message_by_keyword:
             # The common case costs nothing: the function itself, or a C-level partial.
-            invoke = functools.partial(func, **kwargs) if kwargs else func
-        else:
-            invoke = functools.partial(call, func)
+            return CallPlan(
+                handler, functools.partial(func, **bound) if bound else func, handler.is_async, None
+            )
+        return CallPlan(handler, lambda message: call(func, message, bound), handler.is_async, None)
+    scoped = _scoped_plan(handler, resolver, None, call)
+    singletons = {name: value.identity for name, value in bound.items() if isinstance(value, Singleton)}
+    if len(singletons) < sum(isinstance(value, Provider) for value in bound.values()):
+        return scoped  # a Factory: every handling needs its own scope
+    # For an async handler both paths return a coroutine, so the plan stays async
+    # (and eligible for the engines' fast paths); a sync handler's result is
+    # awaited only when it is the coroutine of the first, resolving handling.
+    positional = handler.message_param is not None and not handler.message_by_keyword
+    invoke = _singleton_invoke(func, positional, call, bound, singletons, resolver, scoped.invoke)
+    return CallPlan(handler, invoke, handler.is_async, None)
 
-        def instantiate() -> Any:
-            return target
 
-    collect = _collector(instantiate, method, call) if handler.collects_events else None
-    return CallPlan(handler, invoke, handler.is_async, collect)
+def _singleton_invoke(
+    func: Callable[..., Any],
+    positional: bool,
+    call: Caller,
+    bound: dict[str, object],
+    singletons: dict[str, object],
+    resolver: Resolver,
+    resolve_first: Callable[[Any], Any],
+) -> Callable[[Any], Any]:
+    """Once its Singletons exist, a handling costs a dict lookup per Singleton.
+
+    Until then (or while an override replaces one with a provider), the handling
+    goes through `resolve_first`, which creates them. The result is the handler's
+    coroutine or its sync result, which the engines tell apart.
+    """
+    values = resolver.singletons
+    plain = {name: value for name, value in bound.items() if name not in singletons}
+    if len(singletons) == 1 and not plain and positional:
+        ((name, identity),) = singletons.items()
+
+        def invoke_only(message: Any) -> Any:
+            value = values.get(identity, _MISSING)
+            if value is _MISSING:
+                return resolve_first(message)
+            return func(message, **{name: value})
+
+        return invoke_only
+
+    if len(singletons) == 1:
+        ((name, identity),) = singletons.items()
+
+        def invoke_one(message: Any) -> Any:
+            value = values.get(identity, _MISSING)
+            if value is _MISSING:
+                return resolve_first(message)
+            return call(func, message, {name: value, **plain})
+
+        return invoke_one
+
+    def invoke(message: Any) -> Any:
+        kwargs = dict(plain)
+        for name, identity in singletons.items():
+            value = values.get(identity, _MISSING)
+            if value is _MISSING:
+                return resolve_first(message)
+            kwargs[name] = value
+        return call(func, message, kwargs)
+
+    return invoke
 
 
-def _caller(
-    param: str | None, by_keyword: bool, kwargs: dict[str, object]
-) -> Callable[[Callable[..., Any], Any], Any]:
+def _scoped_plan(
+    handler: Handler, resolver: Resolver, handler_factory: Callable[..., Any] | None, call: Caller
+) -> CallPlan:
+    target: Any = handler.target
+    method = handler.method
+    is_class = handler.is_class
+    init_values = dict(handler.bound) if is_class else {}
+    call_values = {} if is_class else dict(handler.bound)
+    collects = handler.collects_events
+
+    async def make(stack: AsyncExitStack) -> Any:
+        init = await resolver.resolve_all(init_values, stack) if init_values else init_values
+        if handler_factory is None:
+            return target(**init)
+        instance = handler_factory(target, **init) if init else handler_factory(target)
+        if inspect.isawaitable(instance):
+            instance = await instance
+        return instance
+
+    async def run(message: Any, followups: list[Any] | None = None) -> Any:
+        async with AsyncExitStack() as stack:
+            instance = await make(stack) if is_class else target
+            func = getattr(instance, method) if method else instance
+            kwargs = await resolver.resolve_all(call_values, stack) if call_values else call_values
+            result = call(func, message, kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            if collects:
+                events = instance.dump_events()
+                if inspect.isawaitable(events):
+                    events = await events
+                if events and followups is not None:
+                    followups.extend(events)
+            return result
+
+    return CallPlan(handler, run, True, run if collects else None)
+
+
+Caller = Callable[[Callable[..., Any], Any, Mapping[str, Any]], Any]
+
+
+def _caller(param: str | None, by_keyword: bool) -> Caller:
     """A function that calls `func` with `message` the way the handler takes it."""
     if param is None:
-        return lambda func, message: func(**kwargs)
+        return lambda func, message, kwargs: func(**kwargs)
     if by_keyword:
-        return lambda func, message: func(**{param: message}, **kwargs)
-    return lambda func, message: func(message, **kwargs)
-
-
-def _collector(
-    instantiate: Callable[[], Any],
-    method: str | None,
-    call: Callable[[Callable[..., Any], Any], Any],
-) -> Callable[[Any, list[Any]], Awaitable[Any]]:
-    assert method is not None  # only classes and instances collect events
-
-    async def collect(message: Any, followups: list[Any]) -> Any:
-        instance = instantiate()
-        result = call(getattr(instance, method), message)
-        if inspect.isawaitable(result):
-            result = await result
-        events = instance.dump_events()
-        if inspect.isawaitable(events):
-            events = await events
-        if events:
-            followups.extend(events)
-        return result
-
-    return collect
+        return lambda func, message, kwargs: func(**{param: message}, **kwargs)
+    return lambda func, message, kwargs: func(message, **kwargs)

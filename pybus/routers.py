@@ -22,7 +22,7 @@ from pybus.errors import (
     key_name,
     with_article,
 )
-from pybus.handlers import Handler, callable_name, compile_handler, inspect_handler
+from pybus.handlers import CallPlan, Handler, callable_name, compile_handler, inspect_handler
 
 if TYPE_CHECKING:
     from pybus.dispatcher import Dispatcher
@@ -77,12 +77,18 @@ class _Router:
                 f"{key_name(key)} is already registered as {with_article(other)}; a message key "
                 "belongs to one kind, so give the two roles their own message classes"
             )
-        registration = inspect_handler(self.kind, key, handler, argname, initkwargs)
+        registration = inspect_handler(
+            self.kind, key, handler, argname, initkwargs, check_init=self.dispatcher.handler_factory is None
+        )
+        self.dispatcher.resolver.adopt(initkwargs)
         self._add(registration)
         return registration
 
     def _add(self, handler: Handler) -> None:
         raise NotImplementedError
+
+    def _compile(self, handler: Handler) -> CallPlan:
+        return compile_handler(handler, self.dispatcher.resolver, self.dispatcher.handler_factory)
 
     @property
     def handlers(self) -> Mapping[object, tuple[Handler, ...]]:
@@ -116,7 +122,7 @@ class EventRouter(_Router):
     ) -> EventEngine:
         """Freeze the map and build the engine; `foreign` are the keys of the other kinds."""
         self._frozen = True
-        plans = {key: tuple(compile_handler(h) for h in found) for key, found in self._handlers.items()}
+        plans = {key: tuple(self._compile(h) for h in found) for key, found in self._handlers.items()}
         self.engine = self.engine_cls(
             plans,
             foreign=foreign,
@@ -141,7 +147,7 @@ class RequestRouter(_Router):
     def freeze(self, *, events: EventEngine, foreign: Mapping[object, Kind]) -> RequestEngine:
         """Freeze the map and build the engine, which hands follow-up events to `events`."""
         self._frozen = True
-        plans = {key: compile_handler(found[0]) for key, found in self._handlers.items()}
+        plans = {key: self._compile(found[0]) for key, found in self._handlers.items()}
         self.engine = self.engine_cls(self.kind, plans, events=events, foreign=foreign)
         return self.engine
 

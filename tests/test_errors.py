@@ -63,8 +63,8 @@ def test_dispatcher_frozen_text() -> None:
 
 def test_dispatcher_not_started_text() -> None:
     assert str(DispatcherNotStarted("command", CreateUser())) == (
-        "Cannot handle command CreateUser: the dispatcher is not started; call dp.start() once "
-        "every handler is registered"
+        "Cannot handle command CreateUser: the dispatcher is not started; call dp.start() (or enter "
+        "`async with dp:`) once every handler is registered"
     )
     assert "'on startup'" in str(DispatcherNotStarted("event", "on startup"))
 

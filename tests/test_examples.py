@@ -33,3 +33,39 @@ def test_readme_example_runs() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.splitlines() == ["welcome, user 1", "UserRegistered(user_id=1)"]
+
+
+def test_di_container_example_builds_handlers_from_dishka() -> None:
+    assert run_example("di_container.py").splitlines() == [
+        "[container] mailer connected",
+        "[result] mail #1 to ada@example.com: please pay 120 EUR",
+        "[result] mail #2 to bob@example.com: please pay 80 EUR",
+        "[container] mailer disconnected",
+    ]
+
+
+async def test_di_container_gives_a_new_handler_per_message_and_one_mailer() -> None:
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import di_container
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from dishka import make_async_container
+
+    built: list[object] = []
+    container = make_async_container(di_container.AppProvider())
+
+    async def tracking(cls: type) -> object:
+        handler: object = await container.get(cls)
+        built.append(handler)
+        return handler
+
+    dp = di_container.build(container)
+    dp.handler_factory = tracking  # before start, as a user would configure it
+    async with dp:
+        await dp.execute(di_container.SendInvoice("a", 1))
+        await dp.execute(di_container.SendInvoice("b", 2))
+    await container.close()
+    first, second = built
+    assert first is not second
+    assert first.mailer is second.mailer  # type: ignore[attr-defined]

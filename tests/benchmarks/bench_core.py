@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from pybus import Dispatcher
+from pybus import Dispatcher, Factory, Singleton
 
 
 @dataclass(slots=True)
@@ -52,6 +52,29 @@ async def handle_event(event: Evt) -> None:
 
 async def handle_cascading(cmd: Cascading) -> Evt:
     return Evt(cmd.n)
+
+
+@dataclass(slots=True)
+class Injected:
+    n: int
+
+
+async def handle_injected(cmd: Injected, repo: object) -> None:
+    return None
+
+
+REPO = object()
+
+
+def make_repo() -> object:
+    return REPO
+
+
+def injected_dispatcher(repo: object) -> Dispatcher:
+    dp = Dispatcher()
+    dp.commands.bind(Injected, handle_injected, repo=repo)
+    dp.start()
+    return dp
 
 
 Loop = Callable[[int], Awaitable[None]]
@@ -121,6 +144,10 @@ async def run(iterations: int, rounds: int) -> list[tuple[str, float, float]]:
             for handler in handlers:
                 await handler(event)  # type: ignore[operator]
 
+    async def direct_injected(n: int) -> None:
+        for i in range(n):
+            await handle_injected(Injected(i), repo=REPO)
+
     async def direct_cascade(n: int) -> None:
         for i in range(n):
             event = await handle_cascading(Cascading(i))
@@ -166,6 +193,18 @@ async def run(iterations: int, rounds: int) -> list[tuple[str, float, float]]:
         for i in range(n):
             await execute(cls(i))
 
+    def via_injected(dp: Dispatcher) -> Loop:
+        async def loop(n: int) -> None:
+            execute = dp.execute
+            for i in range(n):
+                await execute(Injected(i))
+
+        return loop
+
+    plain_kwarg = injected_dispatcher(REPO)
+    singleton_kwarg = injected_dispatcher(Singleton(make_repo))
+    factory_kwarg = injected_dispatcher(Factory(make_repo))
+
     pairs: list[tuple[str, Loop, Loop]] = [
         ("execute", via_execute, direct_cmd),
         ("query", via_query, direct_query),
@@ -174,6 +213,9 @@ async def run(iterations: int, rounds: int) -> list[tuple[str, float, float]]:
         ("execute + 1 follow-up event", via_cascade, direct_cascade),
         ("execute, 1 registered type", via_small, direct_cmd),
         ("execute, 10,000 registered types", via_crowded, direct_cmd),
+        ("execute, plain bound kwarg", via_injected(plain_kwarg), direct_injected),
+        ("execute, Singleton kwarg (resolved)", via_injected(singleton_kwarg), direct_injected),
+        ("execute, Factory kwarg", via_injected(factory_kwarg), direct_injected),
     ]
     for name, via, direct in pairs:
         ns = await best_ns(via, iterations, rounds)
@@ -190,9 +232,9 @@ def main() -> None:
     args = parser.parse_args()
     iterations, rounds = (10_000, 3) if args.quick else (args.iterations, args.rounds)
     rows = asyncio.run(run(iterations, rounds))
-    print(f"{'case':<34} {'pybus ns/msg':>13} {'direct ns/msg':>14} {'ratio':>7} {'msg/s':>11}")
+    print(f"{'case':<38} {'pybus ns/msg':>13} {'direct ns/msg':>14} {'ratio':>7} {'msg/s':>11}")
     for name, ns, base in rows:
-        print(f"{name:<34} {ns:>13.0f} {base:>14.0f} {ns / base:>6.2f}x {1e9 / ns:>11,.0f}")
+        print(f"{name:<38} {ns:>13.0f} {base:>14.0f} {ns / base:>6.2f}x {1e9 / ns:>11,.0f}")
 
 
 if __name__ == "__main__":

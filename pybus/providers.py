@@ -1,0 +1,279 @@
+"""Singleton and Factory: values injected into handlers, created when first needed.
+
+A provider wraps a callable that makes a value: a sync or async function, or a
+sync or async generator function whose code after `yield` is the teardown.
+Bind a provider like any other value and the handler receives what it makes::
+
+    @dp.queries.register(GetUser, repo=Singleton(make_repo), session=Factory(open_session))
+    async def get_user(query: GetUser, repo: Repo, session: Session) -> User: ...
+
+Nothing is called at import or registration. Each dispatcher resolves its
+providers itself (a `Resolver`), inside the running event loop:
+
+- a `Singleton` once per dispatcher, on first use, even when many handlings ask
+  at the same moment; torn down at `dp.stop()`, in reverse creation order;
+- a `Factory` for every handling, torn down right after that handling, also
+  when the handler failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import AsyncExitStack
+from typing import Any, ClassVar, Final, Literal
+
+from pybus.errors import ImproperlyConfigured
+
+_MISSING: Final = object()
+
+Shape = Literal["sync", "async", "generator", "async generator"]
+
+
+class _LabelSyntax(type):
+    """Gives the provider classes iambus's `Singleton["repo": get_repo]` syntax.
+
+    A metaclass because a class subscript with a slice type-checks only through
+    a metaclass `__getitem__` (mypy rejects it through `__class_getitem__`).
+    """
+
+    def __getitem__(cls, item: slice) -> Provider:
+        """A provider labelled `item.start` that calls `item.stop`.
+
+        Within one dispatcher, providers of the same class and label are one
+        provider: they share a Singleton's instance.
+        """
+        if not isinstance(item, slice) or not isinstance(item.start, str) or item.step is not None:
+            raise ImproperlyConfigured(
+                f'{cls.__name__}[...] takes "label": callable, as in {cls.__name__}["repo": get_repo]'
+            )
+        provider: Provider = cls(item.stop)
+        provider.label = item.start
+        return provider
+
+
+class Provider(metaclass=_LabelSyntax):
+    """Base of `Singleton` and `Factory`: a callable and the values to call it with.
+
+    The values may themselves be providers, resolved first:
+    `Factory(open_session, engine=Singleton(make_engine))`. The call is checked
+    against the callable's signature when the provider is made.
+    """
+
+    __slots__ = ("factory", "kwargs", "label", "shape")
+    lifetime: ClassVar[str]
+
+    def __init__(self, factory: Callable[..., Any], /, **kwargs: Any) -> None:
+        if not callable(factory):
+            raise ImproperlyConfigured(
+                f"{type(self).__name__}() takes a callable that makes the value, not {factory!r}; "
+                f"to inject a ready value, bind it directly"
+            )
+        try:
+            inspect.signature(factory).bind(**kwargs)
+        except TypeError as exc:
+            raise ImproperlyConfigured(
+                f"{type(self).__name__}({_name(factory)}) cannot call {_name(factory)} with the "
+                f"values given ({exc}); pass every parameter without a default as a keyword"
+            ) from exc
+        except ValueError:  # no signature to check (some builtins): the call will tell
+            pass
+        self.factory = factory
+        self.kwargs: Mapping[str, Any] = dict(kwargs)
+        self.label: str | None = None
+        self.shape: Shape = _shape(factory)
+
+    @property
+    def identity(self) -> object:
+        """What resolution is keyed by: the (class, label) pair, or the provider itself."""
+        return (type(self), self.label) if self.label is not None else self
+
+    def __repr__(self) -> str:
+        if self.label is not None:
+            return f"{type(self).__name__}[{self.label!r}: {_name(self.factory)}]"
+        return f"{type(self).__name__}({_name(self.factory)})"
+
+
+class Singleton(Provider):
+    """A value made once per dispatcher, on first use, and torn down at `dp.stop()`."""
+
+    __slots__ = ()
+    lifetime = "singleton"
+
+
+class Factory(Provider):
+    """A value made for every handling and torn down right after it."""
+
+    __slots__ = ()
+    lifetime = "factory"
+
+
+def _name(factory: object) -> str:
+    return getattr(factory, "__qualname__", None) or repr(factory)
+
+
+def _shape(factory: Callable[..., Any]) -> Shape:
+    if inspect.isasyncgenfunction(factory):
+        return "async generator"
+    if inspect.isgeneratorfunction(factory):
+        return "generator"
+    if inspect.iscoroutinefunction(factory):
+        return "async"
+    return "sync"
+
+
+def providers_in(values: Mapping[str, Any]) -> Iterator[Provider]:
+    """Every provider among `values`, and among their own values, depth first."""
+    for value in values.values():
+        if isinstance(value, Provider):
+            yield value
+            yield from providers_in(value.kwargs)
+
+
+class Resolver:
+    """Resolves the providers of one dispatcher and owns what they made.
+
+    `singletons` maps a Singleton's identity to its value once it exists; call
+    plans read it directly, so a resolved Singleton costs one dict lookup.
+    """
+
+    def __init__(self) -> None:
+        self.singletons: dict[object, Any] = {}
+        self._locks: dict[object, asyncio.Lock] = {}
+        self._overrides: dict[object, Any] = {}
+        self._labels: dict[object, Provider] = {}
+        self._scope = _SingletonScope()
+
+    def adopt(self, values: Mapping[str, Any]) -> None:
+        """Check the providers of a registration: one label, one callable.
+
+        Raises `ImproperlyConfigured` when a label is reused with another callable.
+        """
+        for provider in providers_in(values):
+            if provider.label is None:
+                continue
+            known = self._labels.setdefault(provider.identity, provider)
+            if known.factory is not provider.factory:
+                raise ImproperlyConfigured(
+                    f"{provider!r} reuses the label {provider.label!r}, which this dispatcher "
+                    f"already gave to {known!r}; the same label means the same provider, so use "
+                    "another label for another callable"
+                )
+
+    async def resolve(self, provider: Provider, stack: AsyncExitStack | _SingletonScope) -> Any:
+        """The value of `provider` for one handling; Factory teardowns go on `stack`."""
+        identity = provider.identity
+        if self._overrides:
+            replacement = self._overrides.get(identity, _MISSING)
+            if replacement is not _MISSING:
+                if isinstance(replacement, Provider):
+                    return await self.resolve(replacement, stack)
+                return replacement
+        if isinstance(provider, Singleton):
+            value = self.singletons.get(identity, _MISSING)
+            if value is _MISSING:
+                value = await self._create_singleton(provider, identity)
+            return value
+        return await self._create(provider, stack)
+
+    async def resolve_all(
+        self, values: Mapping[str, Any], stack: AsyncExitStack | _SingletonScope
+    ) -> dict[str, Any]:
+        """`values` with every provider replaced by its value, in order."""
+        resolved = dict(values)
+        for name, value in resolved.items():
+            if isinstance(value, Provider):
+                resolved[name] = await self.resolve(value, stack)
+        return resolved
+
+    async def _create_singleton(self, provider: Provider, identity: object) -> Any:
+        lock = self._locks.get(identity)
+        if lock is None:
+            lock = self._locks[identity] = asyncio.Lock()
+        async with lock:
+            value = self.singletons.get(identity, _MISSING)
+            if value is _MISSING:
+                # A failure propagates and caches nothing: the next handling tries again.
+                value = await self._create(provider, self._scope)
+                self.singletons[identity] = value
+            return value
+
+    async def _create(self, provider: Provider, stack: AsyncExitStack | _SingletonScope) -> Any:
+        kwargs = await self.resolve_all(provider.kwargs, stack) if provider.kwargs else {}
+        factory = provider.factory
+        shape = provider.shape
+        if shape == "async generator":
+            return await stack.enter_async_context(contextlib.asynccontextmanager(factory)(**kwargs))
+        if shape == "generator":
+            return stack.enter_context(contextlib.contextmanager(factory)(**kwargs))
+        value = factory(**kwargs)
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+    @contextlib.contextmanager
+    def override(self, provider: Provider, replacement: Any) -> Iterator[None]:
+        """Resolve `provider` as `replacement` (a value or a provider) inside the block."""
+        identity = provider.identity
+        saved_override = self._overrides.get(identity, _MISSING)
+        saved_value = self.singletons.pop(identity, _MISSING)
+        self._overrides[identity] = replacement
+        if isinstance(provider, Singleton) and not isinstance(replacement, Provider):
+            self.singletons[identity] = replacement  # keeps the one-lookup path
+        try:
+            yield
+        finally:
+            self.singletons.pop(identity, None)
+            if saved_value is not _MISSING:
+                self.singletons[identity] = saved_value
+            if saved_override is _MISSING:
+                del self._overrides[identity]
+            else:
+                self._overrides[identity] = saved_override
+
+    async def aclose(self) -> None:
+        """Tear down every Singleton, last created first, and forget them.
+
+        Each teardown runs on its own (one's failure is not thrown into the
+        next); the failure, or an `ExceptionGroup` of several, is raised after.
+        """
+        scope, self._scope = self._scope, _SingletonScope()
+        self.singletons.clear()
+        self._locks.clear()
+        await scope.aclose()
+
+
+class _SingletonScope:
+    """The teardowns of a dispatcher's Singletons, run independently at stop."""
+
+    def __init__(self) -> None:
+        self._exits: list[Callable[[], Awaitable[object]]] = []
+
+    def enter_context(self, manager: contextlib.AbstractContextManager[Any]) -> Any:
+        value = manager.__enter__()
+
+        async def exit_sync() -> object:
+            return manager.__exit__(None, None, None)
+
+        self._exits.append(exit_sync)
+        return value
+
+    async def enter_async_context(self, manager: contextlib.AbstractAsyncContextManager[Any]) -> Any:
+        value = await manager.__aenter__()
+        self._exits.append(lambda: manager.__aexit__(None, None, None))
+        return value
+
+    async def aclose(self) -> None:
+        failures: list[Exception] = []
+        for exit_ in reversed(self._exits):
+            try:
+                await exit_()
+            except Exception as exc:
+                failures.append(exc)
+        self._exits.clear()
+        if len(failures) == 1:
+            raise failures[0]
+        if failures:
+            raise ExceptionGroup(f"{len(failures)} Singleton teardowns failed", failures)
