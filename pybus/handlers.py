@@ -345,8 +345,8 @@ def compile_handler(
     # (and eligible for the engines' fast paths); a sync handler's result is
     # awaited only when it is the coroutine of the first, resolving handling.
     positional = handler.message_param is not None and not handler.message_by_keyword
-    invoke = _singleton_invoke(func, positional, call, bound, singletons, resolver, scoped.invoke)
-    return CallPlan(handler, invoke, handler.is_async, None)
+    with_singletons = _singleton_invoke(func, positional, call, bound, singletons, resolver, scoped.invoke)
+    return CallPlan(handler, with_singletons, handler.is_async, None)
 
 
 def _singleton_invoke(
