@@ -4,6 +4,7 @@ from pybus.dispatcher import Dispatcher
 from pybus.engines import EventEngine, RequestEngine
 from pybus.errors import (
     CascadeDepthExceeded,
+    DispatcherClosed,
     DispatcherFrozen,
     DispatcherNotStarted,
     HandlerAlreadyRegistered,
@@ -11,6 +12,7 @@ from pybus.errors import (
     HandlerSignatureError,
     ImproperlyConfigured,
     PyBusError,
+    QueueFull,
 )
 from pybus.handlers import HandlerProtocol
 from pybus.messages import Command, Event, Query
@@ -26,6 +28,7 @@ __all__ = [
     "CascadeDepthExceeded",
     "Command",
     "Dispatcher",
+    "DispatcherClosed",
     "DispatcherFrozen",
     "DispatcherNotStarted",
     "Event",
@@ -39,6 +42,7 @@ __all__ = [
     "ImproperlyConfigured",
     "PyBusError",
     "Query",
+    "QueueFull",
     "RequestEngine",
     "RequestRouter",
     "Singleton",

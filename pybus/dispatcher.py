@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import logging
+import signal
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, NoReturn, Self, TypeVar, overload
 
 from pybus.engines import EventEngine, RequestEngine
-from pybus.errors import DispatcherNotStarted, ImproperlyConfigured, Kind
+from pybus.errors import DispatcherClosed, DispatcherNotStarted, ImproperlyConfigured, Kind
 from pybus.handlers import Handler
 from pybus.messages import Command, Query
 from pybus.providers import Provider, Resolver
 from pybus.routers import EventRouter, RequestRouter
+from pybus.workers import EngineStatistics, ErrorHook, Statistics, Supervisor, WorkerPool
 
 R = TypeVar("R")
+logger = logging.getLogger("pybus")
 
 
-async def _not_started(kind: Kind, message: object) -> NoReturn:
-    raise DispatcherNotStarted(kind, message)
+async def _refuse(
+    error: type[DispatcherNotStarted | DispatcherClosed], kind: Kind, message: object, timeout: object = None
+) -> NoReturn:
+    raise error(kind, message)
 
 
 class Dispatcher:
@@ -26,16 +33,22 @@ class Dispatcher:
 
     Register handlers on `dp.commands`, `dp.queries` and `dp.events` (or with
     `register_*_handler`), call `start()`, then `await execute(cmd)`,
-    `await query(q)` and `await publish(event)`.
+    `await query(q)` and `await publish(event)`, or `send` messages to the
+    background workers.
 
-    Router classes are pluggable; `None` creates the default router on first use.
-    `concurrent_events=True` runs the handlers of one event concurrently in a
-    task group instead of one after the other. `max_cascade_depth` bounds how
-    deep follow-up events may nest before `CascadeDepthExceeded`.
-    `handler_factory` builds class handlers (for a DI container); its result may
-    be awaitable, and `__init__` is then not checked at registration.
+    - Router classes are pluggable; `None` creates the default router on first use.
+    - `concurrent_events=True` runs the handlers of one event concurrently in a
+      task group instead of one after the other; `max_cascade_depth` bounds how
+      deep follow-up events may nest before `CascadeDepthExceeded`.
+    - `handler_factory` builds class handlers (for a DI container); its result may
+      be awaitable, and `__init__` is then not checked at registration.
+    - `queue_size` and `workers` size each engine's background queue and worker
+      pool; `on_error(error, message)` receives background failures (default: an
+      ERROR log record with the traceback); `default_timeout` (seconds) bounds
+      every handling whose registration sets no `timeout`.
 
-    `async with dp:` starts the dispatcher on entry and stops it on exit.
+    `async with dp:` starts the dispatcher on entry and, on exit, drains the
+    background queues and stops it.
     """
 
     def __init__(
@@ -47,39 +60,41 @@ class Dispatcher:
         concurrent_events: bool = False,
         max_cascade_depth: int = 64,
         handler_factory: Callable[..., Any] | None = None,
+        queue_size: int = 10_000,
+        workers: int = 4,
+        on_error: ErrorHook | None = None,
+        default_timeout: float | None = None,
     ) -> None:
-        if (
-            isinstance(max_cascade_depth, bool)
-            or not isinstance(max_cascade_depth, int)
-            or max_cascade_depth < 0
-        ):
-            raise ImproperlyConfigured(
-                f"max_cascade_depth must be a whole number >= 0, not {max_cascade_depth!r}"
-            )
         self._events_router_cls = events_router_cls or EventRouter
         self._commands_router_cls = commands_router_cls or RequestRouter
         self._queries_router_cls = queries_router_cls or RequestRouter
         self.concurrent_events = concurrent_events
-        self.max_cascade_depth = max_cascade_depth
+        self.max_cascade_depth = _whole("max_cascade_depth", max_cascade_depth, 0)
         #: Builds class handlers as `handler_factory(cls)` or `handler_factory(cls, **bound)`.
         self.handler_factory = handler_factory
+        self.queue_size = _whole("queue_size", queue_size, 1)
+        self.workers = _whole("workers", workers, 1)
+        if default_timeout is not None and (
+            isinstance(default_timeout, bool)
+            or not isinstance(default_timeout, int | float)
+            or default_timeout <= 0
+        ):
+            raise ImproperlyConfigured(
+                f"default_timeout must be None or seconds > 0, not {default_timeout!r}"
+            )
+        self.default_timeout = default_timeout
         #: Resolves this dispatcher's providers; Singletons live here, not in the process.
         self.resolver = Resolver()
+        self._supervisor = Supervisor(on_error)
         self._events: EventRouter | None = None
         self._commands: RequestRouter | None = None
         self._queries: RequestRouter | None = None
         self._started = False
-        # Bound to the engines by start(); until then they raise DispatcherNotStarted.
-        self._execute: Callable[[object], Coroutine[Any, Any, Any]] = functools.partial(
-            _not_started, "command"
-        )
-        self._query: Callable[[object], Coroutine[Any, Any, Any]] = functools.partial(_not_started, "query")
-        self._publish: Callable[[object], Coroutine[Any, Any, None]] = functools.partial(
-            _not_started, "event"
-        )
+        self._closed = False
+        self._bind_calls(functools.partial(_refuse, DispatcherNotStarted))
 
     def __repr__(self) -> str:
-        state = "started" if self._started else "not started"
+        state = "stopped" if self._closed else "started" if self._started else "not started"
         return f"<Dispatcher {state}>"
 
     # -- routers -----------------------------------------------------------
@@ -160,13 +175,86 @@ class Dispatcher:
         self._bind_engines(events, commands, queries)
         self._started = True
 
-    async def stop(self) -> None:
-        """Tear down every Singleton this dispatcher created, last created first.
+    async def join(self) -> None:
+        """Wait until every message sent to the background workers is handled,
+        including what those handlings sent in turn."""
+        await self._supervisor.join()
 
-        Every teardown runs; if one raises, that exception propagates once all
-        have run (earlier ones chained as its `__context__`).
+    async def stop(self, timeout: float | None = None) -> int:
+        """Stop: refuse new sends, drain the queues, stop the workers, tear down Singletons.
+
+        Messages queued before the call are handled (and what they send in
+        turn); past `timeout` seconds the rest are cancelled. Returns the number
+        of messages that were not handled, also logged as a warning. Afterwards
+        every call raises `DispatcherClosed`. Singleton teardowns run last, last
+        created first, each on its own; a failing teardown is raised after all
+        ran. Calling it again returns 0.
         """
+        if self._closed:
+            return 0
+        self._closed = True
+        supervisor = self._supervisor
+        supervisor.closing = True
+        pools = self._pools()
+        unhandled = 0
+        if pools:
+            try:
+                async with asyncio.timeout(timeout):
+                    await supervisor.join()
+            except TimeoutError:
+                pass
+            unhandled = sum(pool.statistics().queued + pool.in_flight for pool in pools)
+            for pool in pools:
+                await pool.cancel()
+            if unhandled:
+                logger.warning(
+                    "pybus: stopped with %d message(s) not handled after a drain timeout of %s s",
+                    unhandled,
+                    timeout,
+                )
+        self._bind_calls(functools.partial(_refuse, DispatcherClosed))
         await self.resolver.aclose()
+        return unhandled
+
+    async def serve(
+        self,
+        *,
+        stop_signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM),
+        drain_timeout: float | None = None,
+    ) -> int:
+        """Start, run until one of `stop_signals` arrives, then `stop(drain_timeout)`.
+
+        The only place pybus installs signal handlers, and only for the time it
+        runs. Returns what `stop` returns.
+        """
+        self.start()
+        loop = asyncio.get_running_loop()
+        received = asyncio.Event()
+        for sig in stop_signals:
+            loop.add_signal_handler(sig, received.set)
+        try:
+            await received.wait()
+        finally:
+            for sig in stop_signals:
+                loop.remove_signal_handler(sig)
+        return await self.stop(timeout=drain_timeout)
+
+    def statistics(self) -> Statistics:
+        """A frozen snapshot of each engine's queued, in-flight, handled and failed counts."""
+        empty = EngineStatistics(0, 0, 0, 0)
+        counts = {pool.kind: pool.statistics() for pool in self._pools()}
+        return Statistics(
+            events=counts.get("event", empty),
+            commands=counts.get("command", empty),
+            queries=counts.get("query", empty),
+        )
+
+    def _pools(self) -> list[WorkerPool]:
+        if not self._started:
+            return []
+        return [
+            router.engine.workers for router in (self.events, self.commands, self.queries) if router.engine
+        ]
 
     async def __aenter__(self) -> Self:
         self.start()
@@ -187,6 +275,15 @@ class Dispatcher:
         return self.resolver.override(provider, replacement)
 
     def _bind_engines(self, events: EventEngine, commands: RequestEngine, queries: RequestEngine) -> None:
+        for engine in (events, commands, queries):
+            engine.workers = WorkerPool(
+                engine.kind,
+                engine.publish if isinstance(engine, EventEngine) else engine.handle,
+                self._supervisor,
+                workers=self.workers,
+                capacity=self.queue_size,
+                describe=engine.describe,
+            )
         self._execute = commands.handle
         self._query = queries.handle
         self._publish = events.publish
@@ -202,39 +299,73 @@ class Dispatcher:
             if getattr(type(self), name) is getattr(Dispatcher, name):
                 setattr(self, name, bound)
 
+    def _bind_calls(self, refuse: Callable[..., Coroutine[Any, Any, NoReturn]]) -> None:
+        """Make execute/query/publish raise (not started, or closed)."""
+        self._execute = functools.partial(refuse, "command")
+        self._query = functools.partial(refuse, "query")
+        self._publish = functools.partial(refuse, "event")
+        for name in ("execute", "query", "publish"):
+            vars(self).pop(name, None)
+
     # -- sending -------------------------------------------------------------
 
     # Plain methods that return the engine's coroutine: one coroutine per call
     # instead of two. start() also binds the engines' methods on the instance.
 
     @overload
-    def execute(self, command: Command[R], /) -> Coroutine[Any, Any, R]: ...
+    def execute(self, command: Command[R], /, *, timeout: float | None = None) -> Coroutine[Any, Any, R]: ...
     @overload
-    def execute(self, command: object, /) -> Coroutine[Any, Any, Any]: ...
-    def execute(self, command: object, /) -> Coroutine[Any, Any, Any]:
+    def execute(self, command: object, /, *, timeout: float | None = None) -> Coroutine[Any, Any, Any]: ...
+    def execute(self, command: object, /, *, timeout: float | None = None) -> Coroutine[Any, Any, Any]:
         """Run the handler of a command; awaiting it gives the handler's result.
 
         Follow-up events are published before the await returns. Raises the
-        handler's own exception unchanged, `HandlerNotFound`, or an
-        `ExceptionGroup` when follow-up handlers failed.
+        handler's own exception unchanged, `HandlerNotFound`, an `ExceptionGroup`
+        when follow-up handlers failed, or `TimeoutError` past `timeout` seconds
+        (follow-ups included; the handling is cancelled).
         """
-        return self._execute(command)
+        return self._execute(command, timeout)
 
     @overload
-    def query(self, query: Query[R], /) -> Coroutine[Any, Any, R]: ...
+    def query(self, query: Query[R], /, *, timeout: float | None = None) -> Coroutine[Any, Any, R]: ...
     @overload
-    def query(self, query: object, /) -> Coroutine[Any, Any, Any]: ...
-    def query(self, query: object, /) -> Coroutine[Any, Any, Any]:
+    def query(self, query: object, /, *, timeout: float | None = None) -> Coroutine[Any, Any, Any]: ...
+    def query(self, query: object, /, *, timeout: float | None = None) -> Coroutine[Any, Any, Any]:
         """Run the handler of a query; awaiting it gives the result (same rules as `execute`)."""
-        return self._query(query)
+        return self._query(query, timeout)
 
-    def publish(self, event: object, /) -> Coroutine[Any, Any, None]:
+    def publish(self, event: object, /, *, timeout: float | None = None) -> Coroutine[Any, Any, None]:
         """Run every handler of an event, then the follow-up events, when awaited.
 
         An event without handlers is not an error. Raises an `ExceptionGroup` of
-        the handler failures once all handlers ran.
+        the handler failures once all handlers ran, or `TimeoutError` past `timeout`.
         """
-        return self._publish(event)
+        return self._publish(event, timeout)
+
+    async def send(self, message: object, /, *, key: object = None) -> None:
+        """Queue a message for the background workers of its kind and return once queued.
+
+        The kind is the one its key is registered under; a message without a
+        handler of any kind is an event. See `router.send` for waiting, ordering
+        keys and errors.
+        """
+        await self._router_for(message).send(message, key=key)
+
+    def send_nowait(self, message: object, /, *, key: object = None) -> None:
+        """Like `send`, but raises `QueueFull` instead of waiting for room."""
+        self._router_for(message).send_nowait(message, key=key)
+
+    def _router_for(self, message: object) -> EventRouter | RequestRouter:
+        for router in (self.commands, self.queries):
+            if router.engine is not None and router.engine.handles(message):
+                return router
+        return self.events
+
+
+def _whole(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ImproperlyConfigured(f"{name} must be a whole number >= {minimum}, not {value!r}")
+    return value
 
 
 def _except(kinds: Mapping[object, Kind], kind: Kind) -> dict[object, Kind]:

@@ -13,13 +13,16 @@ a call, an await. Everything that can be decided once is decided at `start()`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from inspect import isawaitable
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pybus.errors import CascadeDepthExceeded, HandlerNotFound, Kind, key_name
 from pybus.handlers import CallPlan
+
+if TYPE_CHECKING:
+    from pybus.workers import WorkerPool
 
 _NO_PLANS: tuple[CallPlan, ...] = ()
 
@@ -37,6 +40,8 @@ class EventEngine:
     group when `concurrent`. A failing handler never stops the others; the
     failures are raised together as an `ExceptionGroup` once all have run.
     """
+
+    kind: Kind = "event"
 
     def __init__(
         self,
@@ -83,13 +88,29 @@ class EventEngine:
         plans = self._plans.get(message.__class__)
         return self._resolve(message) if plans is None else plans
 
-    async def publish(self, event: object) -> None:
+    #: The background queue and workers, attached by the dispatcher at start().
+    workers: WorkerPool
+
+    def describe(self, event: object) -> str:
+        """The handlers `publish(event)` runs, for error reports."""
+        return ", ".join(str(plan.handler) for plan in self.handlers_for(event)) or "no handler"
+
+    def check(self, event: object) -> None:
+        """Raise `HandlerNotFound` now for an event whose key is a command or query."""
+        if not self.handlers_for(event):
+            self._check_foreign(event)
+
+    async def publish(self, event: object, timeout: float | None = None) -> None:
         """Run every handler of `event`, then its follow-ups.
 
         Raises `HandlerNotFound` when the event has no handler and its key is
         registered as a command or query, and an `ExceptionGroup` of every
-        handler failure (follow-ups included) after all ran.
+        handler failure (follow-ups included) after all ran. Past `timeout`
+        seconds the handling is cancelled and `TimeoutError` raised.
         """
+        if timeout is not None:
+            await _within(timeout, self.publish(event), "event", event)
+            return
         invokes = self._fast.get(event.__class__)
         if invokes is None:
             await self._publish(event)
@@ -253,6 +274,11 @@ class RequestEngine:
         self._wanted = events.wanted
         self._foreign = foreign
 
+    def handles(self, message: object) -> bool:
+        """True when a handler is registered for `message`'s key."""
+        key = message if isinstance(message, str) else message.__class__
+        return key in self._plans
+
     def plan_for(self, message: object) -> CallPlan:
         """The call plan for `message`; raises `HandlerNotFound` when there is none."""
         plan = self._plans.get(message.__class__)
@@ -263,8 +289,25 @@ class RequestEngine:
                 raise HandlerNotFound(self.kind, key, registered_as=self._foreign.get(key))
         return plan
 
-    async def handle(self, message: object) -> Any:
-        """Run the handler of `message` and its follow-ups; return the handler's result."""
+    #: The background queue and workers, attached by the dispatcher at start().
+    workers: WorkerPool
+
+    def describe(self, message: object) -> str:
+        """The handler of `message`, for error reports."""
+        return str(self.plan_for(message).handler)
+
+    def check(self, message: object) -> None:
+        """Raise `HandlerNotFound` now, not in a worker, for a message without a handler."""
+        self.plan_for(message)
+
+    async def handle(self, message: object, timeout: float | None = None) -> Any:
+        """Run the handler of `message` and its follow-ups; return the handler's result.
+
+        Past `timeout` seconds (follow-ups included) the handling is cancelled
+        and `TimeoutError` raised.
+        """
+        if timeout is not None:
+            return await _within(timeout, self.handle(message), self.kind, message)
         invoke = self._fast.get(message.__class__)
         if invoke is None:
             return await self._handle(message)
@@ -304,6 +347,15 @@ async def call_plan(plan: CallPlan, message: object, followups: list[Any]) -> An
     if plan.is_async or isawaitable(result):
         result = await result
     return result
+
+
+async def _within(seconds: float, handling: Coroutine[Any, Any, Any], kind: Kind, message: object) -> Any:
+    try:
+        async with asyncio.timeout(seconds):
+            return await handling
+    except TimeoutError as exc:
+        exc.add_note(f"{kind} {key_name(message_key(message))} did not finish within {seconds} s")
+        raise
 
 
 def _publish_failed(event: object, failures: list[Exception]) -> ExceptionGroup[Exception]:

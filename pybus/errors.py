@@ -10,7 +10,9 @@ and says what happened and what to do instead::
     ├── DispatcherFrozen              registration after start()
     ├── DispatcherNotStarted          execute/query/publish before start()
     ├── HandlerNotFound               no handler for the message (also a LookupError)
-    └── CascadeDepthExceeded          follow-up events nested past the limit
+    ├── CascadeDepthExceeded          follow-up events nested past the limit
+    ├── QueueFull                     send_nowait() on a full engine queue
+    └── DispatcherClosed              a send (or call) after stop()
 
 A handler's own exception is never wrapped: it reaches the caller of
 `execute`/`query` unchanged, and event handler failures are raised together
@@ -157,4 +159,29 @@ class CascadeDepthExceeded(PyBusError, RecursionError):
             f"past max_cascade_depth={limit}; handlers probably form a cycle that keeps "
             "returning events: break the cycle, or raise Dispatcher(max_cascade_depth=...) "
             "if the chain is really that long"
+        )
+
+
+class QueueFull(PyBusError):
+    """`send_nowait` found the engine's queue at capacity."""
+
+    def __init__(self, kind: Kind, capacity: int) -> None:
+        self.kind = kind
+        self.capacity = capacity
+        super().__init__(
+            f"The {kind} queue is full ({capacity} messages waiting); await "
+            f"dp.{ROUTERS[kind]}.send() to wait for room, or raise Dispatcher(queue_size=...)"
+        )
+
+
+class DispatcherClosed(PyBusError):
+    """The dispatcher was stopped; it takes no new messages."""
+
+    def __init__(self, kind: Kind, message: object) -> None:
+        self.kind = kind
+        self.message = message
+        key = message if isinstance(message, str) else type(message)
+        super().__init__(
+            f"Cannot take {kind} {key_name(key)}: the dispatcher is stopping or stopped and "
+            "takes no new messages; send before dp.stop(), or use a new Dispatcher"
         )

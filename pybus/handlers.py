@@ -10,6 +10,7 @@ argument, `invoke` is the function itself.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
@@ -71,6 +72,7 @@ class Handler:
     method: str | None
     is_async: bool
     collects_events: bool
+    timeout: float | None = None
 
     def __str__(self) -> str:
         return f"{self.name} ({self.location})"
@@ -98,7 +100,8 @@ def callable_name(target: object) -> str:
         return f"partial({callable_name(target.func)})"
     name = getattr(target, "__qualname__", None)
     if isinstance(name, str):
-        return name
+        # A function defined inside another is named from there on; its location tells the rest.
+        return name.rpartition("<locals>.")[2]
     return f"{type(target).__qualname__} instance"
 
 
@@ -146,6 +149,7 @@ def inspect_handler(
     bound: Mapping[str, object],
     *,
     check_init: bool = True,
+    timeout: float | None = None,
 ) -> Handler:
     """Check that `target` can handle `key` as registered, and describe how to call it.
 
@@ -192,7 +196,18 @@ def inspect_handler(
         method=method,
         is_async=inspect.iscoroutinefunction(func),
         collects_events=collects,
+        timeout=_check_timeout(kind, key, name, timeout),
     )
+
+
+def _check_timeout(kind: Kind, key: object, name: str, timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise HandlerSignatureError(
+            kind, key, name, f"timeout={timeout!r} is not a number of seconds > 0; pass e.g. timeout=2.0"
+        )
+    return float(timeout)
 
 
 def _names(params: list[inspect.Parameter]) -> str:
@@ -308,14 +323,49 @@ def _check_init(kind: Kind, key: object, name: str, cls: type, bound: Mapping[st
 
 
 def compile_handler(
-    handler: Handler, resolver: Resolver, handler_factory: Callable[..., Any] | None = None
+    handler: Handler,
+    resolver: Resolver,
+    handler_factory: Callable[..., Any] | None = None,
+    timeout: float | None = None,
 ) -> CallPlan:
     """Build the call plan for one registration (done once, at `start()`).
 
     Plain registrations call the handler directly. Providers, a `handler_factory`
     or collected events add a per-handling scope whose teardowns run after the
-    handler, whether it succeeded or not.
+    handler, whether it succeeded or not. A `timeout` (seconds) cancels the
+    handling past it, which then fails with `TimeoutError`.
     """
+    plan = _compile(handler, resolver, handler_factory)
+    return plan if timeout is None else _timed(plan, timeout)
+
+
+def _timed(plan: CallPlan, seconds: float) -> CallPlan:
+    invoke, collect, handler = plan.invoke, plan.collect, plan.handler
+
+    async def within(call: Callable[..., Any], *args: Any) -> Any:
+        timeout = asyncio.timeout(seconds)
+        try:
+            async with timeout:
+                result = call(*args)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+        except TimeoutError as exc:
+            if timeout.expired():
+                exc.add_note(f"{handler} did not finish within its timeout of {seconds} s")
+            raise
+
+    async def timed_invoke(message: Any) -> Any:
+        return await within(invoke, message)
+
+    async def timed_collect(message: Any, followups: list[Any]) -> Any:
+        assert collect is not None  # only used when the plan collects
+        return await within(collect, message, followups)
+
+    return CallPlan(handler, timed_invoke, True, timed_collect if collect is not None else None)
+
+
+def _compile(handler: Handler, resolver: Resolver, handler_factory: Callable[..., Any] | None) -> CallPlan:
     target: Any = handler.target
     method = handler.method
     bound = dict(handler.bound)

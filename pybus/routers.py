@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from pybus.engines import EventEngine, RequestEngine
 from pybus.errors import (
     DispatcherFrozen,
+    DispatcherNotStarted,
     HandlerAlreadyRegistered,
     ImproperlyConfigured,
     Kind,
@@ -39,7 +40,9 @@ class _Router:
         self._handlers: dict[object, list[Handler]] = {}
         self._frozen = False
 
-    def register(self, key: object, /, argname: str | None = None, **initkwargs: Any) -> Callable[[H], H]:
+    def register(
+        self, key: object, /, argname: str | None = None, *, timeout: float | None = None, **initkwargs: Any
+    ) -> Callable[[H], H]:
         """Decorator form of `bind`; returns the handler unchanged.
 
         ::
@@ -49,18 +52,29 @@ class _Router:
         """
 
         def decorator(handler: H) -> H:
-            self.bind(key, handler, argname=argname, **initkwargs)
+            self.bind(key, handler, argname=argname, timeout=timeout, **initkwargs)
             return handler
 
         return decorator
 
-    def bind(self, key: object, handler: object, /, argname: str | None = None, **initkwargs: Any) -> Handler:
+    def bind(
+        self,
+        key: object,
+        handler: object,
+        /,
+        argname: str | None = None,
+        *,
+        timeout: float | None = None,
+        **initkwargs: Any,
+    ) -> Handler:
         """Register `handler` for messages whose key is `key` and return the inspected registration.
 
         `key` is a class (its instances are the messages) or a string (the
         message is that string). `argname` names the parameter that receives the
-        message when it is not the first. The other keyword arguments are bound
-        values: passed to `__init__` for a class handler, to each call otherwise.
+        message when it is not the first. `timeout` (seconds) cancels a handling
+        that runs longer (default: the dispatcher's `default_timeout`). The other
+        keyword arguments are bound values: passed to `__init__` for a class
+        handler, to each call otherwise.
 
         Raises `DispatcherFrozen` after `start()`, `ImproperlyConfigured` for a
         key or handler that cannot work, `HandlerSignatureError` for parameters
@@ -78,7 +92,13 @@ class _Router:
                 "belongs to one kind, so give the two roles their own message classes"
             )
         registration = inspect_handler(
-            self.kind, key, handler, argname, initkwargs, check_init=self.dispatcher.handler_factory is None
+            self.kind,
+            key,
+            handler,
+            argname,
+            initkwargs,
+            check_init=self.dispatcher.handler_factory is None,
+            timeout=timeout,
         )
         self.dispatcher.resolver.adopt(initkwargs)
         self._add(registration)
@@ -88,7 +108,35 @@ class _Router:
         raise NotImplementedError
 
     def _compile(self, handler: Handler) -> CallPlan:
-        return compile_handler(handler, self.dispatcher.resolver, self.dispatcher.handler_factory)
+        dispatcher = self.dispatcher
+        timeout = handler.timeout if handler.timeout is not None else dispatcher.default_timeout
+        return compile_handler(handler, dispatcher.resolver, dispatcher.handler_factory, timeout)
+
+    async def send(self, message: object, /, *, key: object = None) -> None:
+        """Queue `message` for the background workers and return once it is queued.
+
+        Waits while the queue is full. Messages with the same `key` are handled
+        one at a time, in the order sent. Raises `DispatcherNotStarted` before
+        `start()`, `DispatcherClosed` once stopping, and `HandlerNotFound` (now,
+        not in a worker) for a command or query without a handler.
+        """
+        engine = self._started_engine(message)
+        engine.check(message)
+        workers = engine.workers
+        if not workers.put_if_room(message, key):
+            await workers.send(message, key)
+
+    def send_nowait(self, message: object, /, *, key: object = None) -> None:
+        """Like `send`, but raises `QueueFull` instead of waiting for room."""
+        engine = self._started_engine(message)
+        engine.check(message)
+        engine.workers.send_nowait(message, key)
+
+    def _started_engine(self, message: object) -> EventEngine | RequestEngine:
+        engine: EventEngine | RequestEngine | None = getattr(self, "engine", None)
+        if engine is None:
+            raise DispatcherNotStarted(self.kind, message)
+        return engine
 
     @property
     def handlers(self) -> Mapping[object, tuple[Handler, ...]]:

@@ -256,14 +256,19 @@ async def test_stop_runs_every_teardown_even_when_some_fail() -> None:
         yield "fine"
         closed.append("fine")  # runs: another teardown's failure is not thrown into this one
 
-    dp = Dispatcher()
-    dp.queries.bind("one", lambda q, a, b: None, argname="q", a=Singleton(fine), b=failing("b"))
-    dp.queries.bind("two", lambda q, c: None, argname="q", c=failing("c"))
-    dp.start()
+    def build() -> Dispatcher:
+        dp = Dispatcher()
+        dp.queries.bind("one", lambda q, a, b: None, argname="q", a=Singleton(fine), b=failing("b"))
+        dp.queries.bind("two", lambda q, c: None, argname="q", c=failing("c"))
+        dp.start()
+        return dp
+
+    dp = build()
     await dp.query("one")
     with pytest.raises(Boom, match="b teardown failed"):
         await dp.stop()
     assert closed == ["fine"]
+    dp = build()
     await dp.query("one")
     await dp.query("two")
     with pytest.raises(ExceptionGroup) as info:

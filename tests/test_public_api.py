@@ -32,7 +32,8 @@ def test_design_card_names_are_exported() -> None:
         "Dispatcher", "dispatcher", "EventRouter", "RequestRouter", "EventEngine", "RequestEngine",
         "HandlerProtocol", "Command", "Query", "Event", "PyBusError", "ImproperlyConfigured",
         "HandlerNotFound", "HandlerAlreadyRegistered", "HandlerSignatureError", "DispatcherFrozen",
-        "DispatcherNotStarted", "CascadeDepthExceeded", "Singleton", "Factory",
+        "DispatcherNotStarted", "CascadeDepthExceeded", "Singleton", "Factory", "QueueFull",
+        "DispatcherClosed",
     }  # fmt: skip
     assert core <= set(pybus.__all__)
 

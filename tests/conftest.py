@@ -1,0 +1,34 @@
+"""Suite-wide guards: no asyncio task may be destroyed while pending."""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import pytest
+
+
+class _AsyncioErrors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+_asyncio_errors = _AsyncioErrors()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    logging.getLogger("asyncio").addHandler(_asyncio_errors)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    gc.collect()
+    logging.getLogger("asyncio").removeHandler(_asyncio_errors)
+    if _asyncio_errors.messages:
+        print("\nasyncio reported errors during the run (e.g. 'Task was destroyed but it is pending'):")
+        for message in _asyncio_errors.messages:
+            print("  " + message.splitlines()[0])
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,605 @@
+"""Background engines: send, workers, backpressure, ordering keys, join, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+
+import pytest
+
+from pybus import (
+    Dispatcher,
+    DispatcherClosed,
+    DispatcherNotStarted,
+    HandlerNotFound,
+    HandlerSignatureError,
+    ImproperlyConfigured,
+    QueueFull,
+)
+from pybus.workers import EngineStatistics
+
+
+@dataclass(frozen=True)
+class Tick:
+    n: int
+
+
+@dataclass(frozen=True)
+class Job:
+    n: int
+    key: str = ""
+
+
+class Boom(Exception):
+    pass
+
+
+class Errors:
+    """An on_error hook that records what it is given."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[BaseException, object]] = []
+
+    def __call__(self, error: BaseException, message: object) -> None:
+        self.seen.append((error, message))
+
+
+async def test_a_thousand_events_sent_inside_async_with_are_handled_at_exit() -> None:
+    handled: list[int] = []
+    dp = Dispatcher()
+
+    @dp.events.register(Tick)
+    async def on_tick(event: Tick) -> None:
+        await asyncio.sleep(0)
+        handled.append(event.n)
+
+    async with dp:
+        for i in range(1000):
+            await dp.events.send(Tick(i))
+    assert sorted(handled) == list(range(1000))
+    stats = dp.statistics().events
+    assert (stats.handled, stats.failed, stats.queued, stats.in_flight) == (1000, 0, 0, 0)
+
+
+async def test_failing_and_cancelled_handlers_do_not_stop_the_next_message() -> None:
+    errors, done = Errors(), []
+    dp = Dispatcher(workers=1, on_error=errors)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        if cmd.n == 1:
+            raise Boom("job 1 failed")
+        if cmd.n == 2:
+            raise asyncio.CancelledError  # e.g. a cancelled inner task
+        done.append(cmd.n)
+
+    async with dp:
+        for i in range(4):
+            await dp.commands.send(Job(i))
+    assert done == [0, 3]
+    assert [(type(e), m) for e, m in errors.seen] == [(Boom, Job(1)), (asyncio.CancelledError, Job(2))]
+    assert errors.seen[0][0].__notes__[-1].startswith("while handling command Job in the background (job (")
+    stats = dp.statistics().commands
+    assert (stats.handled, stats.failed) == (2, 2)
+
+
+async def test_the_default_error_hook_logs_message_handler_and_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dp = Dispatcher()
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        raise Boom("disk full")
+
+    with caplog.at_level(logging.ERROR, logger="pybus"):
+        async with dp:
+            await dp.commands.send(Job(7))
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR
+    assert record.getMessage() == "pybus: handling Job(n=7, key='') failed: Boom: disk full"
+    assert record.exc_info is not None
+    error = record.exc_info[1]
+    assert isinstance(error, Boom)
+    assert error.__notes__[-1].startswith("while handling command Job in the background (job (")
+    assert record.pybus_message == Job(7)  # type: ignore[attr-defined]
+
+
+async def test_a_failing_error_hook_is_logged_and_the_worker_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    done: list[int] = []
+
+    def broken_hook(error: BaseException, message: object) -> None:
+        raise RuntimeError("hook is broken")
+
+    dp = Dispatcher(workers=1, on_error=broken_hook)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        if cmd.n == 0:
+            raise Boom("first")
+        done.append(cmd.n)
+
+    with caplog.at_level(logging.ERROR, logger="pybus"):
+        async with dp:
+            await dp.commands.send(Job(0))
+            await dp.commands.send(Job(1))
+    assert done == [1]
+    assert "the on_error hook failed" in caplog.records[0].getMessage()
+
+
+async def test_same_key_is_handled_in_send_order_with_four_workers() -> None:
+    seen: dict[str, list[int]] = {}
+    running: set[str] = set()
+    overlaps: list[str] = []
+    rng = random.Random(7)
+    dp = Dispatcher(workers=4)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        if cmd.key in running:
+            overlaps.append(cmd.key)
+        running.add(cmd.key)
+        await asyncio.sleep(rng.random() / 1000)
+        seen.setdefault(cmd.key, []).append(cmd.n)
+        running.discard(cmd.key)
+
+    async with dp:
+        for n in range(400):
+            key = f"order-{n % 5}"
+            await dp.commands.send(Job(n, key), key=key)
+    assert overlaps == []
+    for key, numbers in seen.items():
+        assert numbers == sorted(numbers), key
+    assert sum(len(v) for v in seen.values()) == 400
+
+
+async def test_different_keys_run_in_parallel() -> None:
+    both = asyncio.Event()
+    arrived: list[str] = []
+    dp = Dispatcher(workers=2)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        arrived.append(cmd.key)
+        if len(arrived) == 2:
+            both.set()
+        await asyncio.wait_for(both.wait(), 1)
+
+    async with dp:
+        await dp.commands.send(Job(1, "a"), key="a")
+        await dp.commands.send(Job(2, "b"), key="b")
+    assert sorted(arrived) == ["a", "b"]
+
+
+async def test_keys_are_released_when_idle() -> None:
+    dp = Dispatcher(workers=4)
+    dp.commands.bind(Job, lambda cmd: None)
+    async with dp:
+        await dp.commands.send(Job(-1))  # starts the workers
+        tasks_before = len(asyncio.all_tasks())
+        for n in range(10_000):
+            await dp.commands.send(Job(n), key=f"customer-{n}")
+        await dp.join()
+        stats = dp.statistics().commands
+        assert stats == EngineStatistics(queued=0, in_flight=0, handled=10_001, failed=0, active_keys=0)
+        assert len(asyncio.all_tasks()) == tasks_before  # no task per key
+
+
+async def test_stop_with_a_timeout_reports_what_was_not_handled(caplog: pytest.LogCaptureFixture) -> None:
+    release = asyncio.Event()
+    started: list[int] = []
+    dp = Dispatcher(workers=2)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        started.append(cmd.n)
+        await release.wait()
+
+    dp.start()
+    for n in range(10):
+        await dp.commands.send(Job(n))
+    await asyncio.sleep(0.01)
+    with caplog.at_level(logging.WARNING, logger="pybus"):
+        unhandled = await dp.stop(timeout=0.05)
+    assert unhandled == 10  # 2 cancelled in flight + 8 never started
+    assert len(started) == 2
+    assert caplog.records[-1].getMessage() == (
+        "pybus: stopped with 10 message(s) not handled after a drain timeout of 0.05 s"
+    )
+    assert await dp.stop() == 0
+
+
+async def test_stop_drains_what_was_queued_and_what_it_sends() -> None:
+    handled: list[str] = []
+    dp = Dispatcher(workers=1)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        await asyncio.sleep(0.001)
+        handled.append(f"job {cmd.n}")
+        if cmd.n < 3:
+            await dp.commands.send(Job(cmd.n + 10))  # accepted while draining: it is admitted work
+
+    dp.start()
+    for n in range(3):
+        await dp.commands.send(Job(n))
+    assert await dp.stop() == 0
+    assert sorted(handled) == ["job 0", "job 1", "job 10", "job 11", "job 12", "job 2"]
+    with pytest.raises(DispatcherClosed) as info:
+        await dp.commands.send(Job(99))
+    assert str(info.value) == (
+        "Cannot take command Job: the dispatcher is stopping or stopped and takes no new messages; "
+        "send before dp.stop(), or use a new Dispatcher"
+    )
+    with pytest.raises(DispatcherClosed):
+        await dp.execute(Job(1))
+    assert repr(dp) == "<Dispatcher stopped>"
+
+
+async def test_contextvars_are_copied_per_message() -> None:
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+    seen: list[tuple[str, str]] = []
+    dp = Dispatcher(workers=1)
+
+    @dp.events.register(Tick)
+    async def on_tick(event: Tick) -> None:
+        before = request_id.get()
+        request_id.set(f"set by handler {event.n}")  # must not leak into the next message
+        await asyncio.sleep(0)
+        seen.append((before, request_id.get()))
+
+    async with dp:
+        request_id.set("request-A")
+        await dp.events.send(Tick(1))
+        request_id.set("request-B")
+        await dp.events.send(Tick(2))
+        await dp.events.send(Tick(3))
+    assert seen == [
+        ("request-A", "set by handler 1"),
+        ("request-B", "set by handler 2"),
+        ("request-B", "set by handler 3"),
+    ]
+
+
+async def test_a_handler_sending_into_its_own_full_queue_completes() -> None:
+    handled: list[int] = []
+    dp = Dispatcher(workers=1, queue_size=1)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        handled.append(cmd.n)
+        if cmd.n == 0:
+            for n in range(1, 6):
+                await dp.commands.send(Job(n))  # the queue holds one: the rest go past it
+            await dp.execute(Job(100))  # inline, never queued
+
+    async with dp:
+        await asyncio.wait_for(dp.commands.send(Job(0)), 1)
+        await asyncio.wait_for(dp.join(), 2)
+    assert sorted(handled) == [0, 1, 2, 3, 4, 5, 100]
+
+
+async def test_send_waits_for_room_and_send_nowait_refuses() -> None:
+    release = asyncio.Event()
+    dp = Dispatcher(workers=1, queue_size=2)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        await release.wait()
+
+    async with dp:
+        await dp.commands.send(Job(0))
+        await asyncio.sleep(0)  # the worker takes job 0 and blocks
+        await dp.commands.send(Job(1))
+        await dp.commands.send(Job(2))
+        assert dp.statistics().commands.queued == 2
+        with pytest.raises(QueueFull) as info:
+            dp.commands.send_nowait(Job(3))
+        assert str(info.value) == (
+            "The command queue is full (2 messages waiting); await dp.commands.send() to wait for room, "
+            "or raise Dispatcher(queue_size=...)"
+        )
+        given_up = asyncio.create_task(dp.commands.send(Job(3)))
+        await asyncio.sleep(0.01)
+        given_up.cancel()  # a sender may stop waiting
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+        blocked = asyncio.create_task(dp.commands.send(Job(3)))
+        await asyncio.sleep(0.01)
+        assert not blocked.done()
+        release.set()
+        await asyncio.wait_for(blocked, 1)
+    assert dp.statistics().commands.handled == 4
+
+
+async def test_join_waits_for_follow_ups_and_sends_from_handlers() -> None:
+    log: list[str] = []
+    dp = Dispatcher()
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> Tick:
+        await dp.events.send(Tick(cmd.n * 10))
+        return Tick(cmd.n)
+
+    @dp.events.register(Tick)
+    async def on_tick(event: Tick) -> None:
+        await asyncio.sleep(0.01)
+        log.append(f"tick {event.n}")
+
+    async with dp:
+        await dp.send(Job(1))
+        await dp.join()
+        assert sorted(log) == ["tick 1", "tick 10"]
+
+
+async def test_dp_send_routes_by_kind() -> None:
+    log: list[str] = []
+    dp = Dispatcher()
+    dp.commands.bind(Job, lambda cmd: log.append("command"))
+    dp.queries.bind("stats", lambda: log.append("query"))
+    dp.events.bind(object, lambda event: log.append(f"event {type(event).__name__}"))
+    async with dp:
+        await dp.send(Job(1))
+        dp.send_nowait("stats")
+        await dp.send(Tick(1))  # not registered itself: an event, matched along the MRO
+        await dp.join()
+    assert sorted(log) == ["command", "event Tick", "query"]
+
+
+async def test_send_errors_reach_the_sender_at_once() -> None:
+    dp = Dispatcher()
+    dp.commands.bind(Job, lambda cmd: None)
+    with pytest.raises(DispatcherNotStarted):
+        await dp.commands.send(Job(1))
+    with pytest.raises(DispatcherNotStarted):
+        await dp.send(Job(1))
+    async with dp:
+        with pytest.raises(HandlerNotFound, match=r"^No handler registered for command Tick"):
+            await dp.commands.send(Tick(1))
+        with pytest.raises(HandlerNotFound, match=r"it is registered as a command: use dp.execute\(\)"):
+            await dp.events.send(Job(1))
+        with pytest.raises(HandlerNotFound):
+            dp.queries.send_nowait(Job(1))
+
+
+def test_start_outside_a_loop_starts_workers_lazily() -> None:
+    handled: list[int] = []
+    dp = Dispatcher()
+    dp.events.bind(Tick, lambda event: handled.append(event.n))
+    dp.start()  # no running loop here
+
+    async def main() -> None:
+        await dp.events.send(Tick(1))
+        await dp.stop()
+
+    asyncio.run(main())
+    assert handled == [1]
+    with pytest.raises(DispatcherClosed):
+        dp.events.send_nowait(Tick(2))  # no loop running, and closed
+
+
+async def test_handler_timeout_cancels_and_fails_with_timeout_error() -> None:
+    cancelled: list[str] = []
+    dp = Dispatcher()
+
+    @dp.queries.register(Job, timeout=0.01)
+    async def slow(query: Job) -> None:
+        try:
+            await asyncio.sleep(1)
+        except asyncio.CancelledError:
+            cancelled.append("slow")
+            raise
+
+    dp.start()
+    with pytest.raises(TimeoutError) as info:
+        await dp.query(Job(1))
+    assert cancelled == ["slow"]
+    assert info.value.__notes__[-1].startswith("slow (")
+    assert info.value.__notes__[-1].endswith("did not finish within its timeout of 0.01 s")
+    await dp.stop()
+
+
+async def test_default_timeout_and_per_call_timeout() -> None:
+    errors = Errors()
+    dp = Dispatcher(default_timeout=0.01, on_error=errors)
+
+    @dp.commands.register(Job)
+    async def slow(cmd: Job) -> None:
+        await asyncio.sleep(1)
+
+    @dp.queries.register("patient", timeout=5)
+    async def patient() -> str:
+        await asyncio.sleep(0.02)
+        return "done"
+
+    async with dp:
+        with pytest.raises(TimeoutError):
+            await dp.execute(Job(1))
+        assert await dp.query("patient") == "done"  # its own timeout wins over the default
+        with pytest.raises(TimeoutError) as info:
+            await dp.query("patient", timeout=0.001)
+        assert info.value.__notes__ == ["query 'patient' did not finish within 0.001 s"]
+        await dp.commands.send(Job(2))
+    assert [type(e) for e, _ in errors.seen] == [TimeoutError]
+
+
+async def test_publish_with_a_timeout() -> None:
+    dp = Dispatcher()
+
+    @dp.events.register(Tick)
+    async def slow(event: Tick) -> None:
+        await asyncio.sleep(1)
+
+    dp.start()
+    await dp.publish("nobody listens", timeout=0.01)
+    with pytest.raises(TimeoutError) as info:
+        await dp.publish(Tick(1), timeout=0.01)
+    assert info.value.__notes__ == ["event Tick did not finish within 0.01 s"]
+    await dp.stop()
+
+
+def test_settings_are_checked() -> None:
+    settings: list[dict[str, object]] = [
+        {"workers": 0},
+        {"queue_size": 0},
+        {"default_timeout": 0},
+        {"default_timeout": "1"},
+    ]
+    for kwargs in settings:
+        with pytest.raises(ImproperlyConfigured):
+            Dispatcher(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(HandlerSignatureError, match=r"timeout=-1 is not a number of seconds > 0"):
+        Dispatcher().commands.bind(Job, lambda cmd: None, timeout=-1)
+
+
+async def test_statistics_before_start_are_zero() -> None:
+    stats = Dispatcher().statistics()
+    assert stats.events == stats.commands == stats.queries == EngineStatistics(0, 0, 0, 0, 0)
+
+
+def test_serve_stops_gracefully_on_sigterm(tmp_path: object) -> None:
+    script = textwrap.dedent(
+        """
+        import asyncio, os, signal, sys
+        from pybus import Dispatcher
+
+        handled = []
+        dp = Dispatcher(workers=2)
+
+        @dp.events.register("work")
+        async def work() -> None:
+            await asyncio.sleep(0.01)
+            handled.append(1)
+
+        async def main() -> None:
+            async def produce() -> None:
+                for _ in range(50):
+                    await dp.events.send("work")
+                print("queued", flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+            loop_task = asyncio.ensure_future(produce())
+            unhandled = await dp.serve(drain_timeout=10)
+            await loop_task
+            print(f"handled {len(handled)} unhandled {unhandled}", flush=True)
+
+        asyncio.run(main())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["queued", "handled 50 unhandled 0"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # this process was never touched
+
+
+async def test_a_sender_waiting_for_room_is_told_when_the_dispatcher_stops() -> None:
+    dp = Dispatcher(workers=1, queue_size=1)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        await asyncio.sleep(10)
+
+    dp.start()
+    await dp.commands.send(Job(0))
+    await asyncio.sleep(0)  # job 0 in flight
+    await dp.commands.send(Job(1))  # queued: the queue is full now
+    blocked = asyncio.create_task(dp.commands.send(Job(2)))
+    await asyncio.sleep(0)
+    assert await dp.stop(timeout=0.01) == 2
+    with pytest.raises(DispatcherClosed):
+        await blocked
+    with pytest.raises(DispatcherClosed):
+        dp.commands.send_nowait(Job(3))
+
+
+async def test_a_handler_that_swallows_cancellation_does_not_keep_its_worker_alive() -> None:
+    swallowed: list[int] = []
+    dp = Dispatcher(workers=1)
+
+    @dp.commands.register(Job)
+    async def stubborn(cmd: Job) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            swallowed.append(cmd.n)  # and returns as if nothing happened
+
+    dp.start()
+    await dp.commands.send(Job(0))
+    await dp.commands.send(Job(1))
+    await asyncio.sleep(0)
+    assert await asyncio.wait_for(dp.stop(timeout=0.01), 2) == 2
+    assert swallowed == [0]
+
+
+async def test_background_event_failures_name_the_handlers() -> None:
+    errors = Errors()
+    dp = Dispatcher(on_error=errors)
+
+    @dp.events.register(Tick)
+    async def first(event: Tick) -> None:
+        raise Boom("first failed")
+
+    @dp.events.register(Tick)
+    async def second(event: Tick) -> None:
+        return None
+
+    async with dp:
+        await dp.events.send(Tick(1))
+    ((error, message),) = errors.seen
+    assert isinstance(error, ExceptionGroup)
+    assert message == Tick(1)
+    note = error.__notes__[-1]
+    assert note.startswith("while handling event Tick in the background (first (")
+    assert "), second (" in note
+
+
+async def test_timeout_on_a_collecting_class_handler() -> None:
+    class Collecting:
+        def __init__(self) -> None:
+            self.events: list[object] = []
+
+        def dump_events(self) -> list[object]:
+            return self.events
+
+        async def handle(self, cmd: Job) -> None:
+            self.events.append("collected")
+            await asyncio.sleep(cmd.n)
+
+    seen: list[object] = []
+    dp = Dispatcher()
+    dp.commands.bind(Job, Collecting, timeout=0.05)
+    dp.events.bind("collected", seen.append)
+    async with dp:
+        await dp.execute(Job(0))
+        assert seen == ["collected"]
+        with pytest.raises(TimeoutError):
+            await dp.execute(Job(1))
+    assert seen == ["collected"]
+
+
+async def test_serve_in_process_restores_signal_handlers() -> None:
+    handled: list[int] = []
+    dp = Dispatcher()
+    dp.events.bind(Tick, lambda event: handled.append(event.n))
+    before = signal.getsignal(signal.SIGTERM)
+
+    async def produce_then_terminate() -> None:
+        await asyncio.sleep(0.01)
+        for n in range(3):
+            await dp.events.send(Tick(n))
+        signal.raise_signal(signal.SIGTERM)  # caught by serve(), not by the process
+
+    producer = asyncio.create_task(produce_then_terminate())
+    assert await asyncio.wait_for(dp.serve(), 5) == 0
+    await producer
+    assert handled == [0, 1, 2]
+    assert signal.getsignal(signal.SIGTERM) == before
