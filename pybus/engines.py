@@ -18,18 +18,13 @@ from inspect import isawaitable
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
-from pybus.errors import CascadeDepthExceeded, HandlerNotFound, Kind, key_name
+from pybus.errors import CascadeDepthExceeded, HandlerNotFound, Kind, key_name, message_key
 from pybus.handlers import CallPlan
 
 if TYPE_CHECKING:
     from pybus.workers import WorkerPool
 
 _NO_PLANS: tuple[CallPlan, ...] = ()
-
-
-def message_key(message: object) -> object:
-    """The key a message is routed by: the string itself, or its class."""
-    return message if isinstance(message, str) else type(message)
 
 
 class EventEngine:

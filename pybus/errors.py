@@ -48,6 +48,11 @@ def key_name(key: object) -> str:
     return repr(key)
 
 
+def message_key(message: object) -> object:
+    """The key a message is routed by: the string itself, or its class."""
+    return message if isinstance(message, str) else type(message)
+
+
 def with_article(kind: Kind) -> str:
     """'an event', 'a command', 'a query'."""
     return f"an {kind}" if kind == "event" else f"a {kind}"
@@ -118,9 +123,8 @@ class DispatcherNotStarted(PyBusError):
     def __init__(self, kind: Kind, message: object) -> None:
         self.kind = kind
         self.message = message
-        key = message if isinstance(message, str) else type(message)
         super().__init__(
-            f"Cannot handle {kind} {key_name(key)}: the dispatcher is not started; "
+            f"Cannot handle {kind} {key_name(message_key(message))}: the dispatcher is not started; "
             "call dp.start() (or enter `async with dp:`) once every handler is registered"
         )
 
@@ -180,8 +184,7 @@ class DispatcherClosed(PyBusError):
     def __init__(self, kind: Kind, message: object) -> None:
         self.kind = kind
         self.message = message
-        key = message if isinstance(message, str) else type(message)
         super().__init__(
-            f"Cannot take {kind} {key_name(key)}: the dispatcher is stopping or stopped and "
+            f"Cannot take {kind} {key_name(message_key(message))}: the dispatcher is stopping or stopped and "
             "takes no new messages; send before dp.stop(), or use a new Dispatcher"
         )

@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from pybus.errors import DispatcherClosed, Kind, QueueFull, key_name
+from pybus.errors import DispatcherClosed, Kind, QueueFull, key_name, message_key
 
 logger = logging.getLogger("pybus")
 
@@ -101,15 +101,13 @@ class Supervisor:
 
     def report(self, error: BaseException, message: object, kind: Kind, handlers: str) -> None:
         """Hand a background failure to the error hook; a failing hook is logged, never raised."""
-        error.add_note(f"while handling {kind} {key_name(_key(message))} in the background ({handlers})")
+        error.add_note(
+            f"while handling {kind} {key_name(message_key(message))} in the background ({handlers})"
+        )
         try:
             self.on_error(error, message)
         except Exception:
             logger.exception("pybus: the on_error hook failed while reporting %r", error)
-
-
-def _key(message: object) -> object:
-    return message if isinstance(message, str) else type(message)
 
 
 class WorkerPool:
