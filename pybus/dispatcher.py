@@ -7,13 +7,14 @@ import contextlib
 import functools
 import logging
 import signal
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any, NoReturn, Self, TypeVar, overload
 
 from pybus.engines import EventEngine, RequestEngine
-from pybus.errors import DispatcherClosed, DispatcherNotStarted, ImproperlyConfigured, Kind
-from pybus.handlers import Handler
+from pybus.errors import DispatcherClosed, DispatcherNotStarted, ImproperlyConfigured, Kind, key_name
+from pybus.handlers import Handler, compile_handler, inspect_handler
 from pybus.messages import Command, Query
+from pybus.observer import Observer
 from pybus.providers import Provider, Resolver
 from pybus.routers import EventRouter, RequestRouter
 from pybus.workers import EngineStatistics, ErrorHook, Statistics, Supervisor, WorkerPool
@@ -273,6 +274,66 @@ class Dispatcher:
                 await dp.execute(CreateUser("ada"))
         """
         return self.resolver.override(provider, replacement)
+
+    def attach_observer(self, observer: Observer) -> None:
+        """Report every handling to `observer` (see `pybus.observer`); one at a time.
+
+        Raises `DispatcherNotStarted` before `start()`.
+        """
+        for engine in self._engines("attach an observer"):
+            engine.observe(observer)
+            engine.workers.observer = observer
+
+    def detach_observer(self) -> None:
+        """Stop reporting; the engines take their fast paths again."""
+        for engine in self._engines("detach an observer"):
+            engine.observe(None)
+            engine.workers.observer = None
+
+    @contextlib.contextmanager
+    def override_handler(
+        self, key: object, handler: object, /, argname: str | None = None, **bound: Any
+    ) -> Iterator[Handler]:
+        """Replace the handler(s) of `key` inside a `with` block, after `start()`; for tests.
+
+        `handler` is checked as at registration and gets the kind `key` is
+        registered under (for an event, it replaces every handler registered for
+        exactly `key`). The original handlers are back when the block ends::
+
+            with dp.override_handler(ChargeCard, fake_charge):
+                await dp.execute(PlaceOrder(...))
+        """
+        kind = self.registered_kind(key)
+        if kind is None:
+            raise ImproperlyConfigured(
+                f"Cannot override the handler of {key_name(key)}: nothing is registered for it; "
+                "override_handler replaces a registered handler, so register one first"
+            )
+        events, commands, queries = self._engines("override a handler")
+        registration = inspect_handler(
+            kind, key, handler, argname, bound, check_init=self.handler_factory is None
+        )
+        self.resolver.adopt(bound)
+        plan = compile_handler(registration, self.resolver, self.handler_factory, self.default_timeout)
+        if kind == "event":
+            previous_events = events.replace(key, (plan,))
+            try:
+                yield registration
+            finally:
+                events.replace(key, previous_events)
+            return
+        engine = commands if kind == "command" else queries
+        previous = engine.replace(key, plan)
+        try:
+            yield registration
+        finally:
+            engine.replace(key, previous)
+
+    def _engines(self, action: str) -> tuple[EventEngine, RequestEngine, RequestEngine]:
+        events, commands, queries = self.events.engine, self.commands.engine, self.queries.engine
+        if events is None or commands is None or queries is None:
+            raise ImproperlyConfigured(f"Cannot {action} before dp.start(): start the dispatcher first")
+        return events, commands, queries
 
     def _bind_engines(self, events: EventEngine, commands: RequestEngine, queries: RequestEngine) -> None:
         for engine in (events, commands, queries):

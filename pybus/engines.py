@@ -22,6 +22,7 @@ from pybus.errors import CascadeDepthExceeded, HandlerNotFound, Kind, key_name, 
 from pybus.handlers import CallPlan
 
 if TYPE_CHECKING:
+    from pybus.observer import Observer
     from pybus.workers import WorkerPool
 
 _NO_PLANS: tuple[CallPlan, ...] = ()
@@ -53,19 +54,39 @@ class EventEngine:
         # Resolved along the MRO once; classes first seen later are added by _resolve.
         self._plans: dict[object, tuple[CallPlan, ...]] = {}
         # Keys whose handlers are all plain async callables, run by publish's fast loop.
-        self._fast: dict[object, tuple[Callable[[Any], Any], ...]] = {}
+        # `_fast` is what publish reads: the same table, or empty while observed.
+        self._fast_all: dict[object, tuple[Callable[[Any], Any], ...]] = {}
+        self._fast = self._fast_all
+        self.observer: Observer | None = None
         #: Per class: does publishing an instance do anything? Filled on first sight.
         self.wanted: dict[type, bool] = {}
-        for key in plans:
+        self._resolve_registered()
+
+    def _resolve_registered(self) -> None:
+        for key, plans in self._exact.items():
             if isinstance(key, type):
                 self._resolve_class(key)
             else:
-                self._remember(key, plans[key])
+                self._remember(key, plans)
+
+    def replace(self, key: object, plans: tuple[CallPlan, ...]) -> tuple[CallPlan, ...]:
+        """Run `plans` for events of exactly `key` from now on; return what ran before.
+
+        For `dp.override_handler`; an empty tuple removes the key.
+        """
+        previous = self._exact.pop(key, ())
+        if plans:
+            self._exact[key] = plans
+        self._plans.clear()
+        self._fast_all.clear()
+        self.wanted.clear()
+        self._resolve_registered()
+        return previous
 
     def _remember(self, key: object, plans: tuple[CallPlan, ...]) -> tuple[CallPlan, ...]:
         self._plans[key] = plans
         if plans and not self._concurrent and all(p.is_async and p.collect is None for p in plans):
-            self._fast[key] = tuple(p.invoke for p in plans)
+            self._fast_all[key] = tuple(p.invoke for p in plans)
         return plans
 
     def _resolve_class(self, cls: type) -> tuple[CallPlan, ...]:
@@ -85,6 +106,11 @@ class EventEngine:
 
     #: The background queue and workers, attached by the dispatcher at start().
     workers: WorkerPool
+
+    def observe(self, observer: Observer | None) -> None:
+        """Report to `observer` from now on (None: stop), taking the general paths meanwhile."""
+        self.observer = observer
+        self._fast = self._fast_all if observer is None else {}
 
     def describe(self, event: object) -> str:
         """The handlers `publish(event)` runs, for error reports."""
@@ -140,8 +166,21 @@ class EventEngine:
             raise _publish_failed(event, failures)
 
     async def _publish(self, event: object) -> None:
+        observer = self.observer
+        if observer is None:
+            await self._publish_observed(event, None)
+            return
+        observer.started("event", event)
+        try:
+            await self._publish_observed(event, observer)
+        finally:
+            observer.finished("event", event)
+
+    async def _publish_observed(self, event: object, observer: Observer | None) -> None:
         plans = self.handlers_for(event)
         if not plans:
+            if observer is not None:
+                observer.no_handler(event)
             self._check_foreign(event)
             return
         followups: list[Any] = []
@@ -154,6 +193,8 @@ class EventEngine:
 
     def wants(self, event: object) -> bool:
         """False when publishing `event` would certainly do nothing (no handler, no error)."""
+        if self.observer is not None:
+            return True  # an observer hears of events nobody handles
         wanted = self.wanted.get(event.__class__)
         if wanted is None:
             wanted = bool(self.handlers_for(event)) or message_key(event) in self._foreign
@@ -183,6 +224,8 @@ class EventEngine:
                     error = HandlerNotFound("event", message_key(event), registered_as=kind)
                     error.add_note("it was returned or collected by a handler as a follow-up event")
                     failures.append(error)
+                elif self.observer is not None:
+                    self.observer.no_handler(event)
             events = produced
             depth += 1
 
@@ -201,6 +244,7 @@ class EventEngine:
         if self._concurrent and len(plans) > 1:
             await self._fan_out_concurrently(event, plans, followups, failures)
             return
+        observer = self.observer
         for plan in plans:
             try:
                 if plan.collect is None:
@@ -211,7 +255,11 @@ class EventEngine:
                     result = await plan.collect(event, followups)
             except Exception as exc:
                 failures.append(_annotate(exc, plan, event))
+                if observer is not None:
+                    observer.failed("event", event, plan.handler, exc)
             else:
+                if observer is not None:
+                    observer.handled("event", event, plan.handler, result)
                 if result is not None:
                     followups.append(result)
 
@@ -227,12 +275,18 @@ class EventEngine:
         outputs: list[list[Any]] = [[] for _ in plans]
         errors: list[Exception | None] = [None] * len(plans)
 
+        observer = self.observer
+
         async def run(index: int, plan: CallPlan) -> None:
             try:
                 result = await call_plan(plan, event, outputs[index])
             except Exception as exc:
                 errors[index] = _annotate(exc, plan, event)
+                if observer is not None:
+                    observer.failed("event", event, plan.handler, exc)
             else:
+                if observer is not None:
+                    observer.handled("event", event, plan.handler, result)
                 if result is not None:
                     outputs[index].append(result)
 
@@ -263,11 +317,32 @@ class RequestEngine:
     ) -> None:
         self.kind: Kind = kind
         self._plans = dict(plans)
-        # Plain async handlers, called by handle's fast path without looking at the plan.
-        self._fast = {key: p.invoke for key, p in plans.items() if p.is_async and p.collect is None}
+        # Plain async handlers, called by handle's fast path without looking at the plan;
+        # `_fast` is empty while an observer is attached.
+        self._fast_all = {key: p.invoke for key, p in plans.items() if p.is_async and p.collect is None}
+        self._fast = self._fast_all
+        self.observer: Observer | None = None
         self._events = events
         self._wanted = events.wanted
         self._foreign = foreign
+
+    def observe(self, observer: Observer | None) -> None:
+        """Report to `observer` from now on (None: stop), taking the general path meanwhile."""
+        self.observer = observer
+        self._fast = self._fast_all if observer is None else {}
+
+    def replace(self, key: object, plan: CallPlan | None) -> CallPlan | None:
+        """Run `plan` for `key` from now on (None: no handler); return what ran before.
+
+        For `dp.override_handler`.
+        """
+        previous = self._plans.pop(key, None)
+        self._fast_all.pop(key, None)
+        if plan is not None:
+            self._plans[key] = plan
+            if plan.is_async and plan.collect is None:
+                self._fast_all[key] = plan.invoke
+        return previous
 
     def handles(self, message: object) -> bool:
         """True when a handler is registered for `message`'s key."""
@@ -315,8 +390,25 @@ class RequestEngine:
 
     async def _handle(self, message: object) -> Any:
         plan = self.plan_for(message)
+        observer = self.observer
+        if observer is None:
+            return await self._run(plan, message, None)
+        observer.started(self.kind, message)
+        try:
+            return await self._run(plan, message, observer)
+        finally:
+            observer.finished(self.kind, message)
+
+    async def _run(self, plan: CallPlan, message: object, observer: Observer | None) -> Any:
         followups: list[Any] = []
-        result = await call_plan(plan, message, followups)
+        try:
+            result = await call_plan(plan, message, followups)
+        except Exception as exc:
+            if observer is not None:
+                observer.failed(self.kind, message, plan.handler, exc)
+            raise
+        if observer is not None:
+            observer.handled(self.kind, message, plan.handler, result)
         if result is not None and self._events.wants(result):
             followups.append(result)
         if followups:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pybus.errors import DispatcherClosed, Kind, QueueFull, key_name, message_key
+from pybus.observer import Observer
 
 logger = logging.getLogger("pybus")
 
@@ -143,6 +144,7 @@ class WorkerPool:
         self._waiting_senders: deque[asyncio.Future[None]] = deque()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.observer: Observer | None = None
         self.in_flight = 0
         self.handled = 0
         self.failed = 0
@@ -200,6 +202,8 @@ class WorkerPool:
         item = (message, contextvars.copy_context(), key)
         self._queued += 1
         self._supervisor.unfinished += 1
+        if self.observer is not None:
+            self.observer.queued(self.kind, message)
         if key is None:
             self._ready.append(item)
         else:
@@ -265,6 +269,8 @@ class WorkerPool:
                 self.in_flight -= 1
                 if key is not None:
                     self._release(key)
+                if self.observer is not None:
+                    context.run(self.observer.dequeued, self.kind, message)
                 supervisor.finished()
 
     def _release(self, key: object) -> None:

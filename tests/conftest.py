@@ -7,6 +7,10 @@ import logging
 
 import pytest
 
+# Registered by entry point for users; loaded here so that coverage sees its import
+# (pyproject's addopts block the entry point: `-p no:pybus`).
+pytest_plugins = ["pybus.pytest_plugin"]
+
 
 class _AsyncioErrors(logging.Handler):
     def __init__(self) -> None:

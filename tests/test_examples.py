@@ -69,3 +69,10 @@ async def test_di_container_gives_a_new_handler_per_message_and_one_mailer() -> 
     first, second = built
     assert first is not second
     assert first.mailer is second.mailer  # type: ignore[attr-defined]
+
+
+def test_orders_example_runs() -> None:
+    assert run_example("orders.py").splitlines() == [
+        "placed order 1; the stock is reserved in the background",
+        "mails sent: ['order 1 confirmed']",
+    ]
