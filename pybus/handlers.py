@@ -419,11 +419,19 @@ def _singleton_invoke(
     if len(singletons) == 1 and not plain and positional:
         ((name, identity),) = singletons.items()
 
+        # The call bound to the Singleton's current value, rebuilt when the value
+        # changes (first resolution, an override, a stop): a C-level partial call.
+        current: Any = _MISSING
+        bound_call: Callable[[Any], Any] = func
+
         def invoke_only(message: Any) -> Any:
+            nonlocal current, bound_call
             value = values.get(identity, _MISSING)
             if value is _MISSING:
                 return resolve_first(message)
-            return func(message, **{name: value})
+            if value is not current:
+                current, bound_call = value, functools.partial(func, **{name: value})
+            return bound_call(message)
 
         return invoke_only
 
