@@ -253,9 +253,7 @@ class Dispatcher:
     def _pools(self) -> list[WorkerPool]:
         if not self._started:
             return []
-        return [
-            router.engine.workers for router in (self.events, self.commands, self.queries) if router.engine
-        ]
+        return [engine.workers for engine in self._engines("count the workers")]
 
     async def __aenter__(self) -> Self:
         self.start()
