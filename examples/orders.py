@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from pybus import Command, Dispatcher, Event
+from pybus import Command, Dispatcher, Event, Query
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,11 @@ class StockReserved(Event):
     order_id: int
 
 
+@dataclass(frozen=True)
+class CountOrders(Query[int]):
+    customer: str
+
+
 class Mailer:
     def __init__(self) -> None:
         self.sent: list[str] = []
@@ -52,10 +57,12 @@ def build(mailer: Mailer) -> Dispatcher:
 
     @dp.commands.register(PlaceOrder)
     async def place_order(cmd: PlaceOrder) -> OrderPlaced:
+        if not cmd.sku:
+            raise ValueError("an order needs a sku")
         orders.append(cmd.customer)
         return OrderPlaced(order_id=len(orders), sku=cmd.sku)
 
-    @dp.events.register(OrderPlaced)
+    @dp.events.register(OrderPlaced, emits=[ReserveStock])
     async def reserve_later(event: OrderPlaced) -> None:
         await dp.commands.send(ReserveStock(event.order_id, event.sku), key=event.sku)
 
@@ -64,11 +71,20 @@ def build(mailer: Mailer) -> Dispatcher:
         await asyncio.sleep(0.05)  # the warehouse is slow
         return StockReserved(cmd.order_id)
 
+    @dp.queries.register(CountOrders)
+    async def count_orders(query: CountOrders) -> int:
+        return orders.count(query.customer)
+
     @dp.events.register(StockReserved, mailer=mailer)
     async def confirm(event: StockReserved, mailer: Mailer) -> None:
         await mailer.send(f"order {event.order_id} confirmed")
 
     return dp
+
+
+def create_app() -> Dispatcher:
+    """For the command line: `pybus routes examples.orders:create_app`."""
+    return build(Mailer())
 
 
 async def main() -> None:

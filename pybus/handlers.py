@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -73,6 +73,7 @@ class Handler:
     is_async: bool
     collects_events: bool
     timeout: float | None = None
+    emits: tuple[object, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.name} ({self.location})"
@@ -150,6 +151,7 @@ def inspect_handler(
     *,
     check_init: bool = True,
     timeout: float | None = None,
+    emits: Iterable[object] = (),
 ) -> Handler:
     """Check that `target` can handle `key` as registered, and describe how to call it.
 
@@ -197,7 +199,19 @@ def inspect_handler(
         is_async=inspect.iscoroutinefunction(func),
         collects_events=collects,
         timeout=_check_timeout(kind, key, name, timeout),
+        emits=_check_emits(kind, key, name, emits),
     )
+
+
+def _check_emits(kind: Kind, key: object, name: str, emits: Iterable[object]) -> tuple[object, ...]:
+    declared = tuple(emits)
+    for message_type in declared:
+        if not isinstance(message_type, type | str):
+            raise HandlerSignatureError(
+                kind, key, name,
+                f"emits= lists message classes or strings, not {message_type!r}",
+            )  # fmt: skip
+    return declared
 
 
 def _check_timeout(kind: Kind, key: object, name: str, timeout: object) -> float | None:

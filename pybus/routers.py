@@ -9,7 +9,7 @@ overriding `bind` is enough.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -41,7 +41,14 @@ class _Router:
         self._frozen = False
 
     def register(
-        self, key: object, /, argname: str | None = None, *, timeout: float | None = None, **initkwargs: Any
+        self,
+        key: object,
+        /,
+        argname: str | None = None,
+        *,
+        timeout: float | None = None,
+        emits: Iterable[object] = (),
+        **initkwargs: Any,
     ) -> Callable[[H], H]:
         """Decorator form of `bind`; returns the handler unchanged.
 
@@ -52,7 +59,7 @@ class _Router:
         """
 
         def decorator(handler: H) -> H:
-            self.bind(key, handler, argname=argname, timeout=timeout, **initkwargs)
+            self.bind(key, handler, argname=argname, timeout=timeout, emits=emits, **initkwargs)
             return handler
 
         return decorator
@@ -65,6 +72,7 @@ class _Router:
         argname: str | None = None,
         *,
         timeout: float | None = None,
+        emits: Iterable[object] = (),
         **initkwargs: Any,
     ) -> Handler:
         """Register `handler` for messages whose key is `key` and return the inspected registration.
@@ -72,7 +80,9 @@ class _Router:
         `key` is a class (its instances are the messages) or a string (the
         message is that string). `argname` names the parameter that receives the
         message when it is not the first. `timeout` (seconds) cancels a handling
-        that runs longer (default: the dispatcher's `default_timeout`). The other
+        that runs longer (default: the dispatcher's `default_timeout`). `emits`
+        declares the message types the handler returns, collects or sends, for
+        `pybus graph` (return annotations are read too). The other
         keyword arguments are bound values: passed to `__init__` for a class
         handler, to each call otherwise.
 
@@ -99,6 +109,7 @@ class _Router:
             initkwargs,
             check_init=self.dispatcher.handler_factory is None,
             timeout=timeout,
+            emits=emits,
         )
         self.dispatcher.resolver.adopt(initkwargs)
         self._add(registration)

@@ -1,0 +1,254 @@
+"""The `pybus` command line (also `python -m pybus`).
+
+Each command takes `module:attribute`, naming a Dispatcher or a callable that
+returns one::
+
+    pybus routes app.bus:dp [--json]
+    pybus graph app.bus:create_dispatcher --format mermaid|dot
+    pybus exec app.bus:dp PlaceOrder '{"customer": "ada", "sku": "book-1"}'
+
+Exit codes: 0 success, 1 the handler failed, 2 the command line was wrong
+(a bad import path, an unknown message name, JSON that does not fit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from pybus.dispatcher import Dispatcher
+from pybus.errors import Kind, key_name
+from pybus.routes import Route, message_flow, registrations, routes
+
+
+class UsageError(Exception):
+    """A mistake on the command line: reported on stderr, exit code 2."""
+
+
+def load_dispatcher(path: str) -> Dispatcher:
+    """Import `module:attribute` and return the Dispatcher it names (calling a factory)."""
+    module_name, sep, attribute = path.partition(":")
+    if not sep or not module_name or not attribute:
+        raise UsageError(f"{path!r} is not an import path; write module:attribute, as in app.bus:dp")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: the app is usually beside us
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise UsageError(
+            f"Cannot import {module_name!r} ({exc}); check the module path and sys.path"
+        ) from exc
+    target: Any = module
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise UsageError(f"{module_name!r} has no attribute {attribute!r}") from None
+    if callable(target) and not isinstance(target, Dispatcher):
+        target = target()
+    if not isinstance(target, Dispatcher):
+        raise UsageError(
+            f"{path} is a {type(target).__name__}, not a pybus Dispatcher (or a callable returning one)"
+        )
+    return target
+
+
+# -- routes ---------------------------------------------------------------------
+
+
+def format_routes(found: list[Route]) -> str:
+    """The routes as an aligned text table (locations relative to the working directory)."""
+    header = ("KIND", "KEY", "HANDLER", "LOCATION", "INJECTED", "TIMEOUT", "EMITS")
+    rows = [header]
+    for route in found:
+        emits = ", ".join(route.emits) or "-"
+        rows.append(
+            (
+                route.kind,
+                route.key,
+                route.handler,
+                _relative(route.location),
+                ", ".join(f"{name}={value}" for name, value in route.injected.items()) or "-",
+                "-" if route.timeout is None else f"{route.timeout:g} s",
+                emits if route.output_known else f"{emits} ?",
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    lines.append(
+        "?: output not fully known (no return annotation, or collected events not declared with emits=)"
+    )
+    return "\n".join(lines)
+
+
+def _relative(location: str) -> str:
+    path, _, line = location.rpartition(":")
+    if path and os.path.isabs(path) and path.startswith(os.getcwd() + os.sep):
+        return f"{os.path.relpath(path)}:{line}"
+    return location
+
+
+def _routes(args: argparse.Namespace) -> int:
+    found = routes(load_dispatcher(args.app))
+    if args.json:
+        print(json.dumps([dataclasses.asdict(route) for route in found], indent=2))
+    else:
+        print(format_routes(found))
+    return 0
+
+
+def _graph(args: argparse.Namespace) -> int:
+    flow = message_flow(load_dispatcher(args.app))
+    print(flow.to_mermaid() if args.format == "mermaid" else flow.to_dot())
+    return 0
+
+
+# -- exec -----------------------------------------------------------------------
+
+
+def find_message(dp: Dispatcher, name: str) -> tuple[Kind, object]:
+    """The registered key called `name` (class name, qualified name, module.qualname, or string key)."""
+    matches: dict[object, Kind] = {}
+    for handler in registrations(dp):
+        key = handler.key
+        names = {key} if isinstance(key, str) else _class_names(key)  # type: ignore[arg-type]
+        if name in names:
+            matches[key] = handler.kind
+    if not matches:
+        known = sorted({key_name(h.key) for h in registrations(dp)})
+        raise UsageError(f"No message named {name!r} is registered; known: {', '.join(known) or 'none'}")
+    if len(matches) > 1:
+        spelled = ", ".join(f"{k.__module__}.{k.__qualname__}" for k in matches if isinstance(k, type))
+        raise UsageError(f"{name!r} names several messages ({spelled}); use the module.QualifiedName form")
+    ((key, kind),) = matches.items()
+    return kind, key
+
+
+def _class_names(cls: type) -> set[str]:
+    return {
+        cls.__name__,
+        cls.__qualname__,
+        f"{cls.__module__}.{cls.__qualname__}",
+        f"{cls.__module__}:{cls.__qualname__}",
+    }
+
+
+def build_message(key: object, arguments: object) -> object:
+    """The message for `key` from decoded JSON (pydantic, msgspec, dataclass, any class taking keywords)."""
+    if isinstance(key, str):
+        if arguments not in (None, {}):
+            raise UsageError(f"{key!r} is a string message: it takes no arguments")
+        return key
+    assert isinstance(key, type)  # keys are classes or strings
+    if arguments is None:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        raise UsageError(f"The arguments of {key.__qualname__} must be a JSON object, not {arguments!r}")
+    try:
+        if hasattr(key, "model_validate"):  # pydantic v2
+            return key.model_validate(arguments)
+        if hasattr(key, "__struct_fields__"):  # msgspec
+            import msgspec
+
+            return msgspec.convert(arguments, key)
+        return key(**arguments)
+    except Exception as exc:
+        raise UsageError(f"Cannot build {key.__qualname__} from {json.dumps(arguments)}: {exc}") from exc
+
+
+def to_json(value: object) -> str:
+    """`value` as JSON: dataclasses, pydantic models and msgspec structs included; else its repr."""
+
+    def encode(item: Any) -> Any:
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            return dataclasses.asdict(item)
+        if hasattr(item, "model_dump"):
+            return item.model_dump(mode="json")
+        if hasattr(item, "__struct_fields__"):
+            import msgspec
+
+            return msgspec.to_builtins(item)
+        if isinstance(item, set | frozenset | tuple):
+            return list(item)
+        return repr(item)
+
+    return json.dumps(value, default=encode)
+
+
+async def _run(dp: Dispatcher, kind: Kind, message: object) -> object:
+    async with dp:
+        if kind == "command":
+            return await dp.execute(message)
+        if kind == "query":
+            return await dp.query(message)
+        await dp.publish(message)
+        return None
+
+
+def _exec(args: argparse.Namespace) -> int:
+    dp = load_dispatcher(args.app)
+    kind, key = find_message(dp, args.message)
+    try:
+        arguments = json.loads(args.arguments) if args.arguments is not None else None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"The arguments are not valid JSON ({exc}): {args.arguments}") from exc
+    message = build_message(key, arguments)
+    try:
+        result = asyncio.run(_run(dp, kind, message))
+    except Exception as exc:
+        print(f"pybus: {kind} {key_name(key)} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", []):
+            print(f"  {note}", file=sys.stderr)
+        return 1
+    print(to_json(result))
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="pybus", description="Inspect and drive a pybus Dispatcher.")
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    app_help = "module:attribute of a Dispatcher, or of a callable returning one"
+
+    listing = commands.add_parser("routes", help="list every registration")
+    listing.add_argument("app", help=app_help)
+    listing.add_argument("--json", action="store_true", help="print JSON for machines")
+    listing.set_defaults(run=_routes)
+
+    graph = commands.add_parser("graph", help="draw the message flow")
+    graph.add_argument("app", help=app_help)
+    graph.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")
+    graph.set_defaults(run=_graph)
+
+    run = commands.add_parser("exec", help="build a message from JSON and execute, query or publish it")
+    run.add_argument("app", help=app_help)
+    run.add_argument("message", help="message class name (or module.QualifiedName, or a string key)")
+    run.add_argument("arguments", nargs="?", help="the message's fields as a JSON object")
+    run.set_defaults(run=_exec)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except UsageError as exc:
+        _fail(str(exc))
+    return code
+
+
+def _fail(text: str) -> NoReturn:
+    print(f"pybus: error: {text}", file=sys.stderr)
+    raise SystemExit(2)
