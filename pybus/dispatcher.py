@@ -207,6 +207,7 @@ class Dispatcher:
             unhandled = sum(pool.statistics().queued + pool.in_flight for pool in pools)
             for pool in pools:
                 await pool.cancel()
+            supervisor.forget_unfinished()  # what was cancelled is counted in `unhandled`
             if unhandled:
                 logger.warning(
                     "pybus: stopped with %d message(s) not handled after a drain timeout of %s s",

@@ -93,6 +93,12 @@ class Supervisor:
         if self.unfinished == 0 and self._idle is not None:
             self._idle.set()
 
+    def forget_unfinished(self) -> None:
+        """After the pools were cancelled: nothing is left to wait for."""
+        self.unfinished = 0
+        if self._idle is not None:
+            self._idle.set()
+
     async def join(self) -> None:
         """Return once every sent message, and everything it sent in turn, is done."""
         while self.unfinished:

@@ -216,6 +216,7 @@ async def test_stop_with_a_timeout_reports_what_was_not_handled(caplog: pytest.L
         "pybus: stopped with 10 message(s) not handled after a drain timeout of 0.05 s"
     )
     assert await dp.stop() == 0
+    await asyncio.wait_for(dp.join(), 1)  # nothing left to wait for
 
 
 async def test_stop_drains_what_was_queued_and_what_it_sends() -> None:
