@@ -134,19 +134,19 @@ class Dispatcher:
     # -- registration --------------------------------------------------------
 
     def register_event_handler(
-        self, key: object, handler: object, /, argname: str | None = None, **initkwargs: Any
+        self, key: object, /, handler: object, argname: str | None = None, **initkwargs: Any
     ) -> Handler:
         """Same as `dp.events.bind(...)`."""
         return self.events.bind(key, handler, argname=argname, **initkwargs)
 
     def register_command_handler(
-        self, key: object, handler: object, /, argname: str | None = None, **initkwargs: Any
+        self, key: object, /, handler: object, argname: str | None = None, **initkwargs: Any
     ) -> Handler:
         """Same as `dp.commands.bind(...)`."""
         return self.commands.bind(key, handler, argname=argname, **initkwargs)
 
     def register_query_handler(
-        self, key: object, handler: object, /, argname: str | None = None, **initkwargs: Any
+        self, key: object, /, handler: object, argname: str | None = None, **initkwargs: Any
     ) -> Handler:
         """Same as `dp.queries.bind(...)`."""
         return self.queries.bind(key, handler, argname=argname, **initkwargs)

@@ -67,8 +67,8 @@ class _Router:
     def bind(
         self,
         key: object,
-        handler: object,
         /,
+        handler: object,
         argname: str | None = None,
         *,
         timeout: float | None = None,
@@ -78,7 +78,9 @@ class _Router:
         """Register `handler` for messages whose key is `key` and return the inspected registration.
 
         `key` is a class (its instances are the messages) or a string (the
-        message is that string). `argname` names the parameter that receives the
+        message is that string). `handler` may be passed by keyword, as iambus
+        code does (`bind(Key, handler=f)`), so no value can be bound to a
+        parameter named `handler`. `argname` names the parameter that receives the
         message when it is not the first. `timeout` (seconds) cancels a handling
         that runs longer (default: the dispatcher's `default_timeout`). `emits`
         declares the message types the handler returns, collects or sends, for

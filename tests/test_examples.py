@@ -45,12 +45,9 @@ def test_di_container_example_builds_handlers_from_dishka() -> None:
 
 
 async def test_di_container_gives_a_new_handler_per_message_and_one_mailer() -> None:
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import di_container
-    finally:
-        sys.path.remove(str(EXAMPLES))
     from dishka import make_async_container
+
+    from examples import di_container
 
     built: list[object] = []
     container = make_async_container(di_container.AppProvider())
@@ -76,3 +73,33 @@ def test_orders_example_runs() -> None:
         "placed order 1; the stock is reserved in the background",
         "mails sent: ['order 1 confirmed']",
     ]
+
+
+BOOK = "Book(title=\"Philosopher's Stone\", author='J. K. Rowling', year=1997)"
+BOOKS_OUTPUT = [
+    "application started",
+    "got command CreateBook(title=\"Philosopher's Stone\", author='J. K. Rowling', year=1997)",
+    f"got event BookCreated(book={BOOK})",
+    'got query BookQuery(title="Philosopher\'s Stone"), found 1 books',
+    f"query result: BookQueryResult(books=[{BOOK}])",
+]
+
+
+def run_module(name: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", name],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=EXAMPLES.parent,
+    )
+    return result.stdout
+
+
+def test_books_example_decorator_style() -> None:
+    assert run_module("examples.books.decorators").splitlines() == BOOKS_OUTPUT
+
+
+def test_books_example_bind_style() -> None:
+    assert run_module("examples.books.bindings").splitlines() == [*BOOKS_OUTPUT, "query returned 1 book(s)"]

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from examples.orders import Mailer, OrderPlaced, PlaceOrder, ReserveStock, StockReserved, build
 from pybus import Dispatcher
 from pybus.testing import TrackedSession, track
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from orders import Mailer, OrderPlaced, PlaceOrder, ReserveStock, StockReserved, build
 
 MAILER = Mailer()
 

@@ -59,7 +59,7 @@ async def test_a_registered_function_stays_directly_callable() -> None:
 
 def test_the_three_registration_styles_are_equivalent() -> None:
     dp = Dispatcher()
-    dp.register_command_handler(CreateUser, create_user)
+    dp.register_command_handler(CreateUser, handler=create_user)  # iambus passes it by keyword
     dp.register_event_handler(UserCreated, create_user, argname="cmd")
     dp.register_query_handler("users", create_user)
     assert list(dp.commands.handlers) == [CreateUser]
@@ -145,17 +145,16 @@ class AuditingRouter(RequestRouter):
 
     seen: list[tuple[object, str | None]]
 
-    def bind(
+    def bind(  # type: ignore[override]
         self,
-        key: object,
+        message: object,
         handler: object,
-        /,
         argname: str | None = None,
         response_event: object = None,
         **initkwargs: Any,
     ) -> Handler:
-        self.seen = [*getattr(self, "seen", []), (key, argname)]
-        return super().bind(key, handler, argname=argname, **initkwargs)
+        self.seen = [*getattr(self, "seen", []), (message, argname)]
+        return super().bind(message, handler, argname, **initkwargs)
 
 
 class LoudEventRouter(EventRouter):
