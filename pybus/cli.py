@@ -66,7 +66,7 @@ def load_dispatcher(path: str) -> Dispatcher:
 def format_routes(found: list[Route]) -> str:
     """The routes as an aligned text table (locations relative to the working directory)."""
     header = ("KIND", "KEY", "HANDLER", "LOCATION", "INJECTED", "TIMEOUT", "EMITS")
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for route in found:
         emits = ", ".join(route.emits) or "-"
         rows.append(
@@ -171,8 +171,9 @@ def to_json(value: object) -> str:
     def encode(item: Any) -> Any:
         if dataclasses.is_dataclass(item) and not isinstance(item, type):
             return dataclasses.asdict(item)
-        if hasattr(item, "model_dump"):
-            return item.model_dump(mode="json")
+        model_dump = getattr(item, "model_dump", None)
+        if callable(model_dump):
+            return model_dump(mode="json")
         if hasattr(item, "__struct_fields__"):
             import msgspec
 

@@ -16,7 +16,7 @@ from pybus.handlers import Handler, compile_handler, inspect_handler
 from pybus.messages import Command, Query
 from pybus.observer import Observer
 from pybus.providers import Provider, Resolver
-from pybus.routers import EventRouter, RequestRouter
+from pybus.routers import EventRouter, RequestRouter, bind_any
 from pybus.workers import EngineStatistics, ErrorHook, Statistics, Supervisor, WorkerPool
 
 R = TypeVar("R")
@@ -137,19 +137,19 @@ class Dispatcher:
         self, key: object, /, handler: object, argname: str | None = None, **initkwargs: Any
     ) -> Handler:
         """Same as `dp.events.bind(...)`."""
-        return self.events.bind(key, handler, argname=argname, **initkwargs)
+        return bind_any(self.events, key, handler, argname=argname, **initkwargs)
 
     def register_command_handler(
         self, key: object, /, handler: object, argname: str | None = None, **initkwargs: Any
     ) -> Handler:
         """Same as `dp.commands.bind(...)`."""
-        return self.commands.bind(key, handler, argname=argname, **initkwargs)
+        return bind_any(self.commands, key, handler, argname=argname, **initkwargs)
 
     def register_query_handler(
         self, key: object, /, handler: object, argname: str | None = None, **initkwargs: Any
     ) -> Handler:
         """Same as `dp.queries.bind(...)`."""
-        return self.queries.bind(key, handler, argname=argname, **initkwargs)
+        return bind_any(self.queries, key, handler, argname=argname, **initkwargs)
 
     # -- lifecycle -----------------------------------------------------------
 

@@ -172,9 +172,10 @@ def inspect_handler(
             )
     func: Callable[..., Any] = getattr(target, method) if method else target  # type: ignore[assignment]
     sig = _signature(kind, key, name, func)
-    if is_class:
+    cls = target if isinstance(target, type) else None
+    if cls is not None:
         assert method is not None  # a class always has a method here
-        params = _method_params(target, method, sig)  # type: ignore[arg-type]
+        params = _method_params(cls, method, sig)
         call_bound: Mapping[str, object] = {}
     else:
         params = list(sig.parameters.values())
@@ -182,8 +183,8 @@ def inspect_handler(
     where = f"{name}.{method}" if is_class else name
     message_param, by_keyword = _message_param(kind, key, where, params, argname, call_bound)
     _check_rest(kind, key, where, params, message_param, call_bound, is_class)
-    if is_class and check_init:
-        _check_init(kind, key, name, target, bound)  # type: ignore[arg-type]
+    if cls is not None and check_init:
+        _check_init(kind, key, name, cls, bound)
     collects = method is not None and callable(getattr(target, "dump_events", None))
     return Handler(
         kind=kind,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from pybus.engines import EventEngine, RequestEngine
 from pybus.errors import (
@@ -29,6 +29,37 @@ if TYPE_CHECKING:
     from pybus.dispatcher import Dispatcher
 
 H = TypeVar("H")
+M = TypeVar("M")
+C = TypeVar("C", bound=type[Any])
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def bind_any(router: _Router, key: object, handler: object, **options: Any) -> Handler:
+    """`router.bind(...)` without the overloads that type-check user calls (for pybus's own calls)."""
+    bind: Callable[..., Handler] = router.bind
+    return bind(key, handler, **options)
+
+
+class SupportsHandle(Protocol):
+    """A ready handler instance: anything with a `handle` method (checked at registration)."""
+
+    @property
+    def handle(self) -> Callable[..., Any]: ...
+
+
+class HandlerDecorator(Protocol[M]):
+    """What `register(Key)` returns: accepts a function whose first parameter takes a `Key`
+    (or no parameter at all), a class, or an object with `handle`, and returns it unchanged."""
+
+    @overload
+    def __call__(self, handler: C, /) -> C: ...
+    @overload
+    def __call__(self, handler: Callable[Concatenate[M, P], R], /) -> Callable[Concatenate[M, P], R]: ...
+    @overload
+    def __call__(self, handler: Callable[[], R], /) -> Callable[[], R]: ...
+    @overload
+    def __call__(self, handler: SupportsHandle, /) -> SupportsHandle: ...
 
 
 class _Router:
@@ -40,6 +71,39 @@ class _Router:
         self._handlers: dict[object, list[Handler]] = {}
         self._frozen = False
 
+    @overload
+    def register(
+        self,
+        key: type[M],
+        /,
+        argname: None = None,
+        *,
+        timeout: float | None = None,
+        emits: Iterable[object] = (),
+        **initkwargs: Any,
+    ) -> HandlerDecorator[M]: ...
+    @overload
+    def register(
+        self,
+        key: str,
+        /,
+        argname: str | None = None,
+        *,
+        timeout: float | None = None,
+        emits: Iterable[object] = (),
+        **initkwargs: Any,
+    ) -> Callable[[H], H]: ...
+    @overload
+    def register(
+        self,
+        key: object,
+        /,
+        argname: str,
+        *,
+        timeout: float | None = None,
+        emits: Iterable[object] = (),
+        **initkwargs: Any,
+    ) -> Callable[[H], H]: ...
     def register(
         self,
         key: object,
@@ -49,21 +113,61 @@ class _Router:
         timeout: float | None = None,
         emits: Iterable[object] = (),
         **initkwargs: Any,
-    ) -> Callable[[H], H]:
+    ) -> Any:
         """Decorator form of `bind`; returns the handler unchanged.
 
         ::
 
             @dp.commands.register(CreateUser, repo=repo)
             async def create_user(cmd: CreateUser, repo: Repo) -> UserCreated: ...
+
+        For the type checker, a function whose first parameter does not accept
+        instances of the key's class is an error (unless `argname` names another
+        parameter); classes and objects with `handle` are checked at runtime.
         """
 
         def decorator(handler: H) -> H:
-            self.bind(key, handler, argname=argname, timeout=timeout, emits=emits, **initkwargs)
+            bind_any(self, key, handler, argname=argname, timeout=timeout, emits=emits, **initkwargs)
             return handler
 
         return decorator
 
+    @overload
+    def bind(
+        self,
+        key: type[M],
+        /,
+        handler: Callable[Concatenate[M, P], Any] | Callable[[], Any] | type[Any] | SupportsHandle,
+        argname: None = None,
+        *,
+        timeout: float | None = None,
+        emits: Iterable[object] = (),
+        **initkwargs: Any,
+    ) -> Handler: ...
+    @overload
+    def bind(
+        self,
+        key: str,
+        /,
+        handler: object,
+        argname: str | None = None,
+        *,
+        timeout: float | None = None,
+        emits: Iterable[object] = (),
+        **initkwargs: Any,
+    ) -> Handler: ...
+    @overload
+    def bind(
+        self,
+        key: object,
+        /,
+        handler: object,
+        argname: str,
+        *,
+        timeout: float | None = None,
+        emits: Iterable[object] = (),
+        **initkwargs: Any,
+    ) -> Handler: ...
     def bind(
         self,
         key: object,
