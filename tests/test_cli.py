@@ -291,3 +291,10 @@ def test_routes_text_in_process(capsys: pytest.CaptureFixture[str], monkeypatch:
     out = capsys.readouterr().out
     assert out.splitlines()[1].split()[:2] == ["command", "PlaceOrder"]
     assert " examples/orders.py:" in out
+
+
+def test_the_cli_guide_shows_the_current_graph() -> None:
+    from examples.orders import create_app
+
+    guide = (ROOT / "docs" / "cli.md").read_text()
+    assert f"```mermaid\n{message_flow(create_app()).to_mermaid()}\n```" in guide

@@ -103,3 +103,8 @@ def test_books_example_decorator_style() -> None:
 
 def test_books_example_bind_style() -> None:
     assert run_module("examples.books.bindings").splitlines() == [*BOOKS_OUTPUT, "query returned 1 book(s)"]
+
+
+def test_the_docs_include_the_quickstart_file() -> None:
+    index = (EXAMPLES.parent / "docs" / "index.md").read_text()
+    assert '--8<-- "examples/quickstart.py"' in index
