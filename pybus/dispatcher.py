@@ -10,13 +10,24 @@ import signal
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Any, NoReturn, Self, TypeVar, overload
 
+from pybus.consumer import Consumer
 from pybus.engines import EventEngine, RequestEngine
-from pybus.errors import DispatcherClosed, DispatcherNotStarted, ImproperlyConfigured, Kind, key_name
+from pybus.errors import (
+    DispatcherClosed,
+    DispatcherFrozen,
+    DispatcherNotStarted,
+    ImproperlyConfigured,
+    Kind,
+    key_name,
+    message_key,
+)
 from pybus.handlers import Handler, compile_handler, inspect_handler
 from pybus.messages import Command, Query
 from pybus.observer import Observer
 from pybus.providers import Provider, Resolver
 from pybus.routers import EventRouter, RequestRouter, bind_any
+from pybus.routing import Routing
+from pybus.transport import Transport
 from pybus.workers import EngineStatistics, ErrorHook, Statistics, Supervisor, WorkerPool
 
 R = TypeVar("R")
@@ -48,6 +59,8 @@ class Dispatcher:
       ERROR log record with the traceback); `default_timeout` (seconds) bounds
       every handling whose registration sets no `timeout`.
 
+    - `transport` carries the messages given to `route()` to other processes.
+
     `async with dp:` starts the dispatcher on entry and, on exit, drains the
     background queues and stops it.
     """
@@ -65,6 +78,7 @@ class Dispatcher:
         workers: int = 4,
         on_error: ErrorHook | None = None,
         default_timeout: float | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self._events_router_cls = events_router_cls or EventRouter
         self._commands_router_cls = commands_router_cls or RequestRouter
@@ -90,6 +104,9 @@ class Dispatcher:
         self._events: EventRouter | None = None
         self._commands: RequestRouter | None = None
         self._queries: RequestRouter | None = None
+        #: Where routed messages go (see `route`); None: everything stays in this process.
+        self.transport = transport
+        self._routing = Routing(transport)
         self._started = False
         self._closed = False
         self._bind_calls(functools.partial(_refuse, DispatcherNotStarted))
@@ -151,6 +168,19 @@ class Dispatcher:
         """Same as `dp.queries.bind(...)`."""
         return bind_any(self.queries, key, handler, argname=argname, **initkwargs)
 
+    def route(self, key: object, /, *, name: str | None = None, kind: Kind | None = None) -> None:
+        """Send messages of `key` through the transport instead of handling them here.
+
+        Publishing or sending a routed message (a follow-up event included)
+        writes it to the transport; `execute` and `query` stay in-process.
+        `name` is what it travels under (default: `module.QualifiedName`);
+        `kind` defaults to the kind `key` is registered under, else "event".
+        Raises `DispatcherFrozen` after `start()`.
+        """
+        if self._started:
+            raise DispatcherFrozen(kind or "event", key, "a transport route")
+        self._routing.add(key, name, kind)
+
     # -- lifecycle -----------------------------------------------------------
 
     @property
@@ -166,6 +196,7 @@ class Dispatcher:
         kinds: dict[object, Kind] = {}
         for kind, router in self._routers().items():
             kinds.update(dict.fromkeys(router.handlers, kind))
+        self._routing.attach(self._routers(), kinds)
         events = self.events.freeze(
             foreign=_except(kinds, "event"),
             concurrent=self.concurrent_events,
@@ -175,6 +206,25 @@ class Dispatcher:
         queries = self.queries.freeze(events=events, foreign=_except(kinds, "query"))
         self._bind_engines(events, commands, queries)
         self._started = True
+
+    def consumer(self, *, concurrency: int = 4, max_deliveries: int = 5, wait: float = 1.0) -> Consumer:
+        """A consumer of the routed messages this process has handlers for.
+
+        Run it with `await consumer.run()`, end it with `await consumer.stop()`;
+        `serve()` does both. After `max_deliveries` failed handlings a message is
+        dead-lettered. Raises `ImproperlyConfigured` without routes and a
+        transport, or before `start()`.
+        """
+        return self._routing.consumer(
+            self._engines("consume from the transport"),
+            self._report_consumed,
+            concurrency=concurrency,
+            max_deliveries=max_deliveries,
+            wait=wait,
+        )
+
+    def _report_consumed(self, error: BaseException, message: object) -> None:
+        self._supervisor.report(error, message, "event", "consumed from the transport")
 
     async def join(self) -> None:
         """Wait until every message sent to the background workers is handled,
@@ -194,6 +244,7 @@ class Dispatcher:
         if self._closed:
             return 0
         self._closed = True
+        self._routing.closed = True
         supervisor = self._supervisor
         supervisor.closing = True
         pools = self._pools()
@@ -223,23 +274,34 @@ class Dispatcher:
         *,
         stop_signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM),
         drain_timeout: float | None = None,
+        concurrency: int = 4,
     ) -> int:
-        """Start, run until one of `stop_signals` arrives, then `stop(drain_timeout)`.
+        """Start, run until one of `stop_signals` arrives, then stop gracefully.
 
-        The only place pybus installs signal handlers, and only for the time it
-        runs. Returns what `stop` returns.
+        With a transport, also consumes the routed messages this process has
+        handlers for (`concurrency` at a time); on the signal it stops reading
+        at once, lets handlings in flight finish within `drain_timeout`, and
+        gives the rest back to the transport. Then `stop(drain_timeout)`.
+        The only place pybus installs signal handlers, and only while it runs.
+        Returns the number of messages not handled.
         """
         self.start()
         loop = asyncio.get_running_loop()
         received = asyncio.Event()
         for sig in stop_signals:
             loop.add_signal_handler(sig, received.set)
+        consumer = self.consumer(concurrency=concurrency) if self._routing.codec is not None else None
+        reading = loop.create_task(consumer.run()) if consumer is not None else None
+        cancelled = 0
         try:
             await received.wait()
         finally:
             for sig in stop_signals:
                 loop.remove_signal_handler(sig)
-        return await self.stop(timeout=drain_timeout)
+            if consumer is not None and reading is not None:
+                cancelled = await consumer.stop(drain_timeout)
+                await reading
+        return cancelled + await self.stop(timeout=drain_timeout)
 
     def statistics(self) -> Statistics:
         """A frozen snapshot of each engine's queued, in-flight, handled and failed counts."""
@@ -416,6 +478,9 @@ class Dispatcher:
         self._router_for(message).send_nowait(message, key=key)
 
     def _router_for(self, message: object) -> EventRouter | RequestRouter:
+        for router in self._routers().values():
+            if router.forward is not None and message_key(message) in router.routed:
+                return router
         for router in (self.commands, self.queries):
             if router.engine is not None and router.engine.handles(message):
                 return router

@@ -13,13 +13,13 @@ a call, an await. Everything that can be decided once is decided at `start()`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from inspect import isawaitable
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from pybus.errors import CascadeDepthExceeded, HandlerNotFound, Kind, key_name, message_key
-from pybus.handlers import CallPlan
+from pybus.handlers import CallPlan, route_record
 
 if TYPE_CHECKING:
     from pybus.observer import Observer
@@ -46,8 +46,16 @@ class EventEngine:
         foreign: Mapping[object, Kind],
         concurrent: bool,
         max_cascade_depth: int,
+        forward: Callable[[object], Awaitable[None]] | None = None,
+        routed: frozenset[object] = frozenset(),
     ) -> None:
         self._exact = dict(plans)
+        # Routed events go to the transport instead of the local handlers
+        # (which `deliver` runs, for messages that came from the transport).
+        self._routed = routed
+        self._forward: tuple[CallPlan, ...] = ()
+        if forward is not None:
+            self._forward = (CallPlan(route_record("event", forward, "transport"), forward, True, None),)
         self._foreign = foreign
         self._concurrent = concurrent
         self._max_depth = max_cascade_depth
@@ -63,11 +71,11 @@ class EventEngine:
         self._resolve_registered()
 
     def _resolve_registered(self) -> None:
-        for key, plans in self._exact.items():
+        for key in [*self._exact, *self._routed]:
             if isinstance(key, type):
                 self._resolve_class(key)
             else:
-                self._remember(key, plans)
+                self._remember(key, self._forward if key in self._routed else self._exact[key])
 
     def replace(self, key: object, plans: tuple[CallPlan, ...]) -> tuple[CallPlan, ...]:
         """Run `plans` for events of exactly `key` from now on; return what ran before.
@@ -90,9 +98,15 @@ class EventEngine:
         return plans
 
     def _resolve_class(self, cls: type) -> tuple[CallPlan, ...]:
-        return self._remember(
-            cls, tuple(chain.from_iterable(self._exact.get(base, _NO_PLANS) for base in cls.__mro__))
-        )
+        if cls in self._routed:
+            return self._remember(cls, self._forward)
+        return self._remember(cls, self.local_plans(cls))
+
+    def local_plans(self, key: object) -> tuple[CallPlan, ...]:
+        """The handlers of this process for `key` (a class or string), routed or not."""
+        if not isinstance(key, type):
+            return self._exact.get(key, _NO_PLANS)
+        return tuple(chain.from_iterable(self._exact.get(base, _NO_PLANS) for base in key.__mro__))
 
     def _resolve(self, message: object) -> tuple[CallPlan, ...]:
         if isinstance(message, str):
@@ -166,18 +180,27 @@ class EventEngine:
             raise _publish_failed(event, failures)
 
     async def _publish(self, event: object) -> None:
+        await self._run(event, self.handlers_for(event))
+
+    async def deliver(self, event: object) -> None:
+        """Run this process's handlers of an event that came from the transport, then its
+        follow-ups (routed follow-ups go to the transport). Raises like `publish`."""
+        await self._run(event, self.local_plans(message_key(event)))
+
+    async def _run(self, event: object, plans: tuple[CallPlan, ...]) -> None:
         observer = self.observer
         if observer is None:
-            await self._publish_observed(event, None)
+            await self._publish_observed(event, plans, None)
             return
         observer.started("event", event)
         try:
-            await self._publish_observed(event, observer)
+            await self._publish_observed(event, plans, observer)
         finally:
             observer.finished("event", event)
 
-    async def _publish_observed(self, event: object, observer: Observer | None) -> None:
-        plans = self.handlers_for(event)
+    async def _publish_observed(
+        self, event: object, plans: tuple[CallPlan, ...], observer: Observer | None
+    ) -> None:
         if not plans:
             if observer is not None:
                 observer.no_handler(event)
@@ -346,7 +369,10 @@ class RequestEngine:
 
     def handles(self, message: object) -> bool:
         """True when a handler is registered for `message`'s key."""
-        key = message if isinstance(message, str) else message.__class__
+        return self.has_handler(message if isinstance(message, str) else message.__class__)
+
+    def has_handler(self, key: object) -> bool:
+        """True when a handler is registered for `key`."""
         return key in self._plans
 
     def plan_for(self, message: object) -> CallPlan:

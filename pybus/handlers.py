@@ -79,6 +79,24 @@ class Handler:
         return f"{self.name} ({self.location})"
 
 
+def route_record(kind: Kind, target: Callable[..., Any], description: str) -> Handler:
+    """The registration-like record of a transport route, for error notes and observers."""
+    return Handler(
+        kind=kind,
+        key=None,
+        target=target,
+        name=description,
+        location="<transport>",
+        message_param="message",
+        message_by_keyword=False,
+        bound=MappingProxyType({}),
+        is_class=False,
+        method=None,
+        is_async=True,
+        collects_events=False,
+    )
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class CallPlan:
     """How the engines call one handler.

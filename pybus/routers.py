@@ -9,7 +9,7 @@ overriding `bind` is enough.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
@@ -21,6 +21,7 @@ from pybus.errors import (
     ImproperlyConfigured,
     Kind,
     key_name,
+    message_key,
     with_article,
 )
 from pybus.handlers import CallPlan, Handler, callable_name, compile_handler, inspect_handler
@@ -70,6 +71,9 @@ class _Router:
         self.kind: Kind = kind
         self._handlers: dict[object, list[Handler]] = {}
         self._frozen = False
+        #: Set by the dispatcher at start when some keys of this kind are routed to a transport.
+        self.forward: Callable[[object], Awaitable[None]] | None = None
+        self.routed: frozenset[object] = frozenset()
 
     @overload
     def register(
@@ -237,6 +241,9 @@ class _Router:
         `start()`, `DispatcherClosed` once stopping, and `HandlerNotFound` (now,
         not in a worker) for a command or query without a handler.
         """
+        if self.forward is not None and message_key(message) in self.routed:
+            await self.forward(message)  # a routed message goes to the transport
+            return
         engine = self._started_engine(message)
         engine.check(message)
         workers = engine.workers
@@ -245,6 +252,11 @@ class _Router:
 
     def send_nowait(self, message: object, /, *, key: object = None) -> None:
         """Like `send`, but raises `QueueFull` instead of waiting for room."""
+        if self.forward is not None and message_key(message) in self.routed:
+            raise ImproperlyConfigured(
+                f"{key_name(message_key(message))} is routed to the transport, which send_nowait "
+                "cannot wait for: use await send()"
+            )
         engine = self._started_engine(message)
         engine.check(message)
         engine.workers.send_nowait(message, key)
@@ -293,6 +305,8 @@ class EventRouter(_Router):
             foreign=foreign,
             concurrent=concurrent,
             max_cascade_depth=max_cascade_depth,
+            forward=self.forward,
+            routed=self.routed,
         )
         return self.engine
 

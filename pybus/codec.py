@@ -1,0 +1,94 @@
+"""Messages as bytes, for transports: stable names and a JSON encoding.
+
+A routed message crosses processes as a name and a JSON body. The name is
+`module.QualifiedName` unless the route gives another (`dp.route(OrderPaid,
+name="orders.paid")`), so renaming a module does not have to break a running
+system. Bodies are encoded by msgspec (dataclasses, msgspec structs, attrs
+classes and plain types) or by pydantic for pydantic models; a string message
+is its own name with an empty body.
+
+Install with the `transport` extra (`pybus[transport]`): msgspec is not a
+dependency of the core.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pybus.errors import ImproperlyConfigured, PyBusError, key_name
+
+
+class DecodeError(PyBusError):
+    """A transport delivered bytes that are not a message this process knows."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(
+            f"Cannot decode a message named {name!r}: {reason}; it is dead-lettered, and the "
+            "producer and this worker should agree on the route's name and the message's fields"
+        )
+
+
+def default_name(key: object) -> str:
+    """The name a message key travels under unless its route names it."""
+    if isinstance(key, str):
+        return key
+    assert isinstance(key, type)  # routes are classes or strings
+    return f"{key.__module__}.{key.__qualname__}"
+
+
+class JsonCodec:
+    """Encodes and decodes the messages of a fixed set of routes."""
+
+    def __init__(self, names: dict[object, str]) -> None:
+        try:
+            import msgspec
+        except ImportError as exc:  # pragma: no cover - the extra is installed in CI
+            raise ImproperlyConfigured(
+                "Routing messages to a transport needs msgspec: install pybus[transport] (or pybus[redis])"
+            ) from exc
+        self._msgspec = msgspec
+        self._encoder = msgspec.json.Encoder()
+        self.names = dict(names)
+        self.keys: dict[str, object] = {}
+        for key, name in self.names.items():
+            other = self.keys.setdefault(name, key)
+            if other is not key:
+                raise ImproperlyConfigured(
+                    f"{key_name(key)} and {key_name(other)} are both routed as {name!r}; "
+                    "give one of them another name with dp.route(..., name=...)"
+                )
+
+    def name_of(self, message: object) -> str:
+        return self.names[message if isinstance(message, str) else type(message)]
+
+    def encode(self, message: object) -> bytes:
+        """The body of `message` (empty for a string message)."""
+        if isinstance(message, str):
+            return b""
+        model_dump = getattr(message, "model_dump", None)
+        data: Any = model_dump(mode="json") if callable(model_dump) else message
+        try:
+            return bytes(self._encoder.encode(data))
+        except TypeError as exc:
+            raise ImproperlyConfigured(
+                f"Cannot encode {key_name(type(message))} for a transport: {exc}; a routed message "
+                "must be a dataclass, a msgspec struct, a pydantic model or another JSON-able type"
+            ) from exc
+
+    def decode(self, name: str, body: bytes) -> object:
+        """The message named `name`; `DecodeError` if the name or the body does not fit."""
+        key = self.keys.get(name)
+        if key is None:
+            raise DecodeError(name, "no route of this process has that name")
+        if isinstance(key, str):
+            return key
+        assert isinstance(key, type)
+        try:
+            model_validate_json = getattr(key, "model_validate_json", None)
+            if callable(model_validate_json):
+                return model_validate_json(body)
+            return self._msgspec.json.decode(body, type=key)
+        except Exception as exc:
+            raise DecodeError(name, f"{type(exc).__name__}: {exc}") from exc

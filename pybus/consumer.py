@@ -1,0 +1,116 @@
+"""Consuming routed messages: receive, decode, handle, then ack, retry or dead-letter.
+
+A `Consumer` reads the routed messages this process has handlers for and
+handles each exactly as `publish`/`execute` would, follow-ups included. It
+acks an envelope only when that handling succeeded, routed follow-ups having
+been written to the transport by then. A failed handling goes back to the
+transport (`retry`) and comes again with a higher `attempt`, until
+`max_deliveries`, after which it is dead-lettered with the error and its
+traceback. An envelope that cannot be decoded is dead-lettered at once: it
+never stops the consumer and never blocks the messages behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
+
+from pybus.codec import DecodeError, JsonCodec
+from pybus.errors import Kind
+from pybus.transport import Envelope, Transport
+
+#: The envelope being handled in this context: routed sends made while handling
+#: it carry its correlation id, and its message id as their causation id.
+current_envelope: ContextVar[Envelope | None] = ContextVar("pybus_envelope", default=None)
+
+Handle = Callable[[Kind, object], Awaitable[object]]
+Report = Callable[[BaseException, object], None]
+
+
+class Consumer:
+    """Reads `names` from `transport` and handles up to `concurrency` envelopes at a time."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        codec: JsonCodec,
+        handle: Handle,
+        names: Sequence[str],
+        *,
+        report: Report,
+        concurrency: int = 4,
+        max_deliveries: int = 5,
+        wait: float = 1.0,
+    ) -> None:
+        self.transport = transport
+        self.codec = codec
+        self.names = list(names)
+        self._handle = handle
+        self._report = report
+        self.concurrency = concurrency
+        self.max_deliveries = max_deliveries
+        self.wait = wait
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self.handled = 0
+        self.failed = 0
+        self.dead_lettered = 0
+
+    async def run(self) -> None:
+        """Receive and handle until `stop()`; returns once reading has stopped."""
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._in_flight)
+            if free <= 0:
+                await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            envelopes = await self.transport.receive(self.names, max_count=free, wait=self.wait)
+            for envelope in envelopes:
+                task = asyncio.get_running_loop().create_task(self._process(envelope))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+
+    async def stop(self, drain_timeout: float | None = None) -> int:
+        """Stop reading, let handlings in flight finish (at most `drain_timeout` s), then
+        cancel the rest, which go back to the transport. Returns how many were cancelled."""
+        self._stopping.set()
+        if not self._in_flight:
+            return 0
+        _, cancelled = await asyncio.wait(set(self._in_flight), timeout=drain_timeout)
+        for task in cancelled:
+            task.cancel()
+        if cancelled:
+            await asyncio.wait(cancelled)
+        return len(cancelled)
+
+    async def _process(self, envelope: Envelope) -> None:
+        try:
+            message = self.codec.decode(envelope.name, envelope.body)
+        except DecodeError as exc:
+            self.dead_lettered += 1
+            await self.transport.dead_letter(envelope, str(exc))
+            self._report(exc, envelope)
+            return
+        token = current_envelope.set(envelope)
+        try:
+            await self._handle(envelope.kind, message)
+        except asyncio.CancelledError:
+            # Stopped mid-handling: not handled, so not acked; give it back.
+            await asyncio.shield(self.transport.retry(envelope, asyncio.CancelledError()))
+            raise
+        except Exception as exc:
+            self.failed += 1
+            exc.add_note(f"delivery {envelope.attempt} of {envelope.name} (message id {envelope.message_id})")
+            self._report(exc, message)
+            if envelope.attempt >= self.max_deliveries:
+                self.dead_lettered += 1
+                reason = "".join(traceback.format_exception(exc))
+                await self.transport.dead_letter(envelope, f"failed {envelope.attempt} times; last: {reason}")
+            else:
+                await self.transport.retry(envelope, exc)
+        else:
+            self.handled += 1
+            await self.transport.ack(envelope)
+        finally:
+            current_envelope.reset(token)

@@ -1,0 +1,117 @@
+"""Routes to a transport: which messages leave this process, and how they come back.
+
+`Dispatcher.route(Key)` adds a route; at `start()` the routers of each kind get
+a `forward` function for their routed keys, so that publishing or sending a
+routed message (follow-up events included) writes an `Envelope` to the
+transport instead of handling it here. `consumer()` builds the `Consumer` that
+reads the routed messages this process has handlers for.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from pybus.codec import JsonCodec, default_name
+from pybus.consumer import Consumer, Report, current_envelope
+from pybus.errors import DispatcherClosed, ImproperlyConfigured, Kind
+from pybus.transport import Envelope, Transport
+
+if TYPE_CHECKING:
+    from pybus.engines import EventEngine, RequestEngine
+    from pybus.routers import EventRouter, RequestRouter
+
+
+class Routing:
+    """The routes of one dispatcher and the transport they lead to."""
+
+    def __init__(self, transport: Transport | None) -> None:
+        self.transport = transport
+        self.routes: dict[object, tuple[str, Kind | None]] = {}
+        self.codec: JsonCodec | None = None
+        self.closed = False
+
+    def add(self, key: object, name: str | None, kind: Kind | None) -> None:
+        if key is str or not isinstance(key, type | str):
+            raise ImproperlyConfigured(f"Cannot route {key!r}: a route is a message class or a string")
+        self.routes[key] = (name or default_name(key), kind)
+
+    def attach(
+        self, routers: Mapping[Kind, EventRouter | RequestRouter], kinds: Mapping[object, Kind]
+    ) -> None:
+        """Give each router the forward function of its routed keys (at `start()`)."""
+        if not self.routes:
+            return
+        if self.transport is None:
+            raise ImproperlyConfigured(
+                "Messages are routed with dp.route(), but the dispatcher has no transport: "
+                "pass Dispatcher(transport=...)"
+            )
+        self.codec = JsonCodec({key: name for key, (name, _) in self.routes.items()})
+        for kind, router in routers.items():
+            routed = frozenset(
+                key for key, (_, given) in self.routes.items() if (given or kinds.get(key, "event")) == kind
+            )
+            if routed:
+                router.forward = functools.partial(self.forward, kind)
+                router.routed = routed
+
+    async def forward(self, kind: Kind, message: object) -> None:
+        """Write `message` to the transport, as a consequence of the envelope being handled, if any."""
+        if self.closed:
+            raise DispatcherClosed(kind, message)
+        transport, codec = self.transport, self.codec
+        if transport is None or codec is None:  # pragma: no cover - attach() sets both with the routes
+            raise ImproperlyConfigured("No transport is attached")
+        parent = current_envelope.get()
+        message_id = uuid.uuid4().hex
+        await transport.send(
+            Envelope(
+                kind=kind,
+                name=codec.name_of(message),
+                body=codec.encode(message),
+                message_id=message_id,
+                correlation_id=parent.correlation_id if parent else message_id,
+                causation_id=parent.message_id if parent else None,
+            )
+        )
+
+    def consumer(
+        self,
+        engines: tuple[EventEngine, RequestEngine, RequestEngine],
+        report: Report,
+        *,
+        concurrency: int,
+        max_deliveries: int,
+        wait: float,
+    ) -> Consumer:
+        """A consumer of the routed messages that have a handler in this process."""
+        if self.transport is None or self.codec is None:
+            raise ImproperlyConfigured(
+                "Nothing to consume: route messages with dp.route() and pass Dispatcher(transport=...)"
+            )
+        events, commands, queries = engines
+        names = [
+            name
+            for key, (name, _) in self.routes.items()
+            if commands.has_handler(key) or queries.has_handler(key) or events.local_plans(key)
+        ]
+
+        async def handle(kind: Kind, message: object) -> object:
+            if kind == "event":
+                await events.deliver(message)
+                return None
+            return await (commands if kind == "command" else queries).handle(message)
+
+        return Consumer(
+            self.transport,
+            self.codec,
+            handle,
+            names,
+            report=report,
+            concurrency=concurrency,
+            max_deliveries=max_deliveries,
+            wait=wait,
+        )

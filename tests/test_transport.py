@@ -1,0 +1,308 @@
+"""Routing to a transport and consuming from it, with the in-memory transport."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import msgspec
+import pydantic
+import pytest
+
+from pybus import Command, Dispatcher, DispatcherClosed, DispatcherFrozen, Event, ImproperlyConfigured
+from pybus.codec import DecodeError, JsonCodec, default_name
+from pybus.consumer import Consumer
+from pybus.transport import Envelope, InMemoryBroker, InMemoryTransport, Transport
+
+
+@dataclass(frozen=True)
+class OrderPaid(Event):
+    order_id: int
+    amount: float
+
+
+@dataclass(frozen=True)
+class ShipOrder(Command[None]):
+    order_id: int
+
+
+@dataclass(frozen=True)
+class OrderShipped(Event):
+    order_id: int
+
+
+class Boom(Exception):
+    pass
+
+
+def producer(broker: InMemoryBroker) -> Dispatcher:
+    dp = Dispatcher(transport=InMemoryTransport(broker))
+    dp.route(OrderPaid)
+    dp.route(ShipOrder, kind="command")
+    dp.route(OrderShipped)
+    return dp
+
+
+@asynccontextmanager
+async def consuming(dp: Dispatcher, **options: float) -> AsyncIterator[Consumer]:
+    """Start `dp`, run its consumer in the background, stop both at the end."""
+    async with dp:
+        consumer = dp.consumer(wait=0.01, **options)  # type: ignore[arg-type]
+        reading = asyncio.create_task(consumer.run())
+        try:
+            yield consumer
+        finally:
+            await consumer.stop(1)
+            await reading
+
+
+async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Wait for an effect of a consumer running in another task (bounded)."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - the effect has no event to wait on
+            await asyncio.sleep(0.005)
+
+
+def service(broker: InMemoryBroker, group: str, seen: list[object]) -> Dispatcher:
+    """A consuming service: its own group, a handler for OrderPaid."""
+    dp = Dispatcher(transport=InMemoryTransport(broker, group=group))
+    dp.route(OrderPaid)
+    dp.route(ShipOrder, kind="command")
+    dp.route(OrderShipped)
+    dp.events.bind(OrderPaid, seen.append)
+    return dp
+
+
+async def test_a_routed_event_goes_to_the_transport_and_every_service_gets_it() -> None:
+    broker = InMemoryBroker()
+    local: list[object] = []
+    shop = producer(broker)
+    shop.events.bind(OrderPaid, local.append)  # routed: not handled in the producer
+    billing_seen: list[object] = []
+    mailing_seen: list[object] = []
+    async with (
+        shop,
+        consuming(service(broker, "billing", billing_seen)),
+        consuming(service(broker, "mailing", mailing_seen)),
+    ):
+        await shop.publish(OrderPaid(1, 9.5))
+        await until(lambda: len(billing_seen) == 1 and len(mailing_seen) == 1)
+    assert local == []
+    assert billing_seen == mailing_seen == [OrderPaid(1, 9.5)]
+
+
+async def test_within_a_service_each_message_is_handled_once() -> None:
+    broker = InMemoryBroker()
+    seen: list[object] = []
+    shop = producer(broker)
+    async with shop, consuming(service(broker, "billing", seen)), consuming(service(broker, "billing", seen)):
+        for n in range(50):
+            await shop.events.send(OrderPaid(n, 1.0))
+        await until(lambda: len(seen) == 50)
+        await asyncio.sleep(0.05)
+    assert sorted(e.order_id for e in seen) == list(range(50))  # type: ignore[attr-defined]
+
+
+async def test_execute_stays_in_process_and_send_goes_out() -> None:
+    broker = InMemoryBroker()
+    shipped: list[int] = []
+    dp = producer(broker)
+    dp.commands.bind(ShipOrder, lambda cmd: shipped.append(cmd.order_id))
+    async with dp:
+        await dp.execute(ShipOrder(1))
+        await dp.commands.send(ShipOrder(2))
+        await dp.send(ShipOrder(3))
+        with pytest.raises(
+            ImproperlyConfigured, match=r"routed to the transport, which send_nowait cannot wait"
+        ):
+            dp.commands.send_nowait(ShipOrder(4))
+    assert shipped == [1]
+    assert [e.name for e in broker.streams[default_name(ShipOrder)]] == [default_name(ShipOrder)] * 2
+
+
+async def test_follow_ups_are_written_before_the_ack_with_the_causal_ids() -> None:
+    broker = InMemoryBroker()
+    shop = producer(broker)
+    warehouse = Dispatcher(transport=InMemoryTransport(broker, group="warehouse"))
+    warehouse.route(ShipOrder, kind="command")
+    warehouse.route(OrderShipped)
+
+    @warehouse.commands.register(ShipOrder)
+    async def ship(cmd: ShipOrder) -> OrderShipped:
+        return OrderShipped(cmd.order_id)  # routed: written to the transport
+
+    async with shop, consuming(warehouse) as consumer:
+        await shop.commands.send(ShipOrder(7))
+        await until(lambda: consumer.handled == 1)
+    (command,) = broker.streams[default_name(ShipOrder)]
+    (event,) = broker.streams[default_name(OrderShipped)]
+    assert msgspec.json.decode(event.body) == {"order_id": 7}
+    assert command.causation_id is None
+    assert command.correlation_id == command.message_id
+    assert event.correlation_id == command.correlation_id
+    assert event.causation_id == command.message_id
+    assert broker.groups[("warehouse", default_name(ShipOrder))].pending == {}  # acked
+
+
+async def test_a_failing_message_comes_back_then_is_dead_lettered() -> None:
+    broker = InMemoryBroker()
+    attempts: dict[int, int] = {}
+    errors: list[BaseException] = []
+    shop = producer(broker)
+    worker = Dispatcher(
+        transport=InMemoryTransport(broker, group="billing"), on_error=lambda e, m: errors.append(e)
+    )
+    worker.route(OrderPaid)
+
+    @worker.events.register(OrderPaid)
+    async def bill(event: OrderPaid) -> None:
+        attempts[event.order_id] = attempts.get(event.order_id, 0) + 1
+        if event.order_id == 0 or (event.order_id == 1 and attempts[1] == 1):
+            raise Boom(f"order {event.order_id}")
+
+    async with shop, consuming(worker, max_deliveries=3) as consumer:
+        for n in range(5):
+            await shop.publish(OrderPaid(n, 1.0))
+        await until(lambda: consumer.handled == 4 and consumer.dead_lettered == 1)
+    assert attempts == {0: 3, 1: 2, 2: 1, 3: 1, 4: 1}
+    (dead,) = broker.dead_letters
+    assert dead.envelope.attempt == 3
+    assert dead.reason.startswith("failed 3 times; last: ")
+    assert "Boom: order 0" in dead.reason
+    assert "Traceback" in dead.reason
+    assert len(errors) == 4  # three deliveries of order 0, one of order 1
+
+
+async def test_an_undecodable_message_is_dead_lettered_and_does_not_block() -> None:
+    broker = InMemoryBroker()
+    seen: list[object] = []
+    transport = InMemoryTransport(broker)
+    name = default_name(OrderPaid)
+    await transport.send(Envelope("event", name, b'{"order_id": "not a number"}', "bad", "bad"))
+    await transport.send(Envelope("event", name, b'{"order_id": 2, "amount": 1.5}', "good", "good"))
+    worker = service(broker, "billing", seen)
+    async with consuming(worker) as consumer:
+        await until(lambda: len(seen) == 1 and consumer.dead_lettered == 1)
+    assert seen == [OrderPaid(2, 1.5)]
+    (dead,) = broker.dead_letters
+    assert dead.envelope.message_id == "bad"
+    assert dead.reason.startswith(f"Cannot decode a message named {name!r}: ValidationError: Expected `int`")
+
+
+async def test_stopping_a_consumer_gives_unfinished_messages_back() -> None:
+    broker = InMemoryBroker()
+    release = asyncio.Event()
+    done: list[int] = []
+    slow = Dispatcher(transport=InMemoryTransport(broker, group="g"))
+    slow.route(OrderPaid)
+
+    @slow.events.register(OrderPaid)
+    async def wait_forever(event: OrderPaid) -> None:
+        await release.wait()
+
+    fast = Dispatcher(transport=InMemoryTransport(broker, group="g"))
+    fast.route(OrderPaid)
+    fast.events.bind(OrderPaid, lambda event: done.append(event.order_id))
+    shop = producer(broker)
+    async with shop, slow:
+        consumer = slow.consumer(wait=0.01)
+        reading = asyncio.create_task(consumer.run())
+        await shop.publish(OrderPaid(1, 1.0))
+        await until(lambda: bool(broker.group("g", default_name(OrderPaid)).pending))
+        assert await consumer.stop(drain_timeout=0.01) == 1
+        await reading
+    async with consuming(fast):
+        await until(lambda: done == [1])
+
+
+def test_routes_are_checked() -> None:
+    without_transport = Dispatcher()
+    without_transport.route(OrderPaid)
+    with pytest.raises(ImproperlyConfigured, match=r"has no transport: pass Dispatcher\(transport=...\)"):
+        without_transport.start()
+    dp = Dispatcher(transport=InMemoryTransport())
+    with pytest.raises(ImproperlyConfigured, match=r"a route is a message class or a string"):
+        dp.route(OrderPaid(1, 1.0))
+    dp.start()
+    with pytest.raises(DispatcherFrozen, match=r"Cannot register a transport route for event OrderPaid"):
+        dp.route(OrderPaid)
+    with pytest.raises(ImproperlyConfigured, match=r"Nothing to consume"):
+        dp.consumer()
+
+
+async def test_sending_after_stop_is_refused() -> None:
+    dp = producer(InMemoryBroker())
+    async with dp:
+        pass
+    with pytest.raises(DispatcherClosed):
+        await dp.commands.send(ShipOrder(1))
+
+
+async def test_serve_consumes_until_a_signal() -> None:
+    broker = InMemoryBroker()
+    seen: list[object] = []
+    worker = service(broker, "billing", seen)
+    shop = producer(broker)
+
+    async def publish_then_stop() -> None:
+        async with shop:
+            await shop.publish(OrderPaid(5, 1.0))
+        await until(lambda: len(seen) == 1)
+        signal.raise_signal(signal.SIGTERM)
+
+    task = asyncio.create_task(publish_then_stop())
+    assert await asyncio.wait_for(worker.serve(drain_timeout=1), 5) == 0
+    await task
+    assert seen == [OrderPaid(5, 1.0)]
+
+
+# -- codec ---------------------------------------------------------------------------------
+
+
+class PaidModel(pydantic.BaseModel):
+    order_id: int
+
+
+class PaidStruct(msgspec.Struct):
+    order_id: int
+
+
+def test_codec_round_trips_dataclasses_pydantic_msgspec_and_strings() -> None:
+    codec = JsonCodec({OrderPaid: "orders.paid", PaidModel: "m", PaidStruct: "s", "ping": "ping"})
+    for message in (OrderPaid(1, 2.5), PaidModel(order_id=3), PaidStruct(order_id=4), "ping"):
+        name = codec.name_of(message)
+        assert codec.decode(name, codec.encode(message)) == message
+    assert codec.name_of(OrderPaid(1, 1.0)) == "orders.paid"
+    assert default_name(OrderPaid) == f"{__name__}.OrderPaid"
+
+
+def test_codec_errors_say_what_to_do() -> None:
+    with pytest.raises(ImproperlyConfigured, match=r"both routed as 'same'; give one of them another name"):
+        JsonCodec({OrderPaid: "same", OrderShipped: "same"})
+    codec = JsonCodec({OrderPaid: "paid"})
+    with pytest.raises(DecodeError, match=r"no route of this process has that name"):
+        codec.decode("unknown", b"{}")
+
+    @dataclass
+    class Weird:
+        handle: object
+
+    with pytest.raises(ImproperlyConfigured, match=r"Cannot encode Weird for a transport"):
+        JsonCodec({Weird: "weird"}).encode(Weird(object()))
+
+
+async def test_the_base_transport_is_an_async_context_manager_with_abstract_methods() -> None:
+    async with Transport() as transport:
+        envelope = Envelope("event", "n", b"", "i", "i")
+        for call in (
+            transport.send(envelope),
+            transport.receive(["n"], max_count=1, wait=0),
+            transport.ack(envelope),
+            transport.retry(envelope, Boom()),
+            transport.dead_letter(envelope, "why"),
+        ):
+            with pytest.raises(NotImplementedError):
+                await call
