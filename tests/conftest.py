@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Iterator
 
 import pytest
 
@@ -36,3 +37,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for message in _asyncio_errors.messages:
             print("  " + message.splitlines()[0])
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A fresh redis-server for one test (see tests/redis_server.py)."""
+    from tests.redis_server import redis_server
+
+    with redis_server() as (url, _):
+        yield url

@@ -1,0 +1,360 @@
+"""A transport over Redis Streams with consumer groups (Redis 7.0+), at least once.
+
+One stream per message name (`{prefix}{name}`); one consumer group per service.
+How each rule of `pybus.transport` is kept on Redis (see docs/transports.md):
+
+- receive: at start, this consumer's own pending entries first (`XREADGROUP ... 0`),
+  so a restarted consumer never strands its work; then entries idle longer than
+  `claim_idle` in other consumers (`XAUTOCLAIM`, every `claim_interval`, no lock:
+  the idle check is atomic); then new entries (`XREADGROUP ... >`, blocking).
+- ack: `XACK` after the handling succeeded, batched; the message id is recorded
+  as done (`SET NX EX`) in the same pipeline, and a received message whose id is
+  recorded is acked without being handled again, so a message published twice
+  takes effect once within `dedupe_window`.
+- retry: the entry is claimed again at once (`XCLAIM`), which raises its delivery count.
+- dead_letter: `XADD` to `{prefix}dead` and `XACK`, in one `MULTI/EXEC`.
+- send: one `XADD`; the client's own retries are off (a retried XADD can write an
+  entry twice), so a send either returns the entry id or raises `TransportError`.
+- retention: with `max_len`, streams are trimmed with `XTRIM MINID` below the
+  oldest entry any group still has pending or has not read, never above it.
+
+redis-py is imported here only; install `pybus[redis]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from pybus.errors import Kind, PyBusError
+from pybus.transport import DeadLetter, Envelope, Transport
+
+
+class TransportError(PyBusError):
+    """The broker could not be reached or refused a command; the cause is chained."""
+
+
+_FIELDS = ("kind", "name", "body", "message_id", "correlation_id", "causation_id")
+
+
+def _default_consumer() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class RedisTransport(Transport):
+    """Redis Streams transport. `group` is the service; `consumer` names this process.
+
+    A consumer restarted under the same name handles its own pending entries
+    first. `block` is how long one read waits for new entries (the client's
+    socket timeout is set above it).
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        *,
+        group: str = "default",
+        consumer: str | None = None,
+        prefix: str = "pybus:",
+        claim_idle: float = 30.0,
+        claim_interval: float = 1.0,
+        max_len: int | None = None,
+        dedupe_window: float = 3600.0,
+        timeout: float = 5.0,
+    ) -> None:
+        self.group = group
+        self.consumer = consumer or _default_consumer()
+        self.prefix = prefix
+        self.claim_idle = claim_idle
+        self.claim_interval = claim_interval
+        self.max_len = max_len
+        self.dedupe_window = dedupe_window
+        self.timeout = timeout
+        self.dead_key = f"{prefix}dead"
+        # Typed loosely: redis-py's reply types depend on decode_responses (off here:
+        # replies are bytes, parsed below).
+        self.client: Any = aioredis.Redis.from_url(
+            url,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            socket_timeout=timeout + 30.0,  # above any block time, so an idle read is no error
+            socket_connect_timeout=timeout,
+        )
+        self._groups_ready: set[str] = set()
+        self._own_pending_read: set[str] = set()
+        self._again: deque[Envelope] = deque()
+        self._acks: list[Envelope] = []
+        self._last_claim = 0.0
+        self._sends = 0
+        self._in_hand: set[str] = set()  # message ids taken and not yet acked or dead-lettered
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    # -- producing ---------------------------------------------------------------------
+
+    async def send(self, envelope: Envelope) -> str:
+        key = self._key(envelope.name)
+        fields = {field: getattr(envelope, field) or "" for field in _FIELDS}
+        try:
+            async with asyncio.timeout(self.timeout):
+                entry = await self.client.xadd(key, fields)
+        except (RedisError, TimeoutError) as exc:
+            raise TransportError(
+                f"Could not write {envelope.name} (message id {envelope.message_id}) to Redis within "
+                f"{self.timeout} s: {type(exc).__name__}: {exc}; it may or may not have been written, "
+                "and consumers de-duplicate by message id if you send it again"
+            ) from exc
+        self._sends += 1
+        if self.max_len is not None and self._sends % 100 == 0:
+            await self.trim(key)
+        return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+    async def trim(self, key: str) -> None:
+        """Trim `key` to about `max_len` entries, never past what a group still needs."""
+        if self.max_len is None:
+            return
+        try:
+            newest = await self.client.xrevrange(key, "+", "-", count=self.max_len)
+            if len(newest) < self.max_len:
+                return
+            floor = newest[-1][0]
+            for group in await self.client.xinfo_groups(key):
+                floor = min(floor, group["last-delivered-id"], key=_entry_order)
+                if group["pending"]:
+                    summary = await self.client.xpending(key, group["name"])
+                    floor = min(floor, summary["min"], key=_entry_order)
+            await self.client.xtrim(key, minid=floor, approximate=False)
+        except RedisError as exc:
+            raise TransportError(f"Could not trim {key}: {exc}") from exc
+
+    # -- consuming ---------------------------------------------------------------------
+
+    async def _ensure_group(self, key: str) -> None:
+        if key in self._groups_ready:
+            return
+        try:
+            await self.client.xgroup_create(key, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups_ready.add(key)
+
+    async def receive(self, names: Sequence[str], *, max_count: int, wait: float) -> list[Envelope]:
+        try:
+            return await self._receive([self._key(name) for name in names], max_count, wait)
+        except RedisError as exc:
+            raise TransportError(f"Could not read from Redis: {type(exc).__name__}: {exc}") from exc
+
+    async def _receive(self, keys: list[str], max_count: int, wait: float) -> list[Envelope]:
+        await self._flush_acks()
+        for key in keys:
+            await self._ensure_group(key)
+        taken: list[Envelope] = []
+        while self._again and len(taken) < max_count:
+            taken.append(self._again.popleft())
+        for key in keys:  # own pending entries first, once per start
+            if key not in self._own_pending_read and len(taken) < max_count:
+                entries = await self._read({key: "0"}, max_count - len(taken), None)
+                if len(entries) < max_count - len(taken):
+                    self._own_pending_read.add(key)
+                taken.extend(await self._with_counts(key, entries))
+        if time.monotonic() - self._last_claim >= self.claim_interval and len(taken) < max_count:
+            self._last_claim = time.monotonic()
+            for key in keys:
+                taken.extend(await self._claim(key, max_count - len(taken)))
+        if not taken:
+            block = max(1, int(wait * 1000)) if wait > 0 else None
+            fresh = await self._read(dict.fromkeys(keys, ">"), max_count, block)
+            taken.extend(self._envelope(key, entry_id, fields, 1) for key, entry_id, fields in fresh)
+        return await self._skip_done(taken)
+
+    async def _read(
+        self, streams: dict[str, str], count: int, block: int | None
+    ) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
+        reply = await self.client.xreadgroup(self.group, self.consumer, streams, count=count, block=block)
+        found: list[tuple[str, bytes, dict[bytes, bytes]]] = []
+        for stream, entries in reply or []:
+            key = stream.decode() if isinstance(stream, bytes) else stream
+            found.extend((key, entry_id, fields) for entry_id, fields in entries if fields)
+        return found
+
+    async def _with_counts(
+        self, key: str, entries: list[tuple[str, bytes, dict[bytes, bytes]]]
+    ) -> list[Envelope]:
+        if not entries:
+            return []
+        pending = await self.client.xpending_range(
+            key,
+            self.group,
+            min=entries[0][1],
+            max=entries[-1][1],
+            count=len(entries),
+            consumername=self.consumer,
+        )
+        counts = {item["message_id"]: item["times_delivered"] for item in pending}
+        return [
+            self._envelope(key, entry_id, fields, counts.get(entry_id, 1)) for _, entry_id, fields in entries
+        ]
+
+    async def _claim(self, key: str, count: int) -> list[Envelope]:
+        if count <= 0:
+            return []
+        reply = await self.client.xautoclaim(
+            key,
+            self.group,
+            self.consumer,
+            min_idle_time=int(self.claim_idle * 1000),
+            start_id="0-0",
+            count=count,
+        )
+        entries = [(key, entry_id, fields) for entry_id, fields in reply[1] if fields]
+        return await self._with_counts(key, entries)
+
+    def _envelope(self, key: str, entry_id: bytes, fields: dict[bytes, bytes], attempt: int) -> Envelope:
+        def text(field: str) -> str:
+            return fields.get(field.encode(), b"").decode()
+
+        kind: Kind = (
+            "command" if text("kind") == "command" else "query" if text("kind") == "query" else "event"
+        )
+        return Envelope(
+            kind=kind,
+            name=text("name") or key.removeprefix(self.prefix),
+            body=fields.get(b"body", b""),
+            message_id=text("message_id") or entry_id.decode(),
+            correlation_id=text("correlation_id") or entry_id.decode(),
+            causation_id=text("causation_id") or None,
+            attempt=attempt,
+            receipt=(key, entry_id),
+        )
+
+    def _done_key(self, envelope: Envelope) -> str:
+        return f"{self.prefix}done:{self.group}:{envelope.message_id}"
+
+    async def _skip_done(self, envelopes: list[Envelope]) -> list[Envelope]:
+        """Ack, without handling, what was already handled or is in hand (a message sent twice).
+
+        Redis remembers handled ids for `dedupe_window`, across processes; this
+        process also knows the ids it holds, for a copy that arrives while the
+        first is still being handled.
+        """
+        if not envelopes:
+            return envelopes
+        done = await self.client.mget([self._done_key(envelope) for envelope in envelopes])
+        fresh = []
+        for envelope, seen in zip(envelopes, done, strict=True):
+            retried = envelope.attempt > 1 and envelope.message_id in self._in_hand
+            if seen is None and (retried or envelope.message_id not in self._in_hand):
+                fresh.append(envelope)
+                self._in_hand.add(envelope.message_id)
+            else:
+                self._acks.append(envelope)
+        return fresh
+
+    # -- outcomes ----------------------------------------------------------------------
+
+    async def ack(self, envelope: Envelope) -> None:
+        self._acks.append(envelope)
+        if len(self._acks) >= 100:
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        if not self._acks:
+            return
+        acks, self._acks = self._acks, []
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for envelope in acks:
+                    key, entry_id = _receipt(envelope)
+                    pipe.set(self._done_key(envelope), b"1", ex=int(self.dedupe_window), nx=True)
+                    pipe.xack(key, self.group, entry_id)
+                await pipe.execute()
+        except RedisError as exc:
+            self._acks[:0] = acks  # keep them: acked on the next flush
+            raise TransportError(f"Could not ack {len(acks)} message(s): {exc}") from exc
+        self._in_hand.difference_update(envelope.message_id for envelope in acks)
+
+    async def retry(self, envelope: Envelope, error: BaseException) -> None:
+        key, entry_id = _receipt(envelope)
+        try:
+            claimed = await self.client.xclaim(
+                key, self.group, self.consumer, min_idle_time=0, message_ids=[entry_id]
+            )
+        except RedisError as exc:
+            raise TransportError(f"Could not hand back {envelope.name}: {exc}") from exc
+        for claimed_id, fields in claimed:
+            if fields:
+                self._again.append(self._envelope(key, claimed_id, fields, envelope.attempt + 1))
+
+    async def dead_letter(self, envelope: Envelope, reason: str) -> None:
+        key, entry_id = _receipt(envelope)
+        fields: dict[str, Any] = {field: getattr(envelope, field) or "" for field in _FIELDS}
+        fields.update(
+            reason=reason, attempt=str(envelope.attempt), stream=key, entry_id=entry_id, group=self.group
+        )
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.dead_key, fields)
+                pipe.xack(key, self.group, entry_id)
+                await pipe.execute()
+        except RedisError as exc:
+            raise TransportError(f"Could not dead-letter {envelope.name}: {exc}") from exc
+        self._in_hand.discard(envelope.message_id)
+
+    # -- dead letters --------------------------------------------------------------------
+
+    async def dead_letters(self, count: int = 100) -> list[tuple[str, DeadLetter]]:
+        """The oldest `count` dead letters, with their ids in the dead-letter stream."""
+        entries = await self.client.xrange(self.dead_key, "-", "+", count=count)
+        found = []
+        for entry_id, fields in entries:
+            envelope = self._envelope(
+                fields[b"stream"].decode(), fields[b"entry_id"], fields, int(fields[b"attempt"])
+            )
+            found.append((entry_id.decode(), DeadLetter(envelope, fields[b"reason"].decode())))
+        return found
+
+    async def requeue(self, dead_id: str) -> str:
+        """Send a dead letter again as a new entry (attempts start over); remove it from the dead letters."""
+        for entry_id, letter in await self.dead_letters(count=10_000):
+            if entry_id == dead_id:
+                new_id = await self.send(letter.envelope)
+                await self.client.xdel(self.dead_key, dead_id)
+                return new_id
+        raise TransportError(f"No dead letter {dead_id!r} in {self.dead_key}")
+
+    async def purge(self) -> int:
+        """Delete every dead letter; return how many there were."""
+        count = int(await self.client.xlen(self.dead_key))
+        await self.client.delete(self.dead_key)
+        return count
+
+    async def aclose(self) -> None:
+        try:
+            await self._flush_acks()
+        finally:
+            await self.client.aclose()
+
+
+def _receipt(envelope: Envelope) -> tuple[str, bytes]:
+    receipt = envelope.receipt
+    assert isinstance(receipt, tuple)  # (stream key, entry id), set by RedisTransport
+    key, entry_id = receipt
+    return key, entry_id
+
+
+def _entry_order(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    milliseconds, _, sequence = text.partition("-")
+    return int(milliseconds), int(sequence or 0)
