@@ -214,6 +214,21 @@ def _exec(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- worker ---------------------------------------------------------------------
+
+
+def _worker(args: argparse.Namespace) -> int:
+    dp = load_dispatcher(args.app)
+    if dp.transport is None:
+        raise UsageError(
+            f"{args.app} has no transport: build it with Dispatcher(transport=...) and dp.route(...)"
+        )
+    unhandled = asyncio.run(dp.serve(drain_timeout=args.drain_timeout, concurrency=args.concurrency))
+    if unhandled:
+        print(f"pybus: stopped; {unhandled} message(s) left for other workers", file=sys.stderr)
+    return 0
+
+
 # -- entry point ----------------------------------------------------------------
 
 
@@ -231,6 +246,14 @@ def parser() -> argparse.ArgumentParser:
     graph.add_argument("app", help=app_help)
     graph.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")
     graph.set_defaults(run=_graph)
+
+    work = commands.add_parser("worker", help="consume the app's routed messages until SIGTERM or SIGINT")
+    work.add_argument("app", help=app_help)
+    work.add_argument("--concurrency", type=int, default=4, help="messages handled at a time (default 4)")
+    work.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds to finish handlings in flight on a signal"
+    )
+    work.set_defaults(run=_worker)
 
     run = commands.add_parser("exec", help="build a message from JSON and execute, query or publish it")
     run.add_argument("app", help=app_help)

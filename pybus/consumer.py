@@ -52,7 +52,9 @@ class Consumer:
         self.concurrency = concurrency
         self.max_deliveries = max_deliveries
         self.wait = wait
+        self.pause_after_error = 0.5
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._receiving: asyncio.Task[list[Envelope]] | None = None
         self._stopping = asyncio.Event()
         self.handled = 0
         self.failed = 0
@@ -65,7 +67,19 @@ class Consumer:
             if free <= 0:
                 await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            envelopes = await self.transport.receive(self.names, max_count=free, wait=self.wait)
+            self._receiving = asyncio.get_running_loop().create_task(
+                self.transport.receive(self.names, max_count=free, wait=self.wait)
+            )
+            try:
+                envelopes = await self._receiving
+            except asyncio.CancelledError:
+                if self._stopping.is_set() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    break  # stop() interrupted a blocking read: what it had taken stays pending
+                raise
+            except Exception as exc:  # the broker is away: report, wait a little, read again
+                self._report(exc, None)
+                await asyncio.sleep(self.pause_after_error)
+                continue
             for envelope in envelopes:
                 task = asyncio.get_running_loop().create_task(self._process(envelope))
                 self._in_flight.add(task)
@@ -75,16 +89,28 @@ class Consumer:
         """Stop reading, let handlings in flight finish (at most `drain_timeout` s), then
         cancel the rest, which go back to the transport. Returns how many were cancelled."""
         self._stopping.set()
-        if not self._in_flight:
-            return 0
-        _, cancelled = await asyncio.wait(set(self._in_flight), timeout=drain_timeout)
-        for task in cancelled:
-            task.cancel()
-        if cancelled:
-            await asyncio.wait(cancelled)
+        if self._receiving is not None:
+            self._receiving.cancel()
+        cancelled: set[asyncio.Task[None]] = set()
+        if self._in_flight:
+            _, cancelled = await asyncio.wait(set(self._in_flight), timeout=drain_timeout)
+            for task in cancelled:
+                task.cancel()
+            if cancelled:
+                await asyncio.wait(cancelled)
+        await self.transport.flush()
         return len(cancelled)
 
     async def _process(self, envelope: Envelope) -> None:
+        try:
+            await self._handle_one(envelope)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # an ack, retry or dead-letter the broker refused
+            # Not acked: the transport delivers it again (a broker reclaims it).
+            self._report(exc, envelope)
+
+    async def _handle_one(self, envelope: Envelope) -> None:
         try:
             message = self.codec.decode(envelope.name, envelope.body)
         except DecodeError as exc:

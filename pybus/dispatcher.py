@@ -301,7 +301,10 @@ class Dispatcher:
             if consumer is not None and reading is not None:
                 cancelled = await consumer.stop(drain_timeout)
                 await reading
-        return cancelled + await self.stop(timeout=drain_timeout)
+        unhandled = cancelled + await self.stop(timeout=drain_timeout)
+        if consumer is not None and self.transport is not None:
+            await self.transport.aclose()  # serve() ran the consumer: nothing uses the transport now
+        return unhandled
 
     def statistics(self) -> Statistics:
         """A frozen snapshot of each engine's queued, in-flight, handled and failed counts."""

@@ -55,8 +55,9 @@ class RedisTransport(Transport):
     """Redis Streams transport. `group` is the service; `consumer` names this process.
 
     A consumer restarted under the same name handles its own pending entries
-    first. `block` is how long one read waits for new entries (the client's
-    socket timeout is set above it).
+    first. Acks are sent in batches of `ack_batch` (and before every read), so a
+    consumer killed between a handling and its ack leaves at most about that many
+    plus its concurrency to be handled again.
     """
 
     def __init__(
@@ -71,8 +72,10 @@ class RedisTransport(Transport):
         max_len: int | None = None,
         dedupe_window: float = 3600.0,
         timeout: float = 5.0,
+        ack_batch: int = 16,
     ) -> None:
         self.group = group
+        self.ack_batch = ack_batch
         self.consumer = consumer or _default_consumer()
         self.prefix = prefix
         self.claim_idle = claim_idle
@@ -266,8 +269,12 @@ class RedisTransport(Transport):
 
     async def ack(self, envelope: Envelope) -> None:
         self._acks.append(envelope)
-        if len(self._acks) >= 100:
+        if len(self._acks) >= self.ack_batch:
             await self._flush_acks()
+
+    async def flush(self) -> None:
+        """Send the acks buffered so far."""
+        await self._flush_acks()
 
     async def _flush_acks(self) -> None:
         if not self._acks:

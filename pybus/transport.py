@@ -78,6 +78,9 @@ class Transport:
         """Stop delivering `envelope` and keep it, with `reason`, among the dead letters."""
         raise NotImplementedError
 
+    async def flush(self) -> None:
+        """Make buffered outcomes (acks) durable now; nothing to do by default."""
+
     async def aclose(self) -> None:
         """Release connections; nothing to do by default."""
 

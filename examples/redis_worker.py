@@ -1,0 +1,79 @@
+"""A producer and a worker process over Redis Streams.
+
+Start a worker (as many as you like; each needs its own PYBUS_CONSUMER name):
+
+    REDIS_URL=redis://localhost:6379/0 uv run pybus worker examples.redis_worker:create_worker
+
+then produce jobs:
+
+    REDIS_URL=redis://localhost:6379/0 uv run python examples/redis_worker.py 1000
+
+Each job records its effect in the Redis hash `effects` (job number -> times
+handled), so you can see that every job took effect once. Needs pybus[redis].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from pybus import Dispatcher, Event, Singleton
+from pybus.redis_streams import RedisTransport
+
+
+@dataclass(frozen=True)
+class Job(Event):
+    n: int
+    seconds: float = 0.0
+
+
+def redis_url() -> str:
+    return os.environ.get("REDIS_URL", "redis://localhost:6379/0")
+
+
+async def effects_client() -> AsyncIterator[Any]:
+    """The worker's own connection for recording effects, closed when the worker stops."""
+    client = aioredis.Redis.from_url(redis_url())
+    yield client
+    await client.aclose()
+
+
+def create_worker() -> Dispatcher:
+    transport = RedisTransport(
+        redis_url(),
+        group="jobs",
+        consumer=os.environ.get("PYBUS_CONSUMER"),
+        claim_idle=float(os.environ.get("PYBUS_CLAIM_IDLE", "30")),
+        claim_interval=float(os.environ.get("PYBUS_CLAIM_INTERVAL", "1")),
+    )
+    dp = Dispatcher(transport=transport)
+    dp.route(Job)
+
+    @dp.events.register(Job, effects=Singleton(effects_client))
+    async def do_job(job: Job, effects: Any) -> None:
+        if job.seconds:
+            await asyncio.sleep(job.seconds)
+        await effects.hincrby("effects", str(job.n), 1)
+
+    return dp
+
+
+async def produce(count: int, seconds: float = 0.0) -> None:
+    dp = Dispatcher(transport=RedisTransport(redis_url(), group="producer"))
+    dp.route(Job)
+    async with dp:
+        for n in range(count):
+            await dp.publish(Job(n, seconds))
+    assert dp.transport is not None
+    await dp.transport.aclose()
+    print(f"sent {count} jobs")
+
+
+if __name__ == "__main__":
+    asyncio.run(produce(int(sys.argv[1]) if len(sys.argv) > 1 else 100))
