@@ -6,6 +6,8 @@ returns one::
     pybus routes app.bus:dp [--json]
     pybus graph app.bus:create_dispatcher --format mermaid|dot
     pybus exec app.bus:dp PlaceOrder '{"customer": "ada", "sku": "book-1"}'
+    pybus worker app.bus:dp [--concurrency 4] [--drain-timeout 30]
+    pybus dlq app.bus:dp list|requeue ID...|purge
 
 Exit codes: 0 success, 1 the handler failed, 2 the command line was wrong
 (a bad import path, an unknown message name, JSON that does not fit).
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from pybus.dispatcher import Dispatcher
-from pybus.errors import Kind, key_name
+from pybus.errors import Kind, PyBusError, key_name
 from pybus.routes import Route, message_flow, registrations, routes
 
 
@@ -229,6 +231,37 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- dead letters -----------------------------------------------------------------
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    transport = load_dispatcher(args.app).transport
+    dead_letters = getattr(transport, "dead_letters", None)
+    if transport is None or dead_letters is None:
+        raise UsageError(f"{args.app} has no transport that keeps dead letters (RedisTransport does)")
+    return asyncio.run(_dlq_run(transport, args))
+
+
+async def _dlq_run(transport: Any, args: argparse.Namespace) -> int:
+    try:
+        if args.action == "list":
+            for dead_id, letter in await transport.dead_letters(count=args.count):
+                envelope = letter.envelope
+                first_line = letter.reason.splitlines()[0] if letter.reason else ""
+                attempts, message_id = f"attempts={envelope.attempt}", f"id={envelope.message_id}"
+                print("  ".join((dead_id, envelope.name, attempts, message_id, first_line)))
+        elif args.action == "requeue":
+            for dead_id in args.ids:
+                print(f"{dead_id} -> {await transport.requeue(dead_id)}")
+        else:
+            print(f"purged {await transport.purge()} dead letter(s)")
+    except PyBusError as exc:
+        raise UsageError(str(exc)) from exc
+    finally:
+        await transport.aclose()
+    return 0
+
+
 # -- entry point ----------------------------------------------------------------
 
 
@@ -254,6 +287,16 @@ def parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=30.0, help="seconds to finish handlings in flight on a signal"
     )
     work.set_defaults(run=_worker)
+
+    dlq = commands.add_parser("dlq", help="list, re-queue or purge dead-lettered messages")
+    dlq.add_argument("app", help=app_help)
+    actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listed = actions.add_parser("list", help="the oldest dead letters")
+    listed.add_argument("--count", type=int, default=100)
+    requeued = actions.add_parser("requeue", help="send dead letters again (attempts start over)")
+    requeued.add_argument("ids", nargs="+", help="ids printed by `pybus dlq APP list`")
+    actions.add_parser("purge", help="delete every dead letter")
+    dlq.set_defaults(run=_dlq)
 
     run = commands.add_parser("exec", help="build a message from JSON and execute, query or publish it")
     run.add_argument("app", help=app_help)

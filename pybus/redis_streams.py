@@ -24,6 +24,7 @@ redis-py is imported here only; install `pybus[redis]`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -38,6 +39,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from pybus.errors import Kind, PyBusError
 from pybus.transport import DeadLetter, Envelope, Transport
+
+logger = logging.getLogger("pybus")
 
 
 class TransportError(PyBusError):
@@ -99,6 +102,7 @@ class RedisTransport(Transport):
         self._acks: list[Envelope] = []
         self._last_claim = 0.0
         self._sends = 0
+        self._checked = False
         self._in_hand: set[str] = set()  # message ids taken and not yet acked or dead-lettered
 
     def _key(self, name: str) -> str:
@@ -143,6 +147,27 @@ class RedisTransport(Transport):
 
     # -- consuming ---------------------------------------------------------------------
 
+    async def check_durability(self) -> list[str]:
+        """Warn (on the `pybus` logger) when the server is configured to lose acknowledged
+        entries; return the warnings. Run once, at the first read."""
+        warnings = []
+        config = await self.client.config_get("appendonly")
+        if config.get(b"appendonly", config.get("appendonly")) in (b"no", "no"):
+            warnings.append(
+                "Redis runs with appendonly no: entries written since the last snapshot are lost "
+                "if redis-server dies; set appendonly yes (appendfsync everysec) for durable delivery"
+            )
+        policy = await self.client.config_get("maxmemory-policy")
+        value = policy.get(b"maxmemory-policy", policy.get("maxmemory-policy"))
+        if value not in (b"noeviction", "noeviction", None):
+            warnings.append(
+                f"Redis evicts keys under memory pressure (maxmemory-policy {value!r}): a whole stream "
+                "can disappear; use noeviction for streams"
+            )
+        for text in warnings:
+            logger.warning("pybus: %s", text)
+        return warnings
+
     async def _ensure_group(self, key: str) -> None:
         if key in self._groups_ready:
             return
@@ -160,6 +185,12 @@ class RedisTransport(Transport):
             raise TransportError(f"Could not read from Redis: {type(exc).__name__}: {exc}") from exc
 
     async def _receive(self, keys: list[str], max_count: int, wait: float) -> list[Envelope]:
+        if not self._checked:
+            self._checked = True
+            try:
+                await self.check_durability()
+            except ResponseError:  # CONFIG may be disabled (managed Redis): nothing to tell
+                pass
         await self._flush_acks()
         for key in keys:
             await self._ensure_group(key)

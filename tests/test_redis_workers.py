@@ -161,3 +161,42 @@ async def produce_with(url: str, count: int, seconds: float) -> None:
         await produce(count, seconds)
     finally:
         del os.environ["REDIS_URL"]
+
+
+def test_dlq_command_lists_requeues_and_purges(server: tuple[str, Any]) -> None:
+    url, _ = server
+    client: Any = redis.Redis.from_url(url)
+    fields = {
+        "kind": "event",
+        "name": "examples.redis_worker.Job",
+        "body": b"{broken",
+        "message_id": "m1",
+    }
+    client.xadd("pybus:examples.redis_worker.Job", fields)
+    client.close()
+    env = {**os.environ, "REDIS_URL": url}
+
+    def pybus_dlq(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(SCRIPT), "dlq", "examples.redis_worker:create_worker", *args],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    worker = start_worker(url, "dlq", concurrency=2)
+    try:
+        wait_for(lambda: "m1" in pybus_dlq("list").stdout, 20, "the undecodable entry to be dead-lettered")
+    finally:
+        stop(worker)
+    listed = pybus_dlq("list")
+    assert listed.returncode == 0, listed.stderr
+    (line,) = listed.stdout.splitlines()
+    dead_id = line.split()[0]
+    assert "examples.redis_worker.Job  attempts=1  id=m1  Cannot decode a message named" in line
+    requeued = pybus_dlq("requeue", dead_id)
+    assert requeued.returncode == 0, requeued.stderr
+    assert requeued.stdout.startswith(f"{dead_id} -> ")
+    assert pybus_dlq("list").stdout == ""
+    assert pybus_dlq("purge").stdout == "purged 0 dead letter(s)\n"
+    missing = pybus_dlq("requeue", "1-1")
+    assert missing.returncode == 2
+    assert "No dead letter '1-1'" in missing.stderr
