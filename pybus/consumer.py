@@ -62,9 +62,12 @@ class Consumer:
 
     async def run(self) -> None:
         """Receive and handle until `stop()`; returns once reading has stopped."""
+        refill = max(1, self.concurrency // 2)
         while not self._stopping.is_set():
             free = self.concurrency - len(self._in_flight)
-            if free <= 0:
+            if free < refill:
+                # Read again when half the slots are free, not for every slot that
+                # frees up: one round trip per batch, not per message.
                 await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
                 continue
             self._receiving = asyncio.get_running_loop().create_task(

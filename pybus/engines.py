@@ -53,6 +53,7 @@ class EventEngine:
         # Routed events go to the transport instead of the local handlers
         # (which `deliver` runs, for messages that came from the transport).
         self._routed = routed
+        self._local: dict[type, tuple[CallPlan, ...]] = {}  # local_plans, by class
         self._forward: tuple[CallPlan, ...] = ()
         if forward is not None:
             self._forward = (CallPlan(route_record("event", forward, "transport"), forward, True, None),)
@@ -86,6 +87,7 @@ class EventEngine:
         if plans:
             self._exact[key] = plans
         self._plans.clear()
+        self._local.clear()
         self._fast_all.clear()
         self.wanted.clear()
         self._resolve_registered()
@@ -106,7 +108,11 @@ class EventEngine:
         """The handlers of this process for `key` (a class or string), routed or not."""
         if not isinstance(key, type):
             return self._exact.get(key, _NO_PLANS)
-        return tuple(chain.from_iterable(self._exact.get(base, _NO_PLANS) for base in key.__mro__))
+        found = self._local.get(key)
+        if found is None:
+            found = tuple(chain.from_iterable(self._exact.get(base, _NO_PLANS) for base in key.__mro__))
+            self._local[key] = found
+        return found
 
     def _resolve(self, message: object) -> tuple[CallPlan, ...]:
         if isinstance(message, str):

@@ -7,14 +7,16 @@ How each rule of `pybus.transport` is kept on Redis (see docs/transports.md):
   so a restarted consumer never strands its work; then entries idle longer than
   `claim_idle` in other consumers (`XAUTOCLAIM`, every `claim_interval`, no lock:
   the idle check is atomic); then new entries (`XREADGROUP ... >`, blocking).
-- ack: `XACK` after the handling succeeded, batched; the message id is recorded
-  as done (`SET NX EX`) in the same pipeline, and a received message whose id is
-  recorded is acked without being handled again, so a message published twice
-  takes effect once within `dedupe_window`.
+- ack: `XACK` after the handling succeeded, batched (one XACK per stream per
+  batch); the message ids are recorded as done in the same pipeline (a sorted set
+  per group, scored by time), and a received message whose id is recorded is
+  acked without being handled again, so a message published twice takes effect
+  once within `dedupe_window`.
 - retry: the entry is claimed again at once (`XCLAIM`), which raises its delivery count.
 - dead_letter: `XADD` to `{prefix}dead` and `XACK`, in one `MULTI/EXEC`.
-- send: one `XADD`; the client's own retries are off (a retried XADD can write an
-  entry twice), so a send either returns the entry id or raises `TransportError`.
+- send: `XADD`, the sends of one turn of the event loop in one pipeline; the
+  client's own retries are off (a retried XADD can write an entry twice), so a
+  send either returns the entry id or raises `TransportError` within `timeout`.
 - retention: with `max_len`, streams are trimmed with `XTRIM MINID` below the
   oldest entry any group still has pending or has not read, never above it.
 
@@ -103,7 +105,11 @@ class RedisTransport(Transport):
         self._last_claim = 0.0
         self._sends = 0
         self._checked = False
+        self._outbox: list[tuple[str, dict[str, Any], asyncio.Future[str]]] = []
+        self._writing: set[asyncio.Task[None]] = set()
         self._in_hand: set[str] = set()  # message ids taken and not yet acked or dead-lettered
+        self._done_key = f"{prefix}done:{group}"
+        self._flushes = 0
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}{name}"
@@ -111,11 +117,15 @@ class RedisTransport(Transport):
     # -- producing ---------------------------------------------------------------------
 
     async def send(self, envelope: Envelope) -> str:
+        """XADD the envelope; sends made in the same turn of the event loop share one pipeline."""
         key = self._key(envelope.name)
         fields = {field: getattr(envelope, field) or "" for field in _FIELDS}
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._start_flush)
+        self._outbox.append((key, fields, waiter))
         try:
-            async with asyncio.timeout(self.timeout):
-                entry = await self.client.xadd(key, fields)
+            entry = await waiter
         except (RedisError, TimeoutError) as exc:
             raise TransportError(
                 f"Could not write {envelope.name} (message id {envelope.message_id}) to Redis within "
@@ -125,7 +135,29 @@ class RedisTransport(Transport):
         self._sends += 1
         if self.max_len is not None and self._sends % 100 == 0:
             await self.trim(key)
-        return entry.decode() if isinstance(entry, bytes) else str(entry)
+        return entry
+
+    def _start_flush(self) -> None:
+        batch, self._outbox = self._outbox, []
+        task = asyncio.get_running_loop().create_task(self._write(batch))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _write(self, batch: list[tuple[str, dict[str, Any], asyncio.Future[str]]]) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for key, fields, _ in batch:
+                        pipe.xadd(key, fields)
+                    entries = await pipe.execute()
+        except (RedisError, TimeoutError) as exc:
+            for _, _, waiter in batch:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        for (_, _, waiter), entry in zip(batch, entries, strict=True):
+            if not waiter.done():
+                waiter.set_result(entry.decode() if isinstance(entry, bytes) else str(entry))
 
     async def trim(self, key: str) -> None:
         """Trim `key` to about `max_len` entries, never past what a group still needs."""
@@ -273,19 +305,17 @@ class RedisTransport(Transport):
             receipt=(key, entry_id),
         )
 
-    def _done_key(self, envelope: Envelope) -> str:
-        return f"{self.prefix}done:{self.group}:{envelope.message_id}"
-
     async def _skip_done(self, envelopes: list[Envelope]) -> list[Envelope]:
         """Ack, without handling, what was already handled or is in hand (a message sent twice).
 
-        Redis remembers handled ids for `dedupe_window`, across processes; this
-        process also knows the ids it holds, for a copy that arrives while the
-        first is still being handled.
+        Redis remembers the ids handled in the last `dedupe_window` seconds in one
+        sorted set per group (scored by time), across processes; this process
+        also knows the ids it holds, for a copy that arrives while the first is
+        still being handled.
         """
         if not envelopes:
             return envelopes
-        done = await self.client.mget([self._done_key(envelope) for envelope in envelopes])
+        done = await self.client.zmscore(self._done_key, [envelope.message_id for envelope in envelopes])
         fresh = []
         for envelope, seen in zip(envelopes, done, strict=True):
             retried = envelope.attempt > 1 and envelope.message_id in self._in_hand
@@ -311,12 +341,21 @@ class RedisTransport(Transport):
         if not self._acks:
             return
         acks, self._acks = self._acks, []
+        by_stream: dict[str, list[bytes]] = {}
+        for envelope in acks:
+            key, entry_id = _receipt(envelope)
+            by_stream.setdefault(key, []).append(entry_id)
+        now = time.time()
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for envelope in acks:
-                    key, entry_id = _receipt(envelope)
-                    pipe.set(self._done_key(envelope), b"1", ex=int(self.dedupe_window), nx=True)
-                    pipe.xack(key, self.group, entry_id)
+                # The done marks first: a crash between the two commands re-delivers
+                # a message that will then be recognised as done, never the reverse.
+                pipe.zadd(self._done_key, {envelope.message_id: now for envelope in acks}, nx=True)
+                for key, entry_ids in by_stream.items():
+                    pipe.xack(key, self.group, *entry_ids)
+                self._flushes += 1
+                if self._flushes % 100 == 1:
+                    pipe.zremrangebyscore(self._done_key, "-inf", now - self.dedupe_window)
                 await pipe.execute()
         except RedisError as exc:
             self._acks[:0] = acks  # keep them: acked on the next flush
