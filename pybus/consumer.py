@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 
@@ -53,7 +54,12 @@ class Consumer:
         self.max_deliveries = max_deliveries
         self.wait = wait
         self.pause_after_error = 0.5
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._queue: deque[Envelope] = deque()  # read, not started
+        self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for an envelope
+        self._workers: list[asyncio.Task[None]] = []
+        self._busy = 0
+        self._slot_freed = asyncio.Event()
+        self._all_idle = asyncio.Event()
         self._receiving: asyncio.Task[list[Envelope]] | None = None
         self._stopping = asyncio.Event()
         self.handled = 0
@@ -61,16 +67,23 @@ class Consumer:
         self.dead_lettered = 0
 
     async def run(self) -> None:
-        """Receive and handle until `stop()`; returns once reading has stopped."""
+        """Receive and handle until `stop()`; returns once reading has stopped.
+
+        `concurrency` long-lived tasks handle what a reading loop puts in a local
+        queue; the loop reads again when half the slots are free (one round trip
+        per batch, not per message), so the consumer never holds more than
+        `concurrency` messages.
+        """
+        loop = asyncio.get_running_loop()
+        self._workers = [loop.create_task(self._work()) for _ in range(self.concurrency)]
         refill = max(1, self.concurrency // 2)
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._in_flight)
+            free = self.concurrency - len(self._queue) - self._busy
             if free < refill:
-                # Read again when half the slots are free, not for every slot that
-                # frees up: one round trip per batch, not per message.
-                await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
                 continue
-            self._receiving = asyncio.get_running_loop().create_task(
+            self._receiving = loop.create_task(
                 self.transport.receive(self.names, max_count=free, wait=self.wait)
             )
             try:
@@ -83,26 +96,57 @@ class Consumer:
                 self._report(exc, None)
                 await asyncio.sleep(self.pause_after_error)
                 continue
-            for envelope in envelopes:
-                task = asyncio.get_running_loop().create_task(self._process(envelope))
-                self._in_flight.add(task)
-                task.add_done_callback(self._in_flight.discard)
+            self._queue.extend(envelopes)
+            for _ in envelopes:
+                self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _work(self) -> None:
+        queue = self._queue
+        while True:
+            while not queue:
+                waiter = asyncio.get_running_loop().create_future()
+                self._idle.append(waiter)
+                await waiter
+            envelope = queue.popleft()
+            self._busy += 1
+            try:
+                await self._process(envelope)
+            finally:
+                self._busy -= 1
+                self._slot_freed.set()
+                if self._busy == 0 and not queue:
+                    self._all_idle.set()
 
     async def stop(self, drain_timeout: float | None = None) -> int:
-        """Stop reading, let handlings in flight finish (at most `drain_timeout` s), then
-        cancel the rest, which go back to the transport. Returns how many were cancelled."""
+        """Stop reading, give back what was read but not started, let handlings in flight
+        finish (at most `drain_timeout` s), cancel the rest, which go back to the
+        transport too, and send the acks. Returns how many were given back."""
         self._stopping.set()
         if self._receiving is not None:
             self._receiving.cancel()
-        cancelled: set[asyncio.Task[None]] = set()
-        if self._in_flight:
-            _, cancelled = await asyncio.wait(set(self._in_flight), timeout=drain_timeout)
-            for task in cancelled:
-                task.cancel()
-            if cancelled:
-                await asyncio.wait(cancelled)
+        given_back = len(self._queue)
+        while self._queue:
+            await self.transport.retry(self._queue.popleft(), asyncio.CancelledError())
+        if self._busy:
+            self._all_idle.clear()
+            try:
+                async with asyncio.timeout(drain_timeout):
+                    await self._all_idle.wait()
+            except TimeoutError:
+                given_back += self._busy
+        for worker in self._workers:
+            worker.cancel()
+        if self._workers:
+            await asyncio.wait(self._workers)
         await self.transport.flush()
-        return len(cancelled)
+        return given_back
 
     async def _process(self, envelope: Envelope) -> None:
         try:

@@ -10,6 +10,7 @@ reads the routed messages this process has handlers for.
 from __future__ import annotations
 
 import functools
+import itertools
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -32,6 +33,10 @@ class Routing:
         self.routes: dict[object, tuple[str, Kind | None]] = {}
         self.codec: JsonCodec | None = None
         self.closed = False
+        # Message ids: random per process, then a counter (a uuid4 per message costs
+        # more than the rest of a send).
+        self._id_prefix = f"{uuid.uuid4().hex}-"
+        self._ids = itertools.count(1)
 
     def add(self, key: object, name: str | None, kind: Kind | None) -> None:
         if key is str or not isinstance(key, type | str):
@@ -66,7 +71,7 @@ class Routing:
         if transport is None or codec is None:  # pragma: no cover - attach() sets both with the routes
             raise ImproperlyConfigured("No transport is attached")
         parent = current_envelope.get()
-        message_id = uuid.uuid4().hex
+        message_id = f"{self._id_prefix}{next(self._ids):x}"
         await transport.send(
             Envelope(
                 kind=kind,
