@@ -58,6 +58,7 @@ class Consumer:
         self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for an envelope
         self._workers: list[asyncio.Task[None]] = []
         self._busy = 0
+        self._refill = max(1, concurrency // 2)
         self._slot_freed = asyncio.Event()
         self._all_idle = asyncio.Event()
         self._receiving: asyncio.Task[list[Envelope]] | None = None
@@ -76,10 +77,9 @@ class Consumer:
         """
         loop = asyncio.get_running_loop()
         self._workers = [loop.create_task(self._work()) for _ in range(self.concurrency)]
-        refill = max(1, self.concurrency // 2)
         while not self._stopping.is_set():
             free = self.concurrency - len(self._queue) - self._busy
-            if free < refill:
+            if free < self._refill:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
@@ -120,7 +120,8 @@ class Consumer:
                 await self._process(envelope)
             finally:
                 self._busy -= 1
-                self._slot_freed.set()
+                if self.concurrency - len(queue) - self._busy >= self._refill:
+                    self._slot_freed.set()  # the reader waits for half the slots, not each one
                 if self._busy == 0 and not queue:
                     self._all_idle.set()
 

@@ -191,7 +191,11 @@ class EventEngine:
     async def deliver(self, event: object) -> None:
         """Run this process's handlers of an event that came from the transport, then its
         follow-ups (routed follow-ups go to the transport). Raises like `publish`."""
-        await self._run(event, self.local_plans(message_key(event)))
+        plans = self.local_plans(message_key(event))
+        if self.observer is None:
+            await self._publish_observed(event, plans, None)
+        else:
+            await self._run(event, plans)
 
     async def _run(self, event: object, plans: tuple[CallPlan, ...]) -> None:
         observer = self.observer

@@ -7,11 +7,14 @@ How each rule of `pybus.transport` is kept on Redis (see docs/transports.md):
   so a restarted consumer never strands its work; then entries idle longer than
   `claim_idle` in other consumers (`XAUTOCLAIM`, every `claim_interval`, no lock:
   the idle check is atomic); then new entries (`XREADGROUP ... >`, blocking).
-- ack: `XACK` after the handling succeeded, batched (one XACK per stream per
-  batch); the message ids are recorded as done in the same pipeline (a sorted set
-  per group, scored by time), and a received message whose id is recorded is
-  acked without being handled again, so a message published twice takes effect
-  once within `dedupe_window`.
+- ack: `XACK` after the handling succeeded, batched: one script call per stream
+  records the message ids as done (a sorted set per group, scored by time) and
+  acks the entries; a received message whose id is recorded is acked without
+  being handled again, so a message published twice takes effect once within
+  `dedupe_window`.
+- entries hold two fields: `h`, the header (kind, name, message id, correlation
+  and causation ids) as a JSON array, and `b`, the body; an entry of another
+  shape is handed on as undecodable and dead-lettered.
 - retry: the entry is claimed again at once (`XCLAIM`), which raises its delivery count.
 - dead_letter: `XADD` to `{prefix}dead` and `XACK`, in one `MULTI/EXEC`.
 - send: `XADD`, the sends of one turn of the event loop in one pipeline; the
@@ -34,12 +37,13 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from pybus.errors import Kind, PyBusError
+from pybus.errors import PyBusError
 from pybus.transport import DeadLetter, Envelope, Transport
 
 logger = logging.getLogger("pybus")
@@ -49,7 +53,35 @@ class TransportError(PyBusError):
     """The broker could not be reached or refused a command; the cause is chained."""
 
 
-_FIELDS = ("kind", "name", "body", "message_id", "correlation_id", "causation_id")
+# Marks the ids (ARGV[3], one per line) done at time ARGV[2], acks the entries
+# (ARGV[4], one per line) of stream KEYS[2] in group ARGV[1], and forgets marks
+# older than ARGV[5] when given. The marks come first: a crash in between leaves a
+# message that is recognised as done when it comes again, never the reverse.
+_ACK = """
+for id in string.gmatch(ARGV[3], "[^\\n]+") do
+    redis.call("ZADD", KEYS[1], "NX", ARGV[2], id)
+end
+local entries = {}
+for entry in string.gmatch(ARGV[4], "[^\\n]+") do
+    entries[#entries + 1] = entry
+end
+if #entries > 0 then
+    redis.call("XACK", KEYS[2], ARGV[1], unpack(entries))
+end
+if ARGV[5] ~= "" then
+    redis.call("ZREMRANGEBYSCORE", KEYS[1], "-inf", ARGV[5])
+end
+return #entries
+"""
+
+# For each id of ARGV[1] (one per line): 1 if marked done in KEYS[1], else 0.
+_DONE = """
+local found = {}
+for id in string.gmatch(ARGV[1], "[^\\n]+") do
+    found[#found + 1] = redis.call("ZSCORE", KEYS[1], id) and 1 or 0
+end
+return found
+"""
 
 
 def _default_consumer() -> str:
@@ -105,6 +137,9 @@ class RedisTransport(Transport):
         self._last_claim = 0.0
         self._sends = 0
         self._checked = False
+        self._header = msgspec.json.Encoder()
+        self._ack_script = self.client.register_script(_ACK)
+        self._done_script = self.client.register_script(_DONE)
         self._outbox: list[tuple[str, dict[str, Any], asyncio.Future[str]]] = []
         self._writing: set[asyncio.Task[None]] = set()
         self._in_hand: set[str] = set()  # message ids taken and not yet acked or dead-lettered
@@ -119,7 +154,7 @@ class RedisTransport(Transport):
     async def send(self, envelope: Envelope) -> str:
         """XADD the envelope; sends made in the same turn of the event loop share one pipeline."""
         key = self._key(envelope.name)
-        fields = {field: getattr(envelope, field) or "" for field in _FIELDS}
+        fields = self._fields(envelope)
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._start_flush)
@@ -287,22 +322,30 @@ class RedisTransport(Transport):
         entries = [(key, entry_id, fields) for entry_id, fields in reply[1] if fields]
         return await self._with_counts(key, entries)
 
-    def _envelope(self, key: str, entry_id: bytes, fields: dict[bytes, bytes], attempt: int) -> Envelope:
-        def text(field: str) -> str:
-            return fields.get(field.encode(), b"").decode()
-
-        kind: Kind = (
-            "command" if text("kind") == "command" else "query" if text("kind") == "query" else "event"
+    def _fields(self, envelope: Envelope) -> dict[str, bytes]:
+        """An entry's fields: `h`, the header as a JSON array, and `b`, the body."""
+        header = (
+            envelope.kind,
+            envelope.name,
+            envelope.message_id,
+            envelope.correlation_id,
+            envelope.causation_id,
         )
+        return {"h": self._header.encode(header), "b": envelope.body}
+
+    def _envelope(self, key: str, entry_id: bytes, fields: dict[bytes, bytes], attempt: int) -> Envelope:
+        receipt = (key, entry_id)
+        try:
+            kind, name, message_id, correlation_id, causation_id = msgspec.json.decode(fields[b"h"])
+        except (KeyError, ValueError, msgspec.DecodeError):
+            # Not written by pybus: handed on as it is, the codec dead-letters it.
+            name = key.removeprefix(self.prefix)
+            fallback = entry_id.decode()
+            return Envelope("event", name, fields.get(b"b", b""), fallback, fallback, None, attempt, receipt)
+        if kind not in ("command", "query"):
+            kind = "event"
         return Envelope(
-            kind=kind,
-            name=text("name") or key.removeprefix(self.prefix),
-            body=fields.get(b"body", b""),
-            message_id=text("message_id") or entry_id.decode(),
-            correlation_id=text("correlation_id") or entry_id.decode(),
-            causation_id=text("causation_id") or None,
-            attempt=attempt,
-            receipt=(key, entry_id),
+            kind, name, fields.get(b"b", b""), message_id, correlation_id, causation_id, attempt, receipt
         )
 
     async def _skip_done(self, envelopes: list[Envelope]) -> list[Envelope]:
@@ -315,11 +358,13 @@ class RedisTransport(Transport):
         """
         if not envelopes:
             return envelopes
-        done = await self.client.zmscore(self._done_key, [envelope.message_id for envelope in envelopes])
+        done = await self._done_script(
+            keys=[self._done_key], args=["\n".join(envelope.message_id for envelope in envelopes)]
+        )
         fresh = []
         for envelope, seen in zip(envelopes, done, strict=True):
             retried = envelope.attempt > 1 and envelope.message_id in self._in_hand
-            if seen is None and (retried or envelope.message_id not in self._in_hand):
+            if not seen and (retried or envelope.message_id not in self._in_hand):
                 fresh.append(envelope)
                 self._in_hand.add(envelope.message_id)
             else:
@@ -341,21 +386,27 @@ class RedisTransport(Transport):
         if not self._acks:
             return
         acks, self._acks = self._acks, []
-        by_stream: dict[str, list[bytes]] = {}
+        by_stream: dict[str, list[Envelope]] = {}
         for envelope in acks:
-            key, entry_id = _receipt(envelope)
-            by_stream.setdefault(key, []).append(entry_id)
-        now = time.time()
+            by_stream.setdefault(_receipt(envelope)[0], []).append(envelope)
+        now = int(time.time())
+        self._flushes += 1
+        expire = str(now - int(self.dedupe_window)) if self._flushes % 100 == 1 else ""
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                # The done marks first: a crash between the two commands re-delivers
-                # a message that will then be recognised as done, never the reverse.
-                pipe.zadd(self._done_key, {envelope.message_id: now for envelope in acks}, nx=True)
-                for key, entry_ids in by_stream.items():
-                    pipe.xack(key, self.group, *entry_ids)
-                self._flushes += 1
-                if self._flushes % 100 == 1:
-                    pipe.zremrangebyscore(self._done_key, "-inf", now - self.dedupe_window)
+                for key, envelopes in by_stream.items():
+                    # One script per stream: the ids travel as two arguments, not one each.
+                    await self._ack_script(  # queued in the pipeline
+                        keys=[self._done_key, key],
+                        args=[
+                            self.group,
+                            now,
+                            "\n".join(envelope.message_id for envelope in envelopes),
+                            b"\n".join(_receipt(envelope)[1] for envelope in envelopes),
+                            expire,
+                        ],
+                        client=pipe,
+                    )
                 await pipe.execute()
         except RedisError as exc:
             self._acks[:0] = acks  # keep them: acked on the next flush
@@ -376,7 +427,7 @@ class RedisTransport(Transport):
 
     async def dead_letter(self, envelope: Envelope, reason: str) -> None:
         key, entry_id = _receipt(envelope)
-        fields: dict[str, Any] = {field: getattr(envelope, field) or "" for field in _FIELDS}
+        fields: dict[str, Any] = dict(self._fields(envelope))
         fields.update(
             reason=reason, attempt=str(envelope.attempt), stream=key, entry_id=entry_id, group=self.group
         )

@@ -215,7 +215,7 @@ async def test_g8_pending_entries_survive_trimming(redis_url: str) -> None:
     await paused.trim(KEY)
     first, last = taken[0].receipt[1], taken[-1].receipt[1]  # type: ignore[index]
     survivors = await client.xrange(KEY, first, last)
-    assert [fields[b"body"] for _, fields in survivors] == [t.body for t in taken]
+    assert [fields[b"b"] for _, fields in survivors] == [t.body for t in taken]
     assert (await client.xpending(KEY, "billing"))["pending"] == 1_000
     # Once they are acked, the retention limit applies.
     for envelope in taken:

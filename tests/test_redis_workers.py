@@ -166,12 +166,8 @@ async def produce_with(url: str, count: int, seconds: float) -> None:
 def test_dlq_command_lists_requeues_and_purges(server: tuple[str, Any]) -> None:
     url, _ = server
     client: Any = redis.Redis.from_url(url)
-    fields = {
-        "kind": "event",
-        "name": "examples.redis_worker.Job",
-        "body": b"{broken",
-        "message_id": "m1",
-    }
+    header = b'["event", "examples.redis_worker.Job", "m1", "m1", null]'
+    fields = {"h": header, "b": b"{broken"}  # a pybus entry whose body does not decode
     client.xadd("pybus:examples.redis_worker.Job", fields)
     client.close()
     env = {**os.environ, "REDIS_URL": url}
