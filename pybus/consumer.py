@@ -13,14 +13,16 @@ never stops the consumer and never blocks the messages behind it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import traceback
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextvars import ContextVar
+from typing import Any
 
 from pybus.codec import DecodeError, JsonCodec
 from pybus.errors import Kind
 from pybus.transport import Envelope, Transport
+from pybus.workers import InContext
 
 #: The envelope being handled in this context: routed sends made while handling
 #: it carry its correlation id, and its message id as their causation id.
@@ -54,10 +56,7 @@ class Consumer:
         self.max_deliveries = max_deliveries
         self.wait = wait
         self.pause_after_error = 0.5
-        self._queue: deque[Envelope] = deque()  # read, not started
-        self._idle: deque[asyncio.Future[None]] = deque()  # workers waiting for an envelope
-        self._workers: list[asyncio.Task[None]] = []
-        self._busy = 0
+        self._in_flight: set[asyncio.Task[None]] = set()  # handlings that had to wait
         self._refill = max(1, concurrency // 2)
         self._slot_freed = asyncio.Event()
         self._all_idle = asyncio.Event()
@@ -70,15 +69,15 @@ class Consumer:
     async def run(self) -> None:
         """Receive and handle until `stop()`; returns once reading has stopped.
 
-        `concurrency` long-lived tasks handle what a reading loop puts in a local
-        queue; the loop reads again when half the slots are free (one round trip
-        per batch, not per message), so the consumer never holds more than
-        `concurrency` messages.
+        The reading task starts each message's handling itself, in a context of
+        its own; a handling that finishes without waiting (the common case) costs
+        no task, one that waits is finished by a task. The loop reads again when
+        half the `concurrency` slots are free, so the consumer never holds more
+        than `concurrency` messages.
         """
         loop = asyncio.get_running_loop()
-        self._workers = [loop.create_task(self._work()) for _ in range(self.concurrency)]
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._queue) - self._busy
+            free = self.concurrency - len(self._in_flight)
             if free < self._refill:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -96,58 +95,48 @@ class Consumer:
                 self._report(exc, None)
                 await asyncio.sleep(self.pause_after_error)
                 continue
-            self._queue.extend(envelopes)
-            for _ in envelopes:
-                self._wake_one()
+            for envelope in envelopes:
+                self._start(envelope)
 
-    def _wake_one(self) -> None:
-        while self._idle:
-            waiter = self._idle.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _start(self, envelope: Envelope) -> None:
+        context = contextvars.copy_context()
+        coroutine = self._process(envelope)
+        try:
+            step = context.run(coroutine.send, None)
+        except StopIteration:
+            return  # handled without waiting
+        task = asyncio.get_running_loop().create_task(self._finish(coroutine, context, step))
+        self._in_flight.add(task)
+        task.add_done_callback(self._done)
 
-    async def _work(self) -> None:
-        queue = self._queue
-        while True:
-            while not queue:
-                waiter = asyncio.get_running_loop().create_future()
-                self._idle.append(waiter)
-                await waiter
-            envelope = queue.popleft()
-            self._busy += 1
-            try:
-                await self._process(envelope)
-            finally:
-                self._busy -= 1
-                if self.concurrency - len(queue) - self._busy >= self._refill:
-                    self._slot_freed.set()  # the reader waits for half the slots, not each one
-                if self._busy == 0 and not queue:
-                    self._all_idle.set()
+    async def _finish(
+        self, coroutine: Coroutine[Any, Any, None], context: contextvars.Context, step: object
+    ) -> None:
+        await InContext(coroutine, context, step)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if self.concurrency - len(self._in_flight) >= self._refill:
+            self._slot_freed.set()  # the reader waits for half the slots, not each one
+        if not self._in_flight:
+            self._all_idle.set()
 
     async def stop(self, drain_timeout: float | None = None) -> int:
-        """Stop reading, give back what was read but not started, let handlings in flight
-        finish (at most `drain_timeout` s), cancel the rest, which go back to the
-        transport too, and send the acks. Returns how many were given back."""
+        """Stop reading, let handlings in flight finish (at most `drain_timeout` s),
+        cancel the rest, which go back to the transport, and send the acks.
+        Returns how many were given back."""
         self._stopping.set()
         if self._receiving is not None:
             self._receiving.cancel()
-        given_back = len(self._queue)
-        while self._queue:
-            await self.transport.retry(self._queue.popleft(), asyncio.CancelledError())
-        if self._busy:
-            self._all_idle.clear()
-            try:
-                async with asyncio.timeout(drain_timeout):
-                    await self._all_idle.wait()
-            except TimeoutError:
-                given_back += self._busy
-        for worker in self._workers:
-            worker.cancel()
-        if self._workers:
-            await asyncio.wait(self._workers)
+        cancelled: set[asyncio.Task[None]] = set()
+        if self._in_flight:
+            _, cancelled = await asyncio.wait(set(self._in_flight), timeout=drain_timeout)
+            for task in cancelled:
+                task.cancel()
+            if cancelled:
+                await asyncio.wait(cancelled)
         await self.transport.flush()
-        return given_back
+        return len(cancelled)
 
     async def _process(self, envelope: Envelope) -> None:
         try:

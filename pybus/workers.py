@@ -260,7 +260,7 @@ class WorkerPool:
                 except StopIteration:
                     pass  # done without ever waiting: the common case
                 else:
-                    await _InContext(coroutine, context, step)
+                    await InContext(coroutine, context, step)
             except asyncio.CancelledError as exc:
                 if asyncio.current_task().cancelling():  # type: ignore[union-attr]
                     raise  # the worker itself is being stopped
@@ -311,7 +311,7 @@ class WorkerPool:
                 waiter.set_result(None)  # let blocked senders see the dispatcher is closed
 
 
-class _InContext:
+class InContext:
     """Drives a coroutine to the end, running each of its steps in `context`.
 
     The worker task awaits this object; whatever the coroutine waits on is
