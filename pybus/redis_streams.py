@@ -258,7 +258,6 @@ class RedisTransport(Transport):
                 await self.check_durability()
             except ResponseError:  # CONFIG may be disabled (managed Redis): nothing to tell
                 pass
-        await self._flush_acks()
         for key in keys:
             await self._ensure_group(key)
         taken: list[Envelope] = []
@@ -274,9 +273,13 @@ class RedisTransport(Transport):
             self._last_claim = time.monotonic()
             for key in keys:
                 taken.extend(await self._claim(key, max_count - len(taken)))
-        if not taken:
-            block = max(1, int(wait * 1000)) if wait > 0 else None
-            fresh = await self._read(dict.fromkeys(keys, ">"), max_count, block)
+        if taken:
+            await self._flush_acks()
+        else:
+            # The acks and a first, non-blocking read share a round trip; block only if it was empty.
+            fresh = self._entries(await self._flush_acks(read=(keys, max_count)))
+            if not fresh and wait > 0:
+                fresh = await self._read(dict.fromkeys(keys, ">"), max_count, max(1, int(wait * 1000)))
             taken.extend(self._envelope(key, entry_id, fields, 1) for key, entry_id, fields in fresh)
         return await self._skip_done(taken)
 
@@ -284,8 +287,12 @@ class RedisTransport(Transport):
         self, streams: dict[str, str], count: int, block: int | None
     ) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
         reply = await self.client.xreadgroup(self.group, self.consumer, streams, count=count, block=block)
+        return self._entries(reply or [])
+
+    @staticmethod
+    def _entries(reply: list[Any]) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
         found: list[tuple[str, bytes, dict[bytes, bytes]]] = []
-        for stream, entries in reply or []:
+        for stream, entries in reply:
             key = stream.decode() if isinstance(stream, bytes) else stream
             found.extend((key, entry_id, fields) for entry_id, fields in entries if fields)
         return found
@@ -382,36 +389,45 @@ class RedisTransport(Transport):
         """Send the acks buffered so far."""
         await self._flush_acks()
 
-    async def _flush_acks(self) -> None:
-        if not self._acks:
-            return
+    async def _flush_acks(self, read: tuple[list[str], int] | None = None) -> list[Any]:
+        """Send the buffered acks; with `read` (keys, count), also read new entries
+        without blocking in the same round trip, and return that reply."""
         acks, self._acks = self._acks, []
+        if not acks and read is None:
+            return []
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                await self._queue_acks(pipe, acks)
+                if read is not None:
+                    keys, count = read
+                    pipe.xreadgroup(self.group, self.consumer, dict.fromkeys(keys, ">"), count=count)
+                replies = await pipe.execute()
+        except RedisError as exc:
+            self._acks[:0] = acks  # keep them: acked on the next flush
+            raise TransportError(f"Could not ack {len(acks)} message(s): {exc}") from exc
+        self._in_hand.difference_update(envelope.message_id for envelope in acks)
+        return list(replies[-1] or []) if read is not None else []
+
+    async def _queue_acks(self, pipe: Any, acks: list[Envelope]) -> None:
         by_stream: dict[str, list[Envelope]] = {}
         for envelope in acks:
             by_stream.setdefault(_receipt(envelope)[0], []).append(envelope)
         now = int(time.time())
         self._flushes += 1
         expire = str(now - int(self.dedupe_window)) if self._flushes % 100 == 1 else ""
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key, envelopes in by_stream.items():
-                    # One script per stream: the ids travel as two arguments, not one each.
-                    await self._ack_script(  # queued in the pipeline
-                        keys=[self._done_key, key],
-                        args=[
-                            self.group,
-                            now,
-                            "\n".join(envelope.message_id for envelope in envelopes),
-                            b"\n".join(_receipt(envelope)[1] for envelope in envelopes),
-                            expire,
-                        ],
-                        client=pipe,
-                    )
-                await pipe.execute()
-        except RedisError as exc:
-            self._acks[:0] = acks  # keep them: acked on the next flush
-            raise TransportError(f"Could not ack {len(acks)} message(s): {exc}") from exc
-        self._in_hand.difference_update(envelope.message_id for envelope in acks)
+        for key, envelopes in by_stream.items():
+            # One script per stream: the ids travel as two arguments, not one each.
+            await self._ack_script(  # queued in the pipeline
+                keys=[self._done_key, key],
+                args=[
+                    self.group,
+                    now,
+                    "\n".join(envelope.message_id for envelope in envelopes),
+                    b"\n".join(_receipt(envelope)[1] for envelope in envelopes),
+                    expire,
+                ],
+                client=pipe,
+            )
 
     async def retry(self, envelope: Envelope, error: BaseException) -> None:
         key, entry_id = _receipt(envelope)
