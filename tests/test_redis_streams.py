@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +13,9 @@ import redis.asyncio as aioredis
 
 from pybus import Dispatcher, Event
 from pybus.codec import default_name
-from pybus.consumer import Consumer
 from pybus.redis_streams import RedisTransport, TransportError
 from pybus.transport import Envelope
+from tests.consuming import consuming, until
 
 
 @dataclass(frozen=True)
@@ -50,27 +49,6 @@ def worker(
     dp.route(Paid)
     dp.events.bind(Paid, handler)
     return dp
-
-
-@asynccontextmanager
-async def consuming(dp: Dispatcher, **options: float) -> AsyncIterator[Consumer]:
-    async with dp:
-        consumer = dp.consumer(wait=0.05, **options)  # type: ignore[arg-type]
-        reading = asyncio.create_task(consumer.run())
-        try:
-            yield consumer
-        finally:
-            await consumer.stop(5)
-            await reading
-            assert dp.transport is not None
-            await dp.transport.aclose()
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for an effect of a consumer running in another task (bounded)."""
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - the effect has no event to wait on
-            await asyncio.sleep(0.01)
 
 
 async def publish(url: str, count: int, start: int = 0) -> None:

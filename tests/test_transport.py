@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import msgspec
@@ -14,8 +12,8 @@ import pytest
 
 from pybus import Command, Dispatcher, DispatcherClosed, DispatcherFrozen, Event, ImproperlyConfigured
 from pybus.codec import DecodeError, JsonCodec, default_name
-from pybus.consumer import Consumer
 from pybus.transport import Envelope, InMemoryBroker, InMemoryTransport, Transport
+from tests.consuming import consuming, until
 
 
 @dataclass(frozen=True)
@@ -44,26 +42,6 @@ def producer(broker: InMemoryBroker) -> Dispatcher:
     dp.route(ShipOrder, kind="command")
     dp.route(OrderShipped)
     return dp
-
-
-@asynccontextmanager
-async def consuming(dp: Dispatcher, **options: float) -> AsyncIterator[Consumer]:
-    """Start `dp`, run its consumer in the background, stop both at the end."""
-    async with dp:
-        consumer = dp.consumer(wait=0.01, **options)  # type: ignore[arg-type]
-        reading = asyncio.create_task(consumer.run())
-        try:
-            yield consumer
-        finally:
-            await consumer.stop(1)
-            await reading
-
-
-async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Wait for an effect of a consumer running in another task (bounded)."""
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - the effect has no event to wait on
-            await asyncio.sleep(0.005)
 
 
 def service(broker: InMemoryBroker, group: str, seen: list[object]) -> Dispatcher:
