@@ -59,7 +59,6 @@ class Consumer:
         self._in_flight: set[asyncio.Task[None]] = set()  # handlings that had to wait
         self._refill = max(1, concurrency // 2)
         self._slot_freed = asyncio.Event()
-        self._all_idle = asyncio.Event()
         self._receiving: asyncio.Task[list[Envelope]] | None = None
         self._stopping = asyncio.Event()
         self.handled = 0
@@ -118,8 +117,6 @@ class Consumer:
         self._in_flight.discard(task)
         if self.concurrency - len(self._in_flight) >= self._refill:
             self._slot_freed.set()  # the reader waits for half the slots, not each one
-        if not self._in_flight:
-            self._all_idle.set()
 
     async def stop(self, drain_timeout: float | None = None) -> int:
         """Stop reading, let handlings in flight finish (at most `drain_timeout` s),

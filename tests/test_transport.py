@@ -284,3 +284,28 @@ async def test_the_base_transport_is_an_async_context_manager_with_abstract_meth
         ):
             with pytest.raises(NotImplementedError):
                 await call
+
+
+async def test_a_broker_error_while_reading_is_reported_and_reading_goes_on() -> None:
+    class Flaky(InMemoryTransport):
+        failures = 1
+
+        async def receive(self, names: list[str], *, max_count: int, wait: float) -> list[Envelope]:  # type: ignore[override]
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("broker away")
+            return await super().receive(names, max_count=max_count, wait=wait)
+
+    broker = InMemoryBroker()
+    errors: list[BaseException] = []
+    seen: list[object] = []
+    worker = Dispatcher(
+        transport=Flaky(broker, group="g"), on_error=lambda error, message: errors.append(error)
+    )
+    worker.route(OrderPaid)
+    worker.events.bind(OrderPaid, seen.append)
+    async with producer(broker) as shop, consuming(worker) as consumer:
+        consumer.pause_after_error = 0.01
+        await shop.publish(OrderPaid(1, 1.0))
+        await until(lambda: seen == [OrderPaid(1, 1.0)])
+    assert [str(e) for e in errors] == ["broker away"]
