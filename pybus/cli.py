@@ -67,7 +67,7 @@ def load_dispatcher(path: str) -> Dispatcher:
 
 def format_routes(found: list[Route]) -> str:
     """The routes as an aligned text table (locations relative to the working directory)."""
-    header = ("KIND", "KEY", "HANDLER", "LOCATION", "INJECTED", "TIMEOUT", "EMITS")
+    header = ("KIND", "KEY", "HANDLER", "LOCATION", "INJECTED", "TIMEOUT", "EMITS", "TRANSPORT")
     rows: list[tuple[str, ...]] = [header]
     for route in found:
         emits = ", ".join(route.emits) or "-"
@@ -80,6 +80,7 @@ def format_routes(found: list[Route]) -> str:
                 ", ".join(f"{name}={value}" for name, value in route.injected.items()) or "-",
                 "-" if route.timeout is None else f"{route.timeout:g} s",
                 emits if route.output_known else f"{emits} ?",
+                route.transport or "-",
             )
         )
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]

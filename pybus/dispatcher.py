@@ -8,6 +8,7 @@ import functools
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any, NoReturn, Self, TypeVar, overload
 
 from pybus.consumer import Consumer
@@ -167,6 +168,11 @@ class Dispatcher:
     ) -> Handler:
         """Same as `dp.queries.bind(...)`."""
         return bind_any(self.queries, key, handler, argname=argname, **initkwargs)
+
+    @property
+    def routes(self) -> Mapping[object, str]:
+        """The routed keys and the names they travel under (read-only)."""
+        return MappingProxyType({key: name for key, (name, _) in self._routing.routes.items()})
 
     def route(self, key: object, /, *, name: str | None = None, kind: Kind | None = None) -> None:
         """Send messages of `key` through the transport instead of handling them here.

@@ -36,6 +36,7 @@ class Route:
     timeout: float | None
     emits: list[str]
     output_known: bool
+    transport: str | None = None
 
 
 @dataclass(slots=True)
@@ -152,7 +153,8 @@ def _flatten(annotation: object) -> tuple[list[object], bool]:
 
 
 def routes(dp: Dispatcher) -> list[Route]:
-    """Every registration, described."""
+    """Every registration, described; then the routed keys this process does not handle."""
+    routed = dp.routes
     found = []
     for handler in registrations(dp):
         emits, known = emitted(dp, handler)
@@ -166,8 +168,12 @@ def routes(dp: Dispatcher) -> list[Route]:
                 timeout=handler.timeout if handler.timeout is not None else dp.default_timeout,
                 emits=[key_name(key) for key in emits],
                 output_known=known,
+                transport=routed.get(handler.key),
             )
         )
+    for key, name in routed.items():
+        if dp.registered_kind(key) is None:
+            found.append(Route("event", key_name(key), "-", "-", {}, None, [], True, name))
     return found
 
 

@@ -31,7 +31,16 @@ def test_routes_table() -> None:
     result = pybus("routes", APP)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["KIND", "KEY", "HANDLER", "LOCATION", "INJECTED", "TIMEOUT", "EMITS"]
+    assert lines[0].split() == [
+        "KIND",
+        "KEY",
+        "HANDLER",
+        "LOCATION",
+        "INJECTED",
+        "TIMEOUT",
+        "EMITS",
+        "TRANSPORT",
+    ]
     rows = [line.split() for line in lines[1:-1]]
     assert [(row[0], row[1], row[2]) for row in rows] == [
         ("command", "PlaceOrder", "examples.orders.place_order"),
@@ -298,3 +307,17 @@ def test_the_cli_guide_shows_the_current_graph() -> None:
 
     guide = (ROOT / "docs" / "cli.md").read_text()
     assert f"```mermaid\n{message_flow(create_app()).to_mermaid()}\n```" in guide
+
+
+def test_routes_show_transport_routes_also_without_a_local_handler() -> None:
+    from pybus.transport import InMemoryTransport
+
+    dp = Dispatcher(transport=InMemoryTransport())
+    dp.events.bind(Shipped, lambda event: None)
+    dp.route(Shipped, name="orders.shipped")
+    dp.route(Lost)
+    found = {route.key: route for route in routes(dp)}
+    assert found["Shipped"].transport == "orders.shipped"
+    assert found["Lost"].handler == "-"
+    assert found["Lost"].transport == f"{__name__}.Lost"
+    assert dict(dp.routes) == {Shipped: "orders.shipped", Lost: f"{__name__}.Lost"}
