@@ -13,6 +13,7 @@ dependency of the core.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pybus.errors import ImproperlyConfigured, PyBusError, key_name
@@ -52,7 +53,9 @@ class JsonCodec:
         self._encoder = msgspec.json.Encoder()
         self.names = dict(names)
         self.keys: dict[str, object] = {}
+        self._decoders: dict[str, Callable[[bytes], object]] = {}
         for key, name in self.names.items():
+            self._decoders[name] = self._decoder(key)
             other = self.keys.setdefault(name, key)
             if other is not key:
                 raise ImproperlyConfigured(
@@ -79,16 +82,19 @@ class JsonCodec:
 
     def decode(self, name: str, body: bytes) -> object:
         """The message named `name`; `DecodeError` if the name or the body does not fit."""
-        key = self.keys.get(name)
-        if key is None:
+        decoder = self._decoders.get(name)
+        if decoder is None:
             raise DecodeError(name, "no route of this process has that name")
-        if isinstance(key, str):
-            return key
-        assert isinstance(key, type)
         try:
-            model_validate_json = getattr(key, "model_validate_json", None)
-            if callable(model_validate_json):
-                return model_validate_json(body)
-            return self._msgspec.json.decode(body, type=key)
+            return decoder(body)
         except Exception as exc:
             raise DecodeError(name, f"{type(exc).__name__}: {exc}") from exc
+
+    def _decoder(self, key: object) -> Callable[[bytes], object]:
+        """How to turn a body into a message of `key`, decided once per route."""
+        if isinstance(key, str):
+            return lambda body: key
+        model_validate_json = getattr(key, "model_validate_json", None)
+        if callable(model_validate_json):
+            return model_validate_json  # type: ignore[no-any-return]
+        return self._msgspec.json.Decoder(type=key).decode

@@ -136,41 +136,40 @@ class Consumer:
         return len(cancelled)
 
     async def _process(self, envelope: Envelope) -> None:
+        # Runs in a context of its own (see _start): setting current_envelope needs no reset.
         try:
-            await self._handle_one(envelope)
+            try:
+                message = self.codec.decode(envelope.name, envelope.body)
+            except DecodeError as exc:
+                self.dead_lettered += 1
+                await self.transport.dead_letter(envelope, str(exc))
+                self._report(exc, envelope)
+                return
+            current_envelope.set(envelope)
+            try:
+                await self._handle(envelope.kind, message)
+            except asyncio.CancelledError:
+                # Stopped mid-handling: not handled, so not acked; give it back.
+                await asyncio.shield(self.transport.retry(envelope, asyncio.CancelledError()))
+                raise
+            except Exception as exc:
+                await self._failed(envelope, message, exc)
+            else:
+                self.handled += 1
+                await self.transport.ack(envelope)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # an ack, retry or dead-letter the broker refused
             # Not acked: the transport delivers it again (a broker reclaims it).
             self._report(exc, envelope)
 
-    async def _handle_one(self, envelope: Envelope) -> None:
-        try:
-            message = self.codec.decode(envelope.name, envelope.body)
-        except DecodeError as exc:
+    async def _failed(self, envelope: Envelope, message: object, exc: Exception) -> None:
+        self.failed += 1
+        exc.add_note(f"delivery {envelope.attempt} of {envelope.name} (message id {envelope.message_id})")
+        self._report(exc, message)
+        if envelope.attempt >= self.max_deliveries:
             self.dead_lettered += 1
-            await self.transport.dead_letter(envelope, str(exc))
-            self._report(exc, envelope)
-            return
-        token = current_envelope.set(envelope)
-        try:
-            await self._handle(envelope.kind, message)
-        except asyncio.CancelledError:
-            # Stopped mid-handling: not handled, so not acked; give it back.
-            await asyncio.shield(self.transport.retry(envelope, asyncio.CancelledError()))
-            raise
-        except Exception as exc:
-            self.failed += 1
-            exc.add_note(f"delivery {envelope.attempt} of {envelope.name} (message id {envelope.message_id})")
-            self._report(exc, message)
-            if envelope.attempt >= self.max_deliveries:
-                self.dead_lettered += 1
-                reason = "".join(traceback.format_exception(exc))
-                await self.transport.dead_letter(envelope, f"failed {envelope.attempt} times; last: {reason}")
-            else:
-                await self.transport.retry(envelope, exc)
+            reason = "".join(traceback.format_exception(exc))
+            await self.transport.dead_letter(envelope, f"failed {envelope.attempt} times; last: {reason}")
         else:
-            self.handled += 1
-            await self.transport.ack(envelope)
-        finally:
-            current_envelope.reset(token)
+            await self.transport.retry(envelope, exc)
