@@ -94,7 +94,8 @@ class JsonCodec:
         """How to turn a body into a message of `key`, decided once per route."""
         if isinstance(key, str):
             return lambda body: key
-        model_validate_json = getattr(key, "model_validate_json", None)
+        model_validate_json: Callable[[bytes], object] | None = getattr(key, "model_validate_json", None)
         if callable(model_validate_json):
-            return model_validate_json  # type: ignore[no-any-return]
-        return self._msgspec.json.Decoder(type=key).decode
+            return model_validate_json
+        decoder: Callable[[bytes], object] = self._msgspec.json.Decoder(type=key).decode
+        return decoder
