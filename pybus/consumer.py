@@ -75,6 +75,9 @@ class Consumer:
         than `concurrency` messages.
         """
         loop = asyncio.get_running_loop()
+        if not self.names:  # no routed message has a handler here: nothing to read
+            await self._stopping.wait()
+            return
         while not self._stopping.is_set():
             free = self.concurrency - len(self._in_flight)
             if free < self._refill:

@@ -309,3 +309,10 @@ async def test_a_broker_error_while_reading_is_reported_and_reading_goes_on() ->
         await shop.publish(OrderPaid(1, 1.0))
         await until(lambda: seen == [OrderPaid(1, 1.0)])
     assert [str(e) for e in errors] == ["broker away"]
+
+
+async def test_a_consumer_with_nothing_to_read_waits_for_stop() -> None:
+    dp = producer(InMemoryBroker())  # routes, but no handler for any of them
+    async with consuming(dp) as consumer:
+        assert consumer.names == []
+        await asyncio.sleep(0.01)
