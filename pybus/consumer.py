@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -28,7 +28,8 @@ from pybus.workers import InContext
 #: it carry its correlation id, and its message id as their causation id.
 current_envelope: ContextVar[Envelope | None] = ContextVar("pybus_envelope", default=None)
 
-Handle = Callable[[Kind, object], Awaitable[object]]
+#: How a message of each kind is handled: the engines' deliver/handle methods.
+Handlers = Mapping[Kind, Callable[[Any], Awaitable[object]]]
 Report = Callable[[BaseException, object], None]
 
 
@@ -39,7 +40,7 @@ class Consumer:
         self,
         transport: Transport,
         codec: JsonCodec,
-        handle: Handle,
+        handlers: Handlers,
         names: Sequence[str],
         *,
         report: Report,
@@ -50,7 +51,7 @@ class Consumer:
         self.transport = transport
         self.codec = codec
         self.names = list(names)
-        self._handle = handle
+        self._handlers = handlers
         self._report = report
         self.concurrency = concurrency
         self.max_deliveries = max_deliveries
@@ -150,7 +151,7 @@ class Consumer:
                 return
             current_envelope.set(envelope)
             try:
-                await self._handle(envelope.kind, message)
+                await self._handlers[envelope.kind](message)
             except asyncio.CancelledError:
                 # Stopped mid-handling: not handled, so not acked; give it back.
                 await asyncio.shield(self.transport.retry(envelope, asyncio.CancelledError()))

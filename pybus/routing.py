@@ -104,16 +104,10 @@ class Routing:
             if commands.has_handler(key) or queries.has_handler(key) or events.local_plans(key)
         ]
 
-        async def handle(kind: Kind, message: object) -> object:
-            if kind == "event":
-                await events.deliver(message)
-                return None
-            return await (commands if kind == "command" else queries).handle(message)
-
         return Consumer(
             self.transport,
             self.codec,
-            handle,
+            {"event": events.deliver, "command": commands.handle, "query": queries.handle},
             names,
             report=report,
             concurrency=concurrency,
