@@ -20,9 +20,8 @@ from pybus.errors import (
     ImproperlyConfigured,
     Kind,
     key_name,
-    message_key,
 )
-from pybus.handlers import Handler, compile_handler, inspect_handler
+from pybus.handlers import Handler, positive_seconds
 from pybus.messages import Command, Query
 from pybus.observer import Observer
 from pybus.providers import Provider, Resolver
@@ -59,7 +58,6 @@ class Dispatcher:
       pool; `on_error(error, message)` receives background failures (default: an
       ERROR log record with the traceback); `default_timeout` (seconds) bounds
       every handling whose registration sets no `timeout`.
-
     - `transport` carries the messages given to `route()` to other processes.
 
     `async with dp:` starts the dispatcher on entry and, on exit, drains the
@@ -90,11 +88,7 @@ class Dispatcher:
         self.handler_factory = handler_factory
         self.queue_size = _whole("queue_size", queue_size, 1)
         self.workers = _whole("workers", workers, 1)
-        if default_timeout is not None and (
-            isinstance(default_timeout, bool)
-            or not isinstance(default_timeout, int | float)
-            or default_timeout <= 0
-        ):
+        if default_timeout is not None and not positive_seconds(default_timeout):
             raise ImproperlyConfigured(
                 f"default_timeout must be None or seconds > 0, not {default_timeout!r}"
             )
@@ -223,14 +217,11 @@ class Dispatcher:
         """
         return self._routing.consumer(
             self._engines("consume from the transport"),
-            self._report_consumed,
+            self._supervisor.hand_over,  # the consumer notes the delivery on the error itself
             concurrency=concurrency,
             max_deliveries=max_deliveries,
             wait=wait,
         )
-
-    def _report_consumed(self, error: BaseException, message: object) -> None:
-        self._supervisor.report(error, message, "event", "consumed from the transport")
 
     async def join(self) -> None:
         """Wait until every message sent to the background workers is handled,
@@ -348,7 +339,7 @@ class Dispatcher:
     def attach_observer(self, observer: Observer) -> None:
         """Report every handling to `observer` (see `pybus.observer`); one at a time.
 
-        Raises `DispatcherNotStarted` before `start()`.
+        Raises `ImproperlyConfigured` before `start()`.
         """
         for engine in self._engines("attach an observer"):
             engine.observe(observer)
@@ -380,11 +371,9 @@ class Dispatcher:
                 "override_handler replaces a registered handler, so register one first"
             )
         events, commands, queries = self._engines("override a handler")
-        registration = inspect_handler(
-            kind, key, handler, argname, bound, check_init=self.handler_factory is None
-        )
-        self.resolver.adopt(bound)
-        plan = compile_handler(registration, self.resolver, self.handler_factory, self.default_timeout)
+        router = self._routers()[kind]
+        registration = router.inspect(key, handler, argname, **bound)
+        plan = router.compile_plan(registration)
         if kind == "event":
             previous_events = events.replace(key, (plan,))
             try:
@@ -488,7 +477,7 @@ class Dispatcher:
 
     def _router_for(self, message: object) -> EventRouter | RequestRouter:
         for router in self._routers().values():
-            if router.forward is not None and message_key(message) in router.routed:
+            if router.routes_message(message):
                 return router
         for router in (self.commands, self.queries):
             if router.engine is not None and router.engine.handles(message):

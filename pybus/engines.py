@@ -13,13 +13,13 @@ a call, an await. Everything that can be decided once is decided at `start()`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from inspect import isawaitable
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from pybus.errors import CascadeDepthExceeded, HandlerNotFound, Kind, key_name, message_key
-from pybus.handlers import CallPlan, route_record
+from pybus.handlers import CallPlan, route_record, within
 
 if TYPE_CHECKING:
     from pybus.observer import Observer
@@ -150,7 +150,7 @@ class EventEngine:
         seconds the handling is cancelled and `TimeoutError` raised.
         """
         if timeout is not None:
-            await _within(timeout, self.publish(event), "event", event)
+            await within(timeout, self.publish(event), _late("event", event, timeout))
             return
         invokes = self._fast.get(event.__class__)
         if invokes is None:
@@ -191,11 +191,7 @@ class EventEngine:
     async def deliver(self, event: object) -> None:
         """Run this process's handlers of an event that came from the transport, then its
         follow-ups (routed follow-ups go to the transport). Raises like `publish`."""
-        plans = self.local_plans(message_key(event))
-        if self.observer is None:
-            await self._publish_observed(event, plans, None)
-        else:
-            await self._run(event, plans)
+        await self._run(event, self.local_plans(message_key(event)))
 
     async def _run(self, event: object, plans: tuple[CallPlan, ...]) -> None:
         observer = self.observer
@@ -379,7 +375,7 @@ class RequestEngine:
 
     def handles(self, message: object) -> bool:
         """True when a handler is registered for `message`'s key."""
-        return self.has_handler(message if isinstance(message, str) else message.__class__)
+        return self.has_handler(message_key(message))
 
     def has_handler(self, key: object) -> bool:
         """True when a handler is registered for `key`."""
@@ -413,7 +409,7 @@ class RequestEngine:
         and `TimeoutError` raised.
         """
         if timeout is not None:
-            return await _within(timeout, self.handle(message), self.kind, message)
+            return await within(timeout, self.handle(message), _late(self.kind, message, timeout))
         invoke = self._fast.get(message.__class__)
         if invoke is None:
             return await self._handle(message)
@@ -472,13 +468,8 @@ async def call_plan(plan: CallPlan, message: object, followups: list[Any]) -> An
     return result
 
 
-async def _within(seconds: float, handling: Coroutine[Any, Any, Any], kind: Kind, message: object) -> Any:
-    try:
-        async with asyncio.timeout(seconds):
-            return await handling
-    except TimeoutError as exc:
-        exc.add_note(f"{kind} {key_name(message_key(message))} did not finish within {seconds} s")
-        raise
+def _late(kind: Kind, message: object, seconds: float) -> str:
+    return f"{kind} {key_name(message_key(message))} did not finish within {seconds} s"
 
 
 def _publish_failed(event: object, failures: list[Exception]) -> ExceptionGroup[Exception]:

@@ -236,7 +236,7 @@ def _check_emits(kind: Kind, key: object, name: str, emits: Iterable[object]) ->
 def _check_timeout(kind: Kind, key: object, name: str, timeout: object) -> float | None:
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+    if not isinstance(timeout, int | float) or not positive_seconds(timeout):
         raise HandlerSignatureError(
             kind, key, name, f"timeout={timeout!r} is not a number of seconds > 0; pass e.g. timeout=2.0"
         )
@@ -372,28 +372,37 @@ def compile_handler(
     return plan if timeout is None else _timed(plan, timeout)
 
 
+async def within(seconds: float, awaitable: Awaitable[Any], note: str) -> Any:
+    """Await `awaitable`, cancelling it past `seconds`; the `TimeoutError` gets `note`
+    only when this timeout expired (not when the awaited code raised its own)."""
+    timeout = asyncio.timeout(seconds)
+    try:
+        async with timeout:
+            return await awaitable
+    except TimeoutError as exc:
+        if timeout.expired():
+            exc.add_note(note)
+        raise
+
+
+def positive_seconds(value: object) -> bool:
+    """True for a number of seconds > 0 (booleans are not numbers here)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and value > 0
+
+
 def _timed(plan: CallPlan, seconds: float) -> CallPlan:
     invoke, collect, handler = plan.invoke, plan.collect, plan.handler
+    note = f"{handler} did not finish within its timeout of {seconds} s"
 
-    async def within(call: Callable[..., Any], *args: Any) -> Any:
-        timeout = asyncio.timeout(seconds)
-        try:
-            async with timeout:
-                result = call(*args)
-                if inspect.isawaitable(result):
-                    result = await result
-                return result
-        except TimeoutError as exc:
-            if timeout.expired():
-                exc.add_note(f"{handler} did not finish within its timeout of {seconds} s")
-            raise
+    async def settle(result: Any) -> Any:
+        return await result if inspect.isawaitable(result) else result
 
     async def timed_invoke(message: Any) -> Any:
-        return await within(invoke, message)
+        return await within(seconds, settle(invoke(message)), note)
 
     async def timed_collect(message: Any, followups: list[Any]) -> Any:
         assert collect is not None  # only used when the plan collects
-        return await within(collect, message, followups)
+        return await within(seconds, collect(message, followups), note)
 
     return CallPlan(handler, timed_invoke, True, timed_collect if collect is not None else None)
 
@@ -519,10 +528,11 @@ def _scoped_plan(
             if inspect.isawaitable(result):
                 result = await result
             if collects:
+                assert followups is not None  # the engines call a collecting plan's `collect`
                 events = instance.dump_events()
                 if inspect.isawaitable(events):
                     events = await events
-                if events and followups is not None:
+                if events:
                     followups.extend(events)
             return result
 

@@ -211,6 +211,21 @@ class _Router:
                 f"{key_name(key)} is already registered as {with_article(other)}; a message key "
                 "belongs to one kind, so give the two roles their own message classes"
             )
+        registration = self.inspect(key, handler, argname, timeout=timeout, emits=emits, **initkwargs)
+        self._add(registration)
+        return registration
+
+    def inspect(
+        self,
+        key: object,
+        handler: object,
+        argname: str | None = None,
+        *,
+        timeout: float | None = None,
+        emits: Iterable[object] = (),
+        **initkwargs: Any,
+    ) -> Handler:
+        """Check `handler` for `key` as `bind` does, without registering it (for `override_handler`)."""
         registration = inspect_handler(
             self.kind,
             key,
@@ -222,13 +237,13 @@ class _Router:
             emits=emits,
         )
         self.dispatcher.resolver.adopt(initkwargs)
-        self._add(registration)
         return registration
 
     def _add(self, handler: Handler) -> None:
         raise NotImplementedError
 
-    def _compile(self, handler: Handler) -> CallPlan:
+    def compile_plan(self, handler: Handler) -> CallPlan:
+        """The call plan of a registration, with its timeout or the dispatcher's default."""
         dispatcher = self.dispatcher
         timeout = handler.timeout if handler.timeout is not None else dispatcher.default_timeout
         return compile_handler(handler, dispatcher.resolver, dispatcher.handler_factory, timeout)
@@ -241,7 +256,7 @@ class _Router:
         `start()`, `DispatcherClosed` once stopping, and `HandlerNotFound` (now,
         not in a worker) for a command or query without a handler.
         """
-        if self.forward is not None and message_key(message) in self.routed:
+        if self.forward is not None and self.routes_message(message):
             await self.forward(message)  # a routed message goes to the transport
             return
         engine = self._started_engine(message)
@@ -252,7 +267,7 @@ class _Router:
 
     def send_nowait(self, message: object, /, *, key: object = None) -> None:
         """Like `send`, but raises `QueueFull` instead of waiting for room."""
-        if self.forward is not None and message_key(message) in self.routed:
+        if self.routes_message(message):
             raise ImproperlyConfigured(
                 f"{key_name(message_key(message))} is routed to the transport, which send_nowait "
                 "cannot wait for: use await send()"
@@ -260,6 +275,10 @@ class _Router:
         engine = self._started_engine(message)
         engine.check(message)
         engine.workers.send_nowait(message, key)
+
+    def routes_message(self, message: object) -> bool:
+        """True when `message` goes to the transport instead of this process's engine."""
+        return self.forward is not None and message_key(message) in self.routed
 
     def _started_engine(self, message: object) -> EventEngine | RequestEngine:
         engine: EventEngine | RequestEngine | None = getattr(self, "engine", None)
@@ -299,7 +318,7 @@ class EventRouter(_Router):
     ) -> EventEngine:
         """Freeze the map and build the engine; `foreign` are the keys of the other kinds."""
         self._frozen = True
-        plans = {key: tuple(self._compile(h) for h in found) for key, found in self._handlers.items()}
+        plans = {key: tuple(self.compile_plan(h) for h in found) for key, found in self._handlers.items()}
         self.engine = self.engine_cls(
             plans,
             foreign=foreign,
@@ -326,7 +345,7 @@ class RequestRouter(_Router):
     def freeze(self, *, events: EventEngine, foreign: Mapping[object, Kind]) -> RequestEngine:
         """Freeze the map and build the engine, which hands follow-up events to `events`."""
         self._frozen = True
-        plans = {key: self._compile(found[0]) for key, found in self._handlers.items()}
+        plans = {key: self.compile_plan(found[0]) for key, found in self._handlers.items()}
         self.engine = self.engine_cls(self.kind, plans, events=events, foreign=foreign)
         return self.engine
 

@@ -173,7 +173,19 @@ def routes(dp: Dispatcher) -> list[Route]:
         )
     for key, name in routed.items():
         if dp.registered_kind(key) is None:
-            found.append(Route("event", key_name(key), "-", "-", {}, None, [], True, name))
+            found.append(
+                Route(
+                    kind="event",
+                    key=key_name(key),
+                    handler="-",
+                    location="-",
+                    injected={},
+                    timeout=None,
+                    emits=[],
+                    output_known=True,
+                    transport=name,
+                )
+            )
     return found
 
 

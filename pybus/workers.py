@@ -107,10 +107,14 @@ class Supervisor:
             await self._idle.wait()
 
     def report(self, error: BaseException, message: object, kind: Kind, handlers: str) -> None:
-        """Hand a background failure to the error hook; a failing hook is logged, never raised."""
+        """Hand a failure of a queued message to the error hook, noting what was handled."""
         error.add_note(
             f"while handling {kind} {key_name(message_key(message))} in the background ({handlers})"
         )
+        self.hand_over(error, message)
+
+    def hand_over(self, error: BaseException, message: object) -> None:
+        """Call the error hook; a failing hook is logged, never raised."""
         try:
             self.on_error(error, message)
         except Exception:

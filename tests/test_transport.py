@@ -312,7 +312,17 @@ async def test_a_broker_error_while_reading_is_reported_and_reading_goes_on() ->
 
 
 async def test_a_consumer_with_nothing_to_read_waits_for_stop() -> None:
-    dp = producer(InMemoryBroker())  # routes, but no handler for any of them
+    class Counting(InMemoryTransport):
+        reads = 0
+
+        async def receive(self, names: list[str], *, max_count: int, wait: float) -> list[Envelope]:  # type: ignore[override]
+            self.reads += 1
+            return await super().receive(names, max_count=max_count, wait=wait)
+
+    transport = Counting()
+    dp = Dispatcher(transport=transport)
+    dp.route(OrderPaid)  # routed, but no handler here
     async with consuming(dp) as consumer:
         assert consumer.names == []
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+    assert transport.reads == 0  # it never asked the broker for nothing

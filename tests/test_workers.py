@@ -604,3 +604,17 @@ async def test_serve_in_process_restores_signal_handlers() -> None:
     await producer
     assert handled == [0, 1, 2]
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+async def test_a_timeout_error_of_the_handler_itself_gets_no_timeout_note() -> None:
+    dp = Dispatcher()
+
+    @dp.commands.register(Job)
+    async def own_timeout(cmd: Job) -> None:
+        raise TimeoutError("the remote service timed out")
+
+    async with dp:
+        with pytest.raises(TimeoutError) as info:
+            await dp.execute(Job(1), timeout=5)
+    assert str(info.value) == "the remote service timed out"
+    assert not getattr(info.value, "__notes__", None)
