@@ -10,6 +10,7 @@ import asyncio
 from dataclasses import dataclass
 
 from pybus import Command, Dispatcher, Event, Query
+from pybus.middleware import LoggingMiddleware
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ def build(mailer: Mailer) -> Dispatcher:
     async def confirm(event: StockReserved, mailer: Mailer) -> None:
         await mailer.send(f"order {event.order_id} confirmed")
 
+    # Every command is logged before and after (INFO records of the "pybus" logger).
+    dp.commands.add_middleware(LoggingMiddleware())
     return dp
 
 

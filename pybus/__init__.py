@@ -16,6 +16,7 @@ from pybus.errors import (
 )
 from pybus.handlers import HandlerProtocol
 from pybus.messages import Command, Event, Query
+from pybus.middleware import CallNext, HandlingContext, Middleware
 from pybus.providers import Factory, Singleton
 from pybus.routers import EventRouter, RequestRouter
 
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 dispatcher = Dispatcher()
 
 __all__ = [
+    "CallNext",
     "CascadeDepthExceeded",
     "Command",
     "Dispatcher",
@@ -39,7 +41,9 @@ __all__ = [
     "HandlerNotFound",
     "HandlerProtocol",
     "HandlerSignatureError",
+    "HandlingContext",
     "ImproperlyConfigured",
+    "Middleware",
     "PyBusError",
     "Query",
     "QueueFull",

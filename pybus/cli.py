@@ -6,7 +6,7 @@ returns one::
     pybus routes app.bus:dp [--json]
     pybus graph app.bus:create_dispatcher --format mermaid|dot
     pybus exec app.bus:dp PlaceOrder '{"customer": "ada", "sku": "book-1"}'
-    pybus worker app.bus:dp [--concurrency 4] [--drain-timeout 30]
+    pybus worker app.bus:dp [--concurrency 4] [--prefetch 2] [--drain-timeout 30]
     pybus dlq app.bus:dp list|requeue ID...|purge
 
 Exit codes: 0 success, 1 the handler failed, 2 the command line was wrong
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from pybus.dispatcher import Dispatcher
-from pybus.errors import Kind, PyBusError, key_name
+from pybus.errors import ImproperlyConfigured, Kind, PyBusError, key_name
 from pybus.routes import Route, message_flow, registrations, routes
 
 
@@ -67,7 +67,7 @@ def load_dispatcher(path: str) -> Dispatcher:
 
 def format_routes(found: list[Route]) -> str:
     """The routes as an aligned text table (locations relative to the working directory)."""
-    header = ("KIND", "KEY", "HANDLER", "LOCATION", "INJECTED", "TIMEOUT", "EMITS", "TRANSPORT")
+    header = ("KIND", "KEY", "HANDLER", "LOCATION", "INJECTED", "TIMEOUT", "MIDDLEWARE", "EMITS", "TRANSPORT")
     rows: list[tuple[str, ...]] = [header]
     for route in found:
         emits = ", ".join(route.emits) or "-"
@@ -79,6 +79,7 @@ def format_routes(found: list[Route]) -> str:
                 _relative(route.location),
                 ", ".join(f"{name}={value}" for name, value in route.injected.items()) or "-",
                 "-" if route.timeout is None else f"{route.timeout:g} s",
+                ", ".join(route.middleware) or "-",
                 emits if route.output_known else f"{emits} ?",
                 route.transport or "-",
             )
@@ -226,7 +227,12 @@ def _worker(args: argparse.Namespace) -> int:
         raise UsageError(
             f"{args.app} has no transport: build it with Dispatcher(transport=...) and dp.route(...)"
         )
-    unhandled = asyncio.run(dp.serve(drain_timeout=args.drain_timeout, concurrency=args.concurrency))
+    try:
+        unhandled = asyncio.run(
+            dp.serve(drain_timeout=args.drain_timeout, concurrency=args.concurrency, prefetch=args.prefetch)
+        )
+    except ImproperlyConfigured as exc:  # e.g. --prefetch above --concurrency
+        raise UsageError(str(exc)) from exc
     if unhandled:
         print(f"pybus: stopped; {unhandled} message(s) left for other workers", file=sys.stderr)
     return 0
@@ -283,7 +289,15 @@ def parser() -> argparse.ArgumentParser:
 
     work = commands.add_parser("worker", help="consume the app's routed messages until SIGTERM or SIGINT")
     work.add_argument("app", help=app_help)
-    work.add_argument("--concurrency", type=int, default=4, help="messages handled at a time (default 4)")
+    work.add_argument(
+        "--concurrency", type=int, default=4, help="messages held and handled at a time (default 4)"
+    )
+    work.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="messages read at a time (default: half the concurrency, so reads overlap handling)",
+    )
     work.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to finish handlings in flight on a signal"
     )

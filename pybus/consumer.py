@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
 from pybus.codec import DecodeError, JsonCodec
-from pybus.errors import Kind
+from pybus.errors import ImproperlyConfigured, Kind
 from pybus.transport import Envelope, Transport
-from pybus.workers import InContext
+from pybus.workers import start_in
 
 #: The envelope being handled in this context: routed sends made while handling
 #: it carry its correlation id, and its message id as their causation id.
@@ -34,7 +34,12 @@ Report = Callable[[BaseException, object], None]
 
 
 class Consumer:
-    """Reads `names` from `transport` and handles up to `concurrency` envelopes at a time."""
+    """Reads `names` from `transport` and handles up to `concurrency` envelopes at a time.
+
+    It holds at most `concurrency` envelopes (received and not yet acked or given
+    back) and reads at most `prefetch` at once (default: half the concurrency),
+    so that the next read is on its way while a batch is being handled.
+    """
 
     def __init__(
         self,
@@ -45,6 +50,7 @@ class Consumer:
         *,
         report: Report,
         concurrency: int = 4,
+        prefetch: int | None = None,
         max_deliveries: int = 5,
         wait: float = 1.0,
     ) -> None:
@@ -53,7 +59,17 @@ class Consumer:
         self.names = list(names)
         self._handlers = handlers
         self._report = report
+        prefetch = max(1, concurrency // 2) if prefetch is None else prefetch
+        for name, value in (("concurrency", concurrency), ("prefetch", prefetch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ImproperlyConfigured(f"{name} must be a whole number >= 1, not {value!r}")
+        if prefetch > concurrency:
+            raise ImproperlyConfigured(
+                f"prefetch={prefetch} is more than concurrency={concurrency}: a consumer never holds more "
+                "than its concurrency, so it cannot read more at once; lower prefetch or raise concurrency"
+            )
         self.concurrency = concurrency
+        self.prefetch = prefetch
         self.max_deliveries = max_deliveries
         self.wait = wait
         self.pause_after_error = 0.5
@@ -62,6 +78,8 @@ class Consumer:
         self._slot_freed = asyncio.Event()
         self._receiving: asyncio.Task[list[Envelope]] | None = None
         self._stopping = asyncio.Event()
+        self._batch_started = asyncio.Event()  # clear while the reader starts a batch
+        self._batch_started.set()
         self.handled = 0
         self.failed = 0
         self.dead_lettered = 0
@@ -71,51 +89,93 @@ class Consumer:
 
         The reading task starts each message's handling itself, in a context of
         its own; a handling that finishes without waiting (the common case) costs
-        no task, one that waits is finished by a task. The loop reads again when
-        half the `concurrency` slots are free, so the consumer never holds more
-        than `concurrency` messages.
+        no task, one that waits is finished by a task. A read asks for at most
+        `prefetch` messages, and only when half the `concurrency` slots are free;
+        when the batch just received leaves room for another, the next read is
+        sent before the batch is handled, so the broker's work and this
+        process's overlap. The consumer never holds more than `concurrency`
+        messages.
         """
         loop = asyncio.get_running_loop()
         if not self.names:  # no routed message has a handler here: nothing to read
             await self._stopping.wait()
             return
-        while not self._stopping.is_set():
-            free = self.concurrency - len(self._in_flight)
-            if free < self._refill:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-                continue
-            self._receiving = loop.create_task(
-                self.transport.receive(self.names, max_count=free, wait=self.wait)
-            )
-            try:
-                envelopes = await self._receiving
-            except asyncio.CancelledError:
-                if self._stopping.is_set() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    break  # stop() interrupted a blocking read: what it had taken stays pending
-                raise
-            except Exception as exc:  # the broker is away: report, wait a little, read again
-                self._report(exc, None)
-                await asyncio.sleep(self.pause_after_error)
-                continue
-            for envelope in envelopes:
+        reading: asyncio.Task[list[Envelope]] | None = None
+        try:
+            while not self._stopping.is_set():
+                if reading is None:
+                    free = self.concurrency - len(self._in_flight)
+                    if free < self._refill:
+                        self._slot_freed.clear()
+                        await self._slot_freed.wait()
+                        continue
+                    reading = self._read(loop, free)
+                try:
+                    envelopes = await reading
+                except asyncio.CancelledError:
+                    if self._stopping.is_set() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                        break  # stop() interrupted a blocking read: what it had taken stays pending
+                    raise
+                except Exception as exc:  # the broker is away: report, wait a little, read again
+                    reading = None
+                    self._report(exc, None)
+                    await asyncio.sleep(self.pause_after_error)
+                    continue
+                reading = None
+                room = self.concurrency - len(self._in_flight) - len(envelopes)
+                if envelopes and room >= self._refill:
+                    reading = self._read(loop, room)  # read ahead
+                await self._start_batch(envelopes, reading is not None)
+        finally:
+            if reading is not None:
+                await self._give_back(reading)
+
+    def _read(self, loop: asyncio.AbstractEventLoop, room: int) -> asyncio.Task[list[Envelope]]:
+        count = min(room, self.prefetch)
+        self._receiving = loop.create_task(
+            self.transport.receive(self.names, max_count=count, wait=self.wait)
+        )
+        return self._receiving
+
+    async def _start_batch(self, envelopes: list[Envelope], reading_ahead: bool) -> None:
+        self._batch_started.clear()
+        try:
+            for index, envelope in enumerate(envelopes):
+                if reading_ahead and index % 16 == 0:
+                    # Handlings that finish without waiting keep the loop busy: let the
+                    # read ahead go out first, and other tasks run now and then.
+                    await asyncio.sleep(0)
                 self._start(envelope)
+        finally:
+            self._batch_started.set()
+
+    async def _give_back(self, reading: asyncio.Task[list[Envelope]]) -> None:
+        """End a read ahead that will not be handled; what it took goes back to the transport.
+
+        A failure (of the read, or of giving one back) goes to the error hook; what
+        could not be given back stays pending in the broker, delivered again later.
+        """
+        reading.cancel()
+        await asyncio.wait([reading])
+        if reading.cancelled():
+            return
+        error = reading.exception()
+        if error is not None:
+            self._report(error, None)
+            return
+        for envelope in reading.result():
+            try:
+                await asyncio.shield(self.transport.retry(envelope, asyncio.CancelledError()))
+            except Exception as exc:
+                self._report(exc, envelope)
 
     def _start(self, envelope: Envelope) -> None:
-        context = contextvars.copy_context()
-        coroutine = self._process(envelope)
-        try:
-            step = context.run(coroutine.send, None)
-        except StopIteration:
+        rest = start_in(contextvars.copy_context(), self._process(envelope))
+        if rest is None:
             return  # handled without waiting
-        task = asyncio.get_running_loop().create_task(self._finish(coroutine, context, step))
+        task = asyncio.ensure_future(rest)
         self._in_flight.add(task)
         task.add_done_callback(self._done)
-
-    async def _finish(
-        self, coroutine: Coroutine[Any, Any, None], context: contextvars.Context, step: object
-    ) -> None:
-        await InContext(coroutine, context, step)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -129,6 +189,7 @@ class Consumer:
         self._stopping.set()
         if self._receiving is not None:
             self._receiving.cancel()
+        await self._batch_started.wait()  # a batch in hand is started, then counted below
         cancelled: set[asyncio.Task[None]] = set()
         if self._in_flight:
             _, cancelled = await asyncio.wait(set(self._in_flight), timeout=drain_timeout)

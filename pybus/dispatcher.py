@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import signal
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, NoReturn, Self, TypeVar, overload
 
@@ -21,8 +21,9 @@ from pybus.errors import (
     Kind,
     key_name,
 )
-from pybus.handlers import Handler, positive_seconds
+from pybus.handlers import Handler, callable_name, positive_seconds
 from pybus.messages import Command, Query
+from pybus.middleware import Middleware, checked
 from pybus.observer import Observer
 from pybus.providers import Provider, Resolver
 from pybus.routers import EventRouter, RequestRouter, bind_any
@@ -59,6 +60,8 @@ class Dispatcher:
       ERROR log record with the traceback); `default_timeout` (seconds) bounds
       every handling whose registration sets no `timeout`.
     - `transport` carries the messages given to `route()` to other processes.
+    - `middleware` wraps every handler, outside the routers' and the
+      registrations' middleware (see `add_middleware`).
 
     `async with dp:` starts the dispatcher on entry and, on exit, drains the
     background queues and stops it.
@@ -78,6 +81,7 @@ class Dispatcher:
         on_error: ErrorHook | None = None,
         default_timeout: float | None = None,
         transport: Transport | None = None,
+        middleware: Iterable[Middleware] = (),
     ) -> None:
         self._events_router_cls = events_router_cls or EventRouter
         self._commands_router_cls = commands_router_cls or RequestRouter
@@ -102,6 +106,7 @@ class Dispatcher:
         #: Where routed messages go (see `route`); None: everything stays in this process.
         self.transport = transport
         self._routing = Routing(transport)
+        self._middleware = checked(middleware, "every handler")
         self._started = False
         self._closed = False
         self._bind_calls(functools.partial(_refuse, DispatcherNotStarted))
@@ -163,6 +168,20 @@ class Dispatcher:
         """Same as `dp.queries.bind(...)`."""
         return bind_any(self.queries, key, handler, argname=argname, **initkwargs)
 
+    def add_middleware(self, *middleware: Middleware) -> None:
+        """Wrap every handler, of every kind, in `middleware`: outermost, before
+        the routers' and the registrations' middleware, in the order added.
+        Raises `DispatcherFrozen` after `start()`."""
+        if self._started:
+            names = ", ".join(callable_name(mw) for mw in middleware)
+            raise DispatcherFrozen("event", None, f"middleware {names}", target="every handler")
+        self._middleware += checked(middleware, "every handler")
+
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        """The dispatcher-wide middleware, outermost first."""
+        return self._middleware
+
     @property
     def routes(self) -> Mapping[object, str]:
         """The routed keys and the names they travel under (read-only)."""
@@ -207,18 +226,28 @@ class Dispatcher:
         self._bind_engines(events, commands, queries)
         self._started = True
 
-    def consumer(self, *, concurrency: int = 4, max_deliveries: int = 5, wait: float = 1.0) -> Consumer:
+    def consumer(
+        self,
+        *,
+        concurrency: int = 4,
+        prefetch: int | None = None,
+        max_deliveries: int = 5,
+        wait: float = 1.0,
+    ) -> Consumer:
         """A consumer of the routed messages this process has handlers for.
 
         Run it with `await consumer.run()`, end it with `await consumer.stop()`;
-        `serve()` does both. After `max_deliveries` failed handlings a message is
-        dead-lettered. Raises `ImproperlyConfigured` without routes and a
-        transport, or before `start()`.
+        `serve()` does both. It holds at most `concurrency` messages and reads at
+        most `prefetch` at a time (default: half the concurrency, so the next
+        read is on its way while a batch is handled). After `max_deliveries`
+        failed handlings a message is dead-lettered. Raises `ImproperlyConfigured`
+        without routes and a transport, or before `start()`.
         """
         return self._routing.consumer(
             self._engines("consume from the transport"),
             self._supervisor.hand_over,  # the consumer notes the delivery on the error itself
             concurrency=concurrency,
+            prefetch=prefetch,
             max_deliveries=max_deliveries,
             wait=wait,
         )
@@ -272,22 +301,31 @@ class Dispatcher:
         stop_signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM),
         drain_timeout: float | None = None,
         concurrency: int = 4,
+        prefetch: int | None = None,
     ) -> int:
         """Start, run until one of `stop_signals` arrives, then stop gracefully.
 
         With a transport, also consumes the routed messages this process has
-        handlers for (`concurrency` at a time); on the signal it stops reading
-        at once, lets handlings in flight finish within `drain_timeout`, and
-        gives the rest back to the transport. Then `stop(drain_timeout)`.
+        handlers for (see `consumer` for `concurrency` and `prefetch`); on the
+        signal it stops reading at once, lets handlings in flight finish within
+        `drain_timeout`, and gives the rest back to the transport. Then `stop(drain_timeout)`.
         The only place pybus installs signal handlers, and only while it runs.
         Returns the number of messages not handled.
         """
         self.start()
+        try:
+            consumer = (
+                self.consumer(concurrency=concurrency, prefetch=prefetch)
+                if self._routing.codec is not None
+                else None
+            )
+        except BaseException:  # refused sizes: leave nothing started or installed
+            await self.stop()
+            raise
         loop = asyncio.get_running_loop()
         received = asyncio.Event()
         for sig in stop_signals:
             loop.add_signal_handler(sig, received.set)
-        consumer = self.consumer(concurrency=concurrency) if self._routing.codec is not None else None
         reading = loop.create_task(consumer.run()) if consumer is not None else None
         cancelled = 0
         try:

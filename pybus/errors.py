@@ -106,14 +106,15 @@ class HandlerAlreadyRegistered(ImproperlyConfigured):
 class DispatcherFrozen(PyBusError):
     """A handler was registered after `start()` froze the handler maps."""
 
-    def __init__(self, kind: Kind, key: object, handler: str) -> None:
+    def __init__(self, kind: Kind, key: object, handler: str, *, target: str | None = None) -> None:
         self.kind = kind
         self.key = key
         self.handler = handler
+        where = target or f"{kind} {key_name(key)}"
+        what = "every handler" if target is None else "it"
         super().__init__(
-            f"Cannot register {handler} for {kind} {key_name(key)}: the dispatcher "
-            "has started and its handler maps are frozen; register every handler "
-            "before dp.start()"
+            f"Cannot register {handler} for {where}: the dispatcher "
+            f"has started and its handler maps are frozen; register {what} before dp.start()"
         )
 
 
@@ -173,8 +174,8 @@ class QueueFull(PyBusError):
         self.kind = kind
         self.capacity = capacity
         super().__init__(
-            f"The {kind} queue is full ({capacity} messages waiting); await "
-            f"dp.{ROUTERS[kind]}.send() to wait for room, or raise Dispatcher(queue_size=...)"
+            f"The {kind} queue is full (it holds {capacity} message{'' if capacity == 1 else 's'} at most); "
+            f"await dp.{ROUTERS[kind]}.send() to wait for room, or raise Dispatcher(queue_size=...)"
         )
 
 

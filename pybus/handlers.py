@@ -17,10 +17,13 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from pybus.errors import HandlerSignatureError, ImproperlyConfigured, Kind, key_name
 from pybus.providers import Provider, Resolver, Singleton
+
+if TYPE_CHECKING:
+    from pybus.middleware import Middleware
 
 _MISSING: Final = object()
 _EMPTY = inspect.Parameter.empty
@@ -74,6 +77,8 @@ class Handler:
     collects_events: bool
     timeout: float | None = None
     emits: tuple[object, ...] = ()
+    #: The registration's own middleware (checked by the router), outermost first.
+    middleware: tuple[Middleware, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.name} ({self.location})"
@@ -170,6 +175,7 @@ def inspect_handler(
     check_init: bool = True,
     timeout: float | None = None,
     emits: Iterable[object] = (),
+    middleware: tuple[Middleware, ...] = (),
 ) -> Handler:
     """Check that `target` can handle `key` as registered, and describe how to call it.
 
@@ -219,6 +225,7 @@ def inspect_handler(
         collects_events=collects,
         timeout=_check_timeout(kind, key, name, timeout),
         emits=_check_emits(kind, key, name, emits),
+        middleware=middleware,
     )
 
 

@@ -12,12 +12,12 @@ How each rule of `pybus.transport` is kept on Redis (see docs/transports.md):
   acks the entries; a received message whose id is recorded is acked without
   being handled again, so a message published twice takes effect once within
   `dedupe_window`.
-- entries hold two fields: `h`, the header (kind, name, message id, correlation
-  and causation ids) as a JSON array, and `b`, the body; an entry of another
-  shape is handed on as undecodable and dead-lettered.
+- entries hold three fields: `i`, the message id, `h`, the header (kind, name,
+  message id, correlation and causation ids) as a JSON array, and `b`, the body;
+  an entry of another shape is handed on as undecodable and dead-lettered.
 - retry: the entry is claimed again at once (`XCLAIM`), which raises its delivery count.
 - dead_letter: `XADD` to `{prefix}dead` and `XACK`, in one `MULTI/EXEC`.
-- send: `XADD`, the sends of one turn of the event loop in one pipeline; the
+- send: `XADD`, the sends of one turn of the event loop in one script call; the
   client's own retries are off (a retried XADD can write an entry twice), so a
   send either returns the entry id or raises `TransportError` within `timeout`.
 - retention: with `max_len`, streams are trimmed with `XTRIM MINID` below the
@@ -29,19 +29,21 @@ redis-py is imported here only; install `pybus[redis]`.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import logging
 import os
 import socket
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, overload
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from pybus.errors import PyBusError
 from pybus.transport import DeadLetter, Envelope, Transport
@@ -57,31 +59,84 @@ class TransportError(PyBusError):
 # (ARGV[4], one per line) of stream KEYS[2] in group ARGV[1], and forgets marks
 # older than ARGV[5] when given. The marks come first: a crash in between leaves a
 # message that is recognised as done when it comes again, never the reverse.
+# Commands take up to 1,000 arguments each (Lua's unpack has a limit).
 _ACK = """
+local marks = {}
 for id in string.gmatch(ARGV[3], "[^\\n]+") do
-    redis.call("ZADD", KEYS[1], "NX", ARGV[2], id)
+    marks[#marks + 1] = ARGV[2]
+    marks[#marks + 1] = id
+    if #marks >= 1000 then
+        redis.call("ZADD", KEYS[1], "NX", unpack(marks))
+        marks = {}
+    end
+end
+if #marks > 0 then
+    redis.call("ZADD", KEYS[1], "NX", unpack(marks))
 end
 local entries = {}
+local acked = 0
 for entry in string.gmatch(ARGV[4], "[^\\n]+") do
     entries[#entries + 1] = entry
+    if #entries >= 1000 then
+        acked = acked + redis.call("XACK", KEYS[2], ARGV[1], unpack(entries))
+        entries = {}
+    end
 end
 if #entries > 0 then
-    redis.call("XACK", KEYS[2], ARGV[1], unpack(entries))
+    acked = acked + redis.call("XACK", KEYS[2], ARGV[1], unpack(entries))
 end
 if ARGV[5] ~= "" then
     redis.call("ZREMRANGEBYSCORE", KEYS[1], "-inf", ARGV[5])
 end
-return #entries
+return acked
 """
 
-# For each id of ARGV[1] (one per line): 1 if marked done in KEYS[1], else 0.
-_DONE = """
-local found = {}
-for id in string.gmatch(ARGV[1], "[^\\n]+") do
-    found[#found + 1] = redis.call("ZSCORE", KEYS[1], id) and 1 or 0
+# XADDs one entry per key: KEYS[n] gets the fields i, h and b = ARGV[3n-2], ARGV[3n-1],
+# ARGV[3n]. Returns the entry ids. One command for a batch instead of one per entry:
+# the client packs and parses one command, the server runs one script.
+_ADD = """
+local ids = {}
+for n = 1, #KEYS do
+    ids[n] = redis.call("XADD", KEYS[n], "*", "i", ARGV[3 * n - 2], "h", ARGV[3 * n - 1], "b", ARGV[3 * n])
 end
-return found
+return ids
 """
+
+# Reads up to ARGV[3] new entries of the streams KEYS[2], KEYS[3]... for consumer
+# ARGV[2] of group ARGV[1] (XREADGROUP without blocking), and tells for each entry
+# whether its message id (field i, written first) is marked done in KEYS[1]: the read
+# and the de-duplication check in one round trip, one ZMSCORE per 1,000 entries.
+# Returns {XREADGROUP's reply or {}, {a score or false per entry, in order}}.
+_TAKE = """
+local args = {"GROUP", ARGV[1], ARGV[2], "COUNT", ARGV[3], "STREAMS"}
+for n = 2, #KEYS do args[#args + 1] = KEYS[n] end
+for n = 2, #KEYS do args[#args + 1] = ">" end
+local reply = redis.call("XREADGROUP", unpack(args))
+if not reply then return {{}, {}} end
+local ids = {}
+for _, stream in ipairs(reply) do
+    for _, entry in ipairs(stream[2]) do
+        local fields = entry[2]
+        ids[#ids + 1] = fields[1] == "i" and fields[2] or ""
+    end
+end
+local done = {}
+for first = 1, #ids, 1000 do
+    local scores = redis.call("ZMSCORE", KEYS[1], unpack(ids, first, math.min(first + 999, #ids)))
+    for _, score in ipairs(scores) do done[#done + 1] = score and 1 or 0 end
+end
+return {reply, done}
+"""
+
+
+_SCRIPTS = {"add": _ADD, "ack": _ACK, "take": _TAKE}
+_SHA = {
+    name: hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+    for name, script in _SCRIPTS.items()
+}
+
+#: Entries per script call when many sends share a turn of the event loop.
+_WRITE_BATCH = 500
 
 
 def _default_consumer() -> str:
@@ -138,8 +193,6 @@ class RedisTransport(Transport):
         self._sends = 0
         self._checked = False
         self._header = msgspec.json.Encoder()
-        self._ack_script = self.client.register_script(_ACK)
-        self._done_script = self.client.register_script(_DONE)
         self._outbox: list[tuple[str, dict[str, Any], asyncio.Future[str]]] = []
         self._writing: set[asyncio.Task[None]] = set()
         self._in_hand: set[str] = set()  # message ids taken and not yet acked or dead-lettered
@@ -149,10 +202,32 @@ class RedisTransport(Transport):
     def _key(self, name: str) -> str:
         return f"{self.prefix}{name}"
 
+    async def _execute(self, queue: Callable[[Any], object]) -> list[Any]:
+        """Send what `queue` puts in a pipeline, in one round trip, and return the replies.
+
+        Scripts go by their hash (EVALSHA): redis-py's Script objects would ask
+        SCRIPT EXISTS before every pipeline. When the server does not know them
+        (first use, a restart, SCRIPT FLUSH) it ran none of them: they are loaded
+        and the pipeline is sent once more.
+        """
+        for attempt in (1, 2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                queue(pipe)
+                try:
+                    return list(await pipe.execute())
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+            async with self.client.pipeline(transaction=False) as pipe:
+                for script in _SCRIPTS.values():
+                    pipe.script_load(script)
+                await pipe.execute()
+        raise AssertionError("unreachable")  # pragma: no cover
+
     # -- producing ---------------------------------------------------------------------
 
     async def send(self, envelope: Envelope) -> str:
-        """XADD the envelope; sends made in the same turn of the event loop share one pipeline."""
+        """XADD the envelope; sends made in the same turn of the event loop share one script call."""
         key = self._key(envelope.name)
         fields = self._fields(envelope)
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -179,17 +254,22 @@ class RedisTransport(Transport):
         task.add_done_callback(self._writing.discard)
 
     async def _write(self, batch: list[tuple[str, dict[str, Any], asyncio.Future[str]]]) -> None:
+        entries: list[Any] = []
         try:
             async with asyncio.timeout(self.timeout):
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for key, fields, _ in batch:
-                        pipe.xadd(key, fields)
-                    entries = await pipe.execute()
+                for start in range(0, len(batch), _WRITE_BATCH):
+                    chunk = batch[start : start + _WRITE_BATCH]
+                    keys = [key for key, _, _ in chunk]
+                    args = [
+                        value for _, fields, _ in chunk for value in (fields["i"], fields["h"], fields["b"])
+                    ]
+                    (added,) = await self._execute(functools.partial(_queue_add, keys, args))
+                    entries.extend(added)
         except (RedisError, TimeoutError) as exc:
-            for _, _, waiter in batch:
+            for _, _, waiter in batch[len(entries) :]:
                 if not waiter.done():
                     waiter.set_exception(exc)
-            return
+            batch = batch[: len(entries)]
         for (_, _, waiter), entry in zip(batch, entries, strict=True):
             if not waiter.done():
                 waiter.set_result(entry.decode() if isinstance(entry, bytes) else str(entry))
@@ -275,27 +355,23 @@ class RedisTransport(Transport):
                 taken.extend(await self._claim(key, max_count - len(taken)))
         if taken:
             await self._flush_acks()
-        else:
-            # The acks and a first, non-blocking read share a round trip; block only if it was empty.
-            fresh = self._entries(await self._flush_acks(read=(keys, max_count)))
-            if not fresh and wait > 0:
-                fresh = await self._read(dict.fromkeys(keys, ">"), max_count, max(1, int(wait * 1000)))
-            taken.extend(self._envelope(key, entry_id, fields, 1) for key, entry_id, fields in fresh)
+            return await self._skip_done(taken)
+        # The acks, a first non-blocking read and its de-duplication check share a
+        # round trip; block only if that read was empty.
+        reply, done = await self._flush_acks(read=(keys, max_count))
+        fresh = [self._envelope(key, entry_id, fields, 1) for key, entry_id, fields in _entries(reply)]
+        if fresh:
+            return self._skip_done_known(fresh, done)
+        if wait > 0:
+            entries = await self._read(dict.fromkeys(keys, ">"), max_count, max(1, int(wait * 1000)))
+            taken = [self._envelope(key, entry_id, fields, 1) for key, entry_id, fields in entries]
         return await self._skip_done(taken)
 
     async def _read(
         self, streams: dict[str, str], count: int, block: int | None
     ) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
         reply = await self.client.xreadgroup(self.group, self.consumer, streams, count=count, block=block)
-        return self._entries(reply or [])
-
-    @staticmethod
-    def _entries(reply: list[Any]) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
-        found: list[tuple[str, bytes, dict[bytes, bytes]]] = []
-        for stream, entries in reply:
-            key = stream.decode() if isinstance(stream, bytes) else stream
-            found.extend((key, entry_id, fields) for entry_id, fields in entries if fields)
-        return found
+        return _entries(reply or [])
 
     async def _with_counts(
         self, key: str, entries: list[tuple[str, bytes, dict[bytes, bytes]]]
@@ -329,8 +405,9 @@ class RedisTransport(Transport):
         entries = [(key, entry_id, fields) for entry_id, fields in reply[1] if fields]
         return await self._with_counts(key, entries)
 
-    def _fields(self, envelope: Envelope) -> dict[str, bytes]:
-        """An entry's fields: `h`, the header as a JSON array, and `b`, the body."""
+    def _fields(self, envelope: Envelope) -> dict[str, str | bytes]:
+        """An entry's fields: `i`, the message id (first, for the de-duplication check),
+        `h`, the header as a JSON array, and `b`, the body."""
         header = (
             envelope.kind,
             envelope.name,
@@ -338,7 +415,7 @@ class RedisTransport(Transport):
             envelope.correlation_id,
             envelope.causation_id,
         )
-        return {"h": self._header.encode(header), "b": envelope.body}
+        return {"i": envelope.message_id, "h": self._header.encode(header), "b": envelope.body}
 
     def _envelope(self, key: str, entry_id: bytes, fields: dict[bytes, bytes], attempt: int) -> Envelope:
         receipt = (key, entry_id)
@@ -365,9 +442,11 @@ class RedisTransport(Transport):
         """
         if not envelopes:
             return envelopes
-        done = await self._done_script(
-            keys=[self._done_key], args=["\n".join(envelope.message_id for envelope in envelopes)]
-        )
+        ids = [envelope.message_id for envelope in envelopes]
+        (scores,) = await self._execute(lambda pipe: pipe.zmscore(self._done_key, ids))
+        return self._skip_done_known(envelopes, [score is not None for score in scores])
+
+    def _skip_done_known(self, envelopes: list[Envelope], done: Sequence[object]) -> list[Envelope]:
         fresh = []
         for envelope, seen in zip(envelopes, done, strict=True):
             retried = envelope.attempt > 1 and envelope.message_id in self._in_hand
@@ -389,26 +468,40 @@ class RedisTransport(Transport):
         """Send the acks buffered so far."""
         await self._flush_acks()
 
-    async def _flush_acks(self, read: tuple[list[str], int] | None = None) -> list[Any]:
+    @overload
+    async def _flush_acks(self, read: None = None) -> None: ...
+    @overload
+    async def _flush_acks(self, read: tuple[list[str], int]) -> tuple[list[Any], list[int]]: ...
+    async def _flush_acks(
+        self, read: tuple[list[str], int] | None = None
+    ) -> tuple[list[Any], list[int]] | None:
         """Send the buffered acks; with `read` (keys, count), also read new entries
-        without blocking in the same round trip, and return that reply."""
+        without blocking and check them for duplicates in the same round trip, and
+        return the reply and the done flags (see `_TAKE`)."""
         acks, self._acks = self._acks, []
         if not acks and read is None:
-            return []
+            return None
+
+        def queue(pipe: Any) -> None:
+            self._queue_acks(pipe, acks)
+            if read is not None:
+                keys, count = read
+                pipe.evalsha(
+                    _SHA["take"], 1 + len(keys), self._done_key, *keys, self.group, self.consumer, count
+                )
+
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                await self._queue_acks(pipe, acks)
-                if read is not None:
-                    keys, count = read
-                    pipe.xreadgroup(self.group, self.consumer, dict.fromkeys(keys, ">"), count=count)
-                replies = await pipe.execute()
+            replies = await self._execute(queue)
         except RedisError as exc:
             self._acks[:0] = acks  # keep them: acked on the next flush
             raise TransportError(f"Could not ack {len(acks)} message(s): {exc}") from exc
         self._in_hand.difference_update(envelope.message_id for envelope in acks)
-        return list(replies[-1] or []) if read is not None else []
+        if read is None:
+            return None
+        reply, done = replies[-1]
+        return reply, done
 
-    async def _queue_acks(self, pipe: Any, acks: list[Envelope]) -> None:
+    def _queue_acks(self, pipe: Any, acks: list[Envelope]) -> None:
         by_stream: dict[str, list[Envelope]] = {}
         for envelope in acks:
             by_stream.setdefault(_receipt(envelope)[0], []).append(envelope)
@@ -417,17 +510,14 @@ class RedisTransport(Transport):
         expire = str(now - int(self.dedupe_window)) if self._flushes % 100 == 1 else ""
         for key, envelopes in by_stream.items():
             # One script per stream: the ids travel as two arguments, not one each.
-            await self._ack_script(  # queued in the pipeline
-                keys=[self._done_key, key],
-                args=[
-                    self.group,
-                    now,
-                    "\n".join(envelope.message_id for envelope in envelopes),
-                    b"\n".join(_receipt(envelope)[1] for envelope in envelopes),
-                    expire,
-                ],
-                client=pipe,
-            )
+            pipe.evalsha(
+                _SHA["ack"], 2, self._done_key, key,
+                self.group,
+                now,
+                "\n".join(envelope.message_id for envelope in envelopes),
+                b"\n".join(_receipt(envelope)[1] for envelope in envelopes),
+                expire,
+            )  # fmt: skip
 
     async def retry(self, envelope: Envelope, error: BaseException) -> None:
         key, entry_id = _receipt(envelope)
@@ -496,6 +586,27 @@ def _receipt(envelope: Envelope) -> tuple[str, bytes]:
     assert isinstance(receipt, tuple)  # (stream key, entry id), set by RedisTransport
     key, entry_id = receipt
     return key, entry_id
+
+
+def _queue_add(keys: list[str], args: list[str | bytes], pipe: Any) -> None:
+    pipe.evalsha(_SHA["add"], len(keys), *keys, *args)
+
+
+def _entries(reply: list[Any]) -> list[tuple[str, bytes, dict[bytes, bytes]]]:
+    """XREADGROUP's reply as entries (stream key, entry id, fields).
+
+    redis-py gives the fields as a dict; a script returns them as a flat list.
+    An entry without fields (deleted while pending) is left out.
+    """
+    found: list[tuple[str, bytes, dict[bytes, bytes]]] = []
+    for stream, entries in reply:
+        key = stream.decode() if isinstance(stream, bytes) else stream
+        for entry_id, fields in entries:
+            if isinstance(fields, list):
+                fields = dict(zip(fields[::2], fields[1::2], strict=True))
+            if fields:
+                found.append((key, entry_id, fields))
+    return found
 
 
 def _entry_order(entry_id: bytes | str) -> tuple[int, int]:

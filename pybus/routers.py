@@ -25,6 +25,7 @@ from pybus.errors import (
     with_article,
 )
 from pybus.handlers import CallPlan, Handler, callable_name, compile_handler, inspect_handler
+from pybus.middleware import Middleware, checked, with_middleware
 
 if TYPE_CHECKING:
     from pybus.dispatcher import Dispatcher
@@ -74,6 +75,7 @@ class _Router:
         #: Set by the dispatcher at start when some keys of this kind are routed to a transport.
         self.forward: Callable[[object], Awaitable[None]] | None = None
         self.routed: frozenset[object] = frozenset()
+        self._middleware: tuple[Middleware, ...] = ()
 
     @overload
     def register(
@@ -84,6 +86,7 @@ class _Router:
         *,
         timeout: float | None = None,
         emits: Iterable[object] = (),
+        middleware: Iterable[Middleware] = (),
         **initkwargs: Any,
     ) -> HandlerDecorator[M]: ...
     @overload
@@ -95,6 +98,7 @@ class _Router:
         *,
         timeout: float | None = None,
         emits: Iterable[object] = (),
+        middleware: Iterable[Middleware] = (),
         **initkwargs: Any,
     ) -> Callable[[H], H]: ...
     @overload
@@ -106,6 +110,7 @@ class _Router:
         *,
         timeout: float | None = None,
         emits: Iterable[object] = (),
+        middleware: Iterable[Middleware] = (),
         **initkwargs: Any,
     ) -> Callable[[H], H]: ...
     def register(
@@ -116,6 +121,7 @@ class _Router:
         *,
         timeout: float | None = None,
         emits: Iterable[object] = (),
+        middleware: Iterable[Middleware] = (),
         **initkwargs: Any,
     ) -> Any:
         """Decorator form of `bind`; returns the handler unchanged.
@@ -131,7 +137,10 @@ class _Router:
         """
 
         def decorator(handler: H) -> H:
-            bind_any(self, key, handler, argname=argname, timeout=timeout, emits=emits, **initkwargs)
+            bind_any(
+                self, key, handler, argname=argname, timeout=timeout, emits=emits,
+                middleware=middleware, **initkwargs,
+            )  # fmt: skip
             return handler
 
         return decorator
@@ -146,6 +155,7 @@ class _Router:
         *,
         timeout: float | None = None,
         emits: Iterable[object] = (),
+        middleware: Iterable[Middleware] = (),
         **initkwargs: Any,
     ) -> Handler: ...
     @overload
@@ -158,6 +168,7 @@ class _Router:
         *,
         timeout: float | None = None,
         emits: Iterable[object] = (),
+        middleware: Iterable[Middleware] = (),
         **initkwargs: Any,
     ) -> Handler: ...
     @overload
@@ -170,6 +181,7 @@ class _Router:
         *,
         timeout: float | None = None,
         emits: Iterable[object] = (),
+        middleware: Iterable[Middleware] = (),
         **initkwargs: Any,
     ) -> Handler: ...
     def bind(
@@ -181,6 +193,7 @@ class _Router:
         *,
         timeout: float | None = None,
         emits: Iterable[object] = (),
+        middleware: Iterable[Middleware] = (),
         **initkwargs: Any,
     ) -> Handler:
         """Register `handler` for messages whose key is `key` and return the inspected registration.
@@ -192,7 +205,8 @@ class _Router:
         message when it is not the first. `timeout` (seconds) cancels a handling
         that runs longer (default: the dispatcher's `default_timeout`). `emits`
         declares the message types the handler returns, collects or sends, for
-        `pybus graph` (return annotations are read too). The other
+        `pybus graph` (return annotations are read too). `middleware` wraps
+        this handler only, inside the dispatcher's and the router's. The other
         keyword arguments are bound values: passed to `__init__` for a class
         handler, to each call otherwise.
 
@@ -211,7 +225,9 @@ class _Router:
                 f"{key_name(key)} is already registered as {with_article(other)}; a message key "
                 "belongs to one kind, so give the two roles their own message classes"
             )
-        registration = self.inspect(key, handler, argname, timeout=timeout, emits=emits, **initkwargs)
+        registration = self.inspect(
+            key, handler, argname, timeout=timeout, emits=emits, middleware=middleware, **initkwargs
+        )
         self._add(registration)
         return registration
 
@@ -223,6 +239,7 @@ class _Router:
         *,
         timeout: float | None = None,
         emits: Iterable[object] = (),
+        middleware: Iterable[Middleware] = (),
         **initkwargs: Any,
     ) -> Handler:
         """Check `handler` for `key` as `bind` does, without registering it (for `override_handler`)."""
@@ -235,6 +252,7 @@ class _Router:
             check_init=self.dispatcher.handler_factory is None,
             timeout=timeout,
             emits=emits,
+            middleware=checked(middleware, f"{self.kind} {key_name(key)}"),
         )
         self.dispatcher.resolver.adopt(initkwargs)
         return registration
@@ -242,11 +260,32 @@ class _Router:
     def _add(self, handler: Handler) -> None:
         raise NotImplementedError
 
+    def add_middleware(self, *middleware: Middleware) -> None:
+        """Wrap every handler of this kind in `middleware` (inside the dispatcher's,
+        outside each registration's; in the order added). Raises `DispatcherFrozen`
+        after `start()`."""
+        names = ", ".join(callable_name(mw) for mw in middleware)
+        if self._frozen:
+            raise DispatcherFrozen(self.kind, None, f"middleware {names}", target=f"every {self.kind}")
+        self._middleware += checked(middleware, f"every {self.kind}")
+
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        """This router's middleware, outermost first."""
+        return self._middleware
+
     def compile_plan(self, handler: Handler) -> CallPlan:
-        """The call plan of a registration, with its timeout or the dispatcher's default."""
+        """The call plan of a registration: its timeout (or the dispatcher's default),
+        inside the dispatcher's, this router's and its own middleware."""
         dispatcher = self.dispatcher
         timeout = handler.timeout if handler.timeout is not None else dispatcher.default_timeout
-        return compile_handler(handler, dispatcher.resolver, dispatcher.handler_factory, timeout)
+        plan = compile_handler(handler, dispatcher.resolver, dispatcher.handler_factory, timeout)
+        return with_middleware(plan, self.middleware_for(handler))
+
+    def middleware_for(self, handler: Handler) -> tuple[Middleware, ...]:
+        """The middleware around a registration, outermost first: the dispatcher's,
+        this router's, then its own."""
+        return (*self.dispatcher.middleware, *self._middleware, *handler.middleware)
 
     async def send(self, message: object, /, *, key: object = None) -> None:
         """Queue `message` for the background workers and return once it is queued.

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 from pybus.dispatcher import Dispatcher
 from pybus.errors import Kind, key_name
-from pybus.handlers import Handler
+from pybus.handlers import Handler, callable_name
 from pybus.messages import Event
 from pybus.providers import Provider
+from pybus.routers import EventRouter, RequestRouter
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,7 @@ class Route:
     emits: list[str]
     output_known: bool
     transport: str | None = None
+    middleware: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -88,6 +90,10 @@ def registrations(dp: Dispatcher) -> Iterator[Handler]:
     for router in (dp.commands, dp.queries, dp.events):
         for found in router.handlers.values():
             yield from found
+
+
+def _router(dp: Dispatcher, handler: Handler) -> EventRouter | RequestRouter:
+    return dp.events if handler.kind == "event" else dp.commands if handler.kind == "command" else dp.queries
 
 
 def qualified_name(handler: Handler) -> str:
@@ -169,6 +175,10 @@ def routes(dp: Dispatcher) -> list[Route]:
                 emits=[key_name(key) for key in emits],
                 output_known=known,
                 transport=routed.get(handler.key),
+                middleware=[
+                    callable_name(mw).removesuffix(" instance")
+                    for mw in _router(dp, handler).middleware_for(handler)
+                ],
             )
         )
     for key, name in routed.items():

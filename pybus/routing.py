@@ -89,6 +89,7 @@ class Routing:
         report: Report,
         *,
         concurrency: int,
+        prefetch: int | None,
         max_deliveries: int,
         wait: float,
     ) -> Consumer:
@@ -111,6 +112,7 @@ class Routing:
             names,
             report=report,
             concurrency=concurrency,
+            prefetch=prefetch,
             max_deliveries=max_deliveries,
             wait=wait,
         )

@@ -23,7 +23,7 @@ from typing import Self
 from pybus.errors import Kind
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Envelope:
     """A message on its way: what it is, its ids, and how often it was delivered.
 
@@ -31,6 +31,11 @@ class Envelope:
     `causation_id` the id of the message whose handling sent this one (None
     for a message sent from outside any routed handling). `receipt` is the
     transport's own handle for `ack`/`retry`/`dead_letter`.
+
+    Treat it as read-only (a transport makes a new one with
+    `dataclasses.replace`); it is not frozen because one is made for every
+    message sent and received, and a frozen dataclass takes five times as long
+    to build.
     """
 
     kind: Kind

@@ -258,13 +258,9 @@ class WorkerPool:
                 self._wake(self._waiting_senders)
             self.in_flight += 1
             try:
-                coroutine = handle(message)
-                try:
-                    step = context.run(coroutine.send, None)
-                except StopIteration:
-                    pass  # done without ever waiting: the common case
-                else:
-                    await InContext(coroutine, context, step)
+                rest = start_in(context, handle(message))
+                if rest is not None:  # None: done without ever waiting, the common case
+                    await rest
             except asyncio.CancelledError as exc:
                 if asyncio.current_task().cancelling():  # type: ignore[union-attr]
                     raise  # the worker itself is being stopped
@@ -313,6 +309,19 @@ class WorkerPool:
         for waiter in self._waiting_senders:
             if not waiter.done():
                 waiter.set_result(None)  # let blocked senders see the dispatcher is closed
+
+
+def start_in(context: contextvars.Context, coroutine: Coroutine[Any, Any, Any]) -> InContext | None:
+    """Run the first step of `coroutine` inside `context`.
+
+    Returns None when that step finished it (no task, no second frame needed),
+    else an awaitable that runs the rest of it inside the same context.
+    """
+    try:
+        step = context.run(coroutine.send, None)
+    except StopIteration:
+        return None
+    return InContext(coroutine, context, step)
 
 
 class InContext:

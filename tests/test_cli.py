@@ -38,6 +38,7 @@ def test_routes_table() -> None:
         "LOCATION",
         "INJECTED",
         "TIMEOUT",
+        "MIDDLEWARE",
         "EMITS",
         "TRANSPORT",
     ]
@@ -51,6 +52,7 @@ def test_routes_table() -> None:
     ]
     assert rows[0][3].startswith("examples/orders.py:")
     assert rows[4][4] == "mailer=<Mailer>"
+    assert [row[6] for row in rows] == ["LoggingMiddleware"] * 2 + ["-"] * 3
 
 
 def test_routes_json() -> None:
@@ -65,7 +67,7 @@ def test_routes_json() -> None:
         ("event", "StockReserved", []),
     ]
     assert all(r["output_known"] for r in found)
-    assert found[0]["location"].endswith("examples/orders.py:58")
+    assert found[0]["location"].endswith("examples/orders.py:59")
 
 
 def test_mermaid_graph_edges_match_the_app() -> None:
@@ -321,3 +323,12 @@ def test_routes_show_transport_routes_also_without_a_local_handler() -> None:
     assert found["Lost"].handler == "-"
     assert found["Lost"].transport == f"{__name__}.Lost"
     assert dict(dp.routes) == {Shipped: "orders.shipped", Lost: f"{__name__}.Lost"}
+
+
+def test_worker_sizes_that_cannot_work_are_a_command_line_error() -> None:
+    result = pybus("worker", "examples.redis_worker:create_worker", "--concurrency", "2", "--prefetch", "3")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "pybus: error: prefetch=3 is more than concurrency=2: a consumer never holds more than its "
+        "concurrency, so it cannot read more at once; lower prefetch or raise concurrency\n"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,58 @@ def test_books_example_bind_style() -> None:
 def test_the_docs_include_the_quickstart_file() -> None:
     index = (EXAMPLES.parent / "docs" / "index.md").read_text()
     assert '--8<-- "examples/quickstart.py"' in index
+
+
+def test_middleware_example_times_caches_replaces_and_translates() -> None:
+    lines = [re.sub(r"took \d+ ms", "took N ms", line) for line in run_example("middleware.py").splitlines()]
+    assert lines == [
+        "[timed]  query get_price took N ms",
+        "[result] 12.5",
+        "[cache]  GetPrice(sku='book-1') answered from the cache",
+        "[timed]  query get_price took N ms",
+        "[result] 12.5",
+        "[timed]  command add_to_cart took N ms",
+        "[result] 2 x BOOK-1 in the cart",
+        "[timed]  command add_to_cart took N ms",
+        "[error]  cannot add book-1: 1 left",
+    ]
+
+
+def test_background_example_sends_orders_by_key_reports_errors_and_refuses_when_full() -> None:
+    assert run_example("background.py").splitlines() == [
+        "[on_error] ChargeCard(amount=-5) failed: a charge is positive",
+        "[command] reindexed user 7",
+        "[query]   pages seen: {7: ['home', 'a-long-article', 'cart', 'checkout']}",
+        "[stats]   EngineStatistics(queued=0, in_flight=0, handled=1, failed=1, active_keys=0)",
+        "[full]    The command queue is full (it holds 1 message at most); await dp.commands.send() "
+        "to wait for room, or raise Dispatcher(queue_size=...)",
+    ]
+
+
+def test_injection_example_commits_rolls_back_overrides_and_disposes() -> None:
+    assert run_example("injection.py").splitlines() == [
+        "[engine]  connected",
+        "[session] committed {1: 'ada'}",
+        "[result]  user 1 is 'ada'",
+        "[session] rolled back: a user needs a name",
+        "[override] 'a fake ada'",
+        "[after]   'ada'",
+        "[engine]  disposed",
+    ]
+
+
+def test_follow_up_example_publishes_collected_then_returned_events_breadth_first() -> None:
+    assert run_example("follow_up.py").splitlines() == [
+        "[event]  StockReserved(7)",
+        "[event]  OrderPlaced(7) -> returns InvoiceSent",
+        "[event]  InvoiceSent(7)",
+        "[result] execute returned OrderPlaced(order_id=7) after every follow-up ran",
+    ]
+
+
+def test_in_memory_transport_example_delivers_to_each_service() -> None:
+    assert run_example("transport_in_memory.py").splitlines() == [
+        "[billing]   invoice for order 1: 25.0 (delivery 1)",
+        "[warehouse] picking order 1",
+        "[warehouse] shipped order 1",
+    ]

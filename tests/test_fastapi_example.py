@@ -2,63 +2,18 @@
 
 from __future__ import annotations
 
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+from tests.uvicorn_server import uvicorn_server
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "examples.fastapi_app:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "info",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(f"{url}/docs", timeout=1)
-            break
-        except httpx.TransportError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"uvicorn did not start: {process.communicate()}") from None
-            time.sleep(0.05)
-    yield url
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=20)
-    # uvicorn shuts down gracefully (the lifespan stops the dispatcher), then re-raises the signal.
-    assert "Application shutdown complete." in stderr, stderr
-    assert process.returncode in (0, -signal.SIGTERM), stderr
+    with uvicorn_server("examples.fastapi_app:app") as (url, _):
+        yield url
 
 
 def test_register_and_read_a_user(server: str) -> None:

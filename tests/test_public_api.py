@@ -18,7 +18,7 @@ def test_all_equals_the_public_names() -> None:
         for name, value in vars(pybus).items()
         if not name.startswith("_") and getattr(value, "__module__", "").startswith("pybus")
     }
-    public |= {"__version__", "dispatcher"}
+    public |= {"__version__", "dispatcher", "Middleware"}  # Middleware: a type alias
     assert set(pybus.__all__) == public
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import pydantic
@@ -12,6 +13,7 @@ import pytest
 
 from pybus import Command, Dispatcher, DispatcherClosed, DispatcherFrozen, Event, ImproperlyConfigured
 from pybus.codec import DecodeError, JsonCodec, default_name
+from pybus.consumer import Consumer, current_envelope
 from pybus.transport import Envelope, InMemoryBroker, InMemoryTransport, Transport
 from tests.consuming import consuming, until
 
@@ -326,3 +328,155 @@ async def test_a_consumer_with_nothing_to_read_waits_for_stop() -> None:
         assert consumer.names == []
         await asyncio.sleep(0.05)
     assert transport.reads == 0  # it never asked the broker for nothing
+
+
+class Holding(InMemoryTransport):
+    """Counts what the consumer holds (received, not yet acked or given back) and
+    notes when each read starts."""
+
+    def __init__(self, broker: InMemoryBroker, group: str) -> None:
+        super().__init__(broker, group=group)
+        self.held = 0
+        self.most_held = 0
+        self.log: list[str] = []
+
+    async def receive(self, names: list[str], *, max_count: int, wait: float) -> list[Envelope]:  # type: ignore[override]
+        self.log.append(f"read {max_count}")
+        taken = await super().receive(names, max_count=max_count, wait=wait)
+        self.held += len(taken)
+        self.most_held = max(self.most_held, self.held)
+        return taken
+
+    async def ack(self, envelope: Envelope) -> None:
+        self.held -= 1
+        await super().ack(envelope)
+
+    async def retry(self, envelope: Envelope, error: BaseException) -> None:
+        self.held -= 1
+        await super().retry(envelope, error)
+
+
+async def test_the_next_read_is_sent_while_a_batch_is_handled_and_never_beyond_concurrency() -> None:
+    broker = InMemoryBroker()
+    transport = Holding(broker, "g")
+    worker = Dispatcher(transport=transport)
+    worker.route(OrderPaid)
+
+    @worker.events.register(OrderPaid)
+    async def slow(event: OrderPaid) -> None:
+        transport.log.append(f"handle {event.order_id}")
+        await asyncio.sleep(0.01)
+
+    async with producer(broker) as shop:
+        for n in range(20):
+            await shop.publish(OrderPaid(n, 1.0))
+    async with consuming(worker, concurrency=4) as consumer:
+        assert consumer.prefetch == 2  # half the concurrency by default
+        await until(lambda: consumer.handled == 20)
+    assert transport.log[:4] == ["read 2", "read 2", "handle 0", "handle 1"]  # the second read went first
+    assert transport.most_held == 4
+
+
+class ReadAheadScene:
+    """60 messages; a consumer reading 20 at a time with room for 40 is stopped while
+    it starts its first batch, after its read ahead took the next 20."""
+
+    def __init__(self, transport_cls: type[InMemoryTransport] = InMemoryTransport) -> None:
+        self.broker = InMemoryBroker()
+        self.transport_cls = transport_cls
+        self.handled: list[int] = []
+        self.attempts: dict[int, int] = {}
+        self.errors: list[tuple[BaseException, object]] = []
+        self.gate = asyncio.Event()
+        self.stopping: list[asyncio.Task[int]] = []
+        self.consumer: Consumer | None = None
+
+    def worker(self, transport: InMemoryTransport) -> Dispatcher:
+        dp = Dispatcher(
+            transport=transport, on_error=lambda error, message: self.errors.append((error, message))
+        )
+        dp.route(OrderPaid)
+
+        @dp.events.register(OrderPaid)
+        async def handle(event: OrderPaid) -> None:
+            if event.order_id == 0 and not self.stopping and self.consumer is not None:
+                # A signal arrives while the first batch is being started.
+                self.stopping.append(asyncio.create_task(self.consumer.stop(drain_timeout=5)))
+            await self.gate.wait()
+            self.handled.append(event.order_id)
+            envelope = current_envelope.get()
+            assert envelope is not None
+            self.attempts[event.order_id] = envelope.attempt
+
+        return dp
+
+    async def run(self) -> None:
+        async with producer(self.broker) as shop:
+            for n in range(60):
+                await shop.publish(OrderPaid(n, 1.0))
+        first = self.worker(self.transport_cls(self.broker, group="g"))
+        async with first:
+            self.consumer = first.consumer(concurrency=40, prefetch=20, wait=0.01)
+            reading = asyncio.create_task(self.consumer.run())
+            await until(lambda: bool(self.stopping))
+            self.gate.set()
+            assert await self.stopping[0] == 0
+            await reading
+        assert sorted(self.handled) == list(range(20))  # the first batch, handled
+
+    @property
+    def group(self) -> Any:
+        return self.broker.group("g", default_name(OrderPaid))
+
+
+async def test_stopping_gives_back_what_a_read_ahead_took() -> None:
+    scene = ReadAheadScene()
+    await scene.run()
+    assert scene.group.pending == {}
+    assert sorted(number for number, _ in scene.group.again) == list(range(21, 41))  # given back
+    async with consuming(scene.worker(InMemoryTransport(scene.broker, group="g"))):
+        await until(lambda: len(scene.handled) == 60)
+    assert sorted(scene.handled) == list(range(60))  # none lost, none twice
+    assert {scene.attempts[n] for n in range(20, 40)} == {2}  # given back counts as a delivery
+    assert scene.errors == []
+
+
+async def test_a_read_ahead_that_cannot_be_given_back_goes_to_the_error_hook() -> None:
+    class Refusing(InMemoryTransport):
+        async def retry(self, envelope: Envelope, error: BaseException) -> None:
+            raise ConnectionError("broker away")
+
+    scene = ReadAheadScene(Refusing)
+    await scene.run()  # the consumer still stops cleanly
+    reported = [(str(error), message) for error, message in scene.errors]
+    expected = scene.broker.streams[default_name(OrderPaid)][20:40]
+    assert [text for text, _ in reported] == ["broker away"] * 20
+    assert [getattr(message, "message_id", None) for _, message in reported] == [
+        envelope.message_id for envelope in expected
+    ]
+    assert sorted(scene.group.pending) == list(range(21, 41))  # still pending in the broker: not lost
+
+
+def test_consumer_sizes_are_checked() -> None:
+    dp = Dispatcher(transport=InMemoryTransport())
+    dp.route(OrderPaid)
+    dp.events.bind(OrderPaid, print)
+    dp.start()
+    with pytest.raises(ImproperlyConfigured, match=r"^concurrency must be a whole number >= 1, not 0$"):
+        dp.consumer(concurrency=0)
+    with pytest.raises(ImproperlyConfigured) as raised:
+        dp.consumer(concurrency=2, prefetch=3)
+    assert str(raised.value) == (
+        "prefetch=3 is more than concurrency=2: a consumer never holds more than its concurrency, "
+        "so it cannot read more at once; lower prefetch or raise concurrency"
+    )
+
+
+async def test_serve_with_refused_consumer_sizes_stops_and_installs_no_signal_handler() -> None:
+    worker = service(InMemoryBroker(), "billing", [])
+    loop = asyncio.get_running_loop()
+    with pytest.raises(ImproperlyConfigured, match=r"^prefetch=3 is more than concurrency=2"):
+        await worker.serve(concurrency=2, prefetch=3)
+    assert not loop.remove_signal_handler(signal.SIGTERM)  # none was left installed
+    with pytest.raises(DispatcherClosed):
+        await worker.publish(OrderPaid(1, 1.0))  # and the dispatcher was stopped

@@ -306,8 +306,8 @@ async def test_send_waits_for_room_and_send_nowait_refuses() -> None:
         with pytest.raises(QueueFull) as info:
             dp.commands.send_nowait(Job(3))
         assert str(info.value) == (
-            "The command queue is full (2 messages waiting); await dp.commands.send() to wait for room, "
-            "or raise Dispatcher(queue_size=...)"
+            "The command queue is full (it holds 2 messages at most); await dp.commands.send() to wait "
+            "for room, or raise Dispatcher(queue_size=...)"
         )
         given_up = asyncio.create_task(dp.commands.send(Job(3)))
         await asyncio.sleep(0.01)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from pybus import Dispatcher, Factory, Singleton
+from pybus import CallNext, Dispatcher, Factory, Middleware, Singleton
 
 
 @dataclass(slots=True)
@@ -107,6 +107,18 @@ def simple_dispatcher(event_handlers: int) -> Dispatcher:
     return dp
 
 
+async def pass_through(message: object, call_next: CallNext) -> object:
+    return await call_next(message)
+
+
+def middleware_dispatcher(middleware: list[Middleware]) -> Dispatcher:
+    """`execute(Cmd)` wrapped in dispatcher-wide `middleware`."""
+    dp = Dispatcher(middleware=middleware)
+    dp.commands.bind(Cmd, handle_cmd)
+    dp.start()
+    return dp
+
+
 def crowded_dispatcher(types: int) -> tuple[Dispatcher, type]:
     """A dispatcher with `types` command classes; returns it and one class from the middle."""
     dp = Dispatcher()
@@ -193,11 +205,11 @@ async def run(iterations: int, rounds: int) -> list[tuple[str, float, float]]:
         for i in range(n):
             await execute(cls(i))
 
-    def via_injected(dp: Dispatcher) -> Loop:
+    def executing(dp: Dispatcher, cls: type[Cmd | Injected]) -> Loop:
         async def loop(n: int) -> None:
             execute = dp.execute
             for i in range(n):
-                await execute(Injected(i))
+                await execute(cls(i))
 
         return loop
 
@@ -213,9 +225,19 @@ async def run(iterations: int, rounds: int) -> list[tuple[str, float, float]]:
         ("execute + 1 follow-up event", via_cascade, direct_cascade),
         ("execute, 1 registered type", via_small, direct_cmd),
         ("execute, 10,000 registered types", via_crowded, direct_cmd),
-        ("execute, plain bound kwarg", via_injected(plain_kwarg), direct_injected),
-        ("execute, Singleton kwarg (resolved)", via_injected(singleton_kwarg), direct_injected),
-        ("execute, Factory kwarg", via_injected(factory_kwarg), direct_injected),
+        ("execute, plain bound kwarg", executing(plain_kwarg, Injected), direct_injected),
+        ("execute, Singleton kwarg (resolved)", executing(singleton_kwarg, Injected), direct_injected),
+        ("execute, Factory kwarg", executing(factory_kwarg, Injected), direct_injected),
+        (
+            "execute, 1 pass-through middleware",
+            executing(middleware_dispatcher([pass_through]), Cmd),
+            direct_cmd,
+        ),
+        (
+            "execute, 3 pass-through middleware",
+            executing(middleware_dispatcher([pass_through] * 3), Cmd),
+            direct_cmd,
+        ),
     ]
     for name, via, direct in pairs:
         ns = await best_ns(via, iterations, rounds)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, assert_type
 
-from pybus import Command, Dispatcher, Event, Query, Singleton
+from pybus import CallNext, Command, Dispatcher, Event, HandlingContext, Query, Singleton
+from pybus.middleware import LoggingMiddleware
 
 
 @dataclass(frozen=True)
@@ -114,3 +115,22 @@ dp.commands.bind(CreateUser, get_user, argname="query")  # argname: the checker 
 async def decorated_functions_stay_callable() -> None:
     assert_type(await create_user(CreateUser("ada")), int)
     assert_type(await create_user_with_repo(CreateUser("ada"), Repo()), int)
+
+
+# -- middleware -----------------------------------------------------------------------
+
+
+async def logged(message: object, call_next: CallNext) -> object:
+    assert_type(call_next.context, HandlingContext)
+    return await call_next(message)
+
+
+def not_async(message: object, call_next: CallNext) -> object:
+    return call_next(message)
+
+
+dp.add_middleware(logged, LoggingMiddleware())
+dp.commands.add_middleware(logged)
+dp.add_middleware(not_async)  # type: ignore[arg-type]
+dp.queries.bind(GetUser, get_user, middleware=[logged])
+Dispatcher(middleware=[logged, LoggingMiddleware()])

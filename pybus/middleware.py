@@ -1,0 +1,277 @@
+"""Middleware: code that runs around the handlings of the handlers it wraps.
+
+A middleware is `async def mw(message, call_next)` (or an object with such an
+async `__call__`): it may look at or replace the message (`call_next(other)`),
+answer without calling the handler, and sees the handler's result and
+exception. `call_next.context` says which handling it wraps (kind, key,
+handler, attempt). Middleware is added to the dispatcher (every handler), to a
+router (the handlers of one kind) or to one registration; the dispatcher's is
+outermost, then the router's, then the registration's, each in the order
+given. Chains are composed once, at `start()`; a handler without middleware is
+called exactly as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeAlias, cast
+
+from pybus.consumer import current_envelope
+from pybus.errors import ImproperlyConfigured, Kind, key_name
+from pybus.handlers import CallPlan, callable_name
+
+
+@dataclass(frozen=True, slots=True)
+class HandlingContext:
+    """Which handling a middleware wraps: its kind, key and handler.
+
+    `attempt` is the delivery count when the handling runs in a transport
+    consumer (for the routed message and for the local follow-ups of its
+    handling), else 1. `message_id`, `correlation_id` and `causation_id` are
+    the ids of the transport envelope, and None for a handling that did not
+    come from a transport.
+    """
+
+    kind: Kind
+    key: object
+    handler: str
+    location: str
+
+    @property
+    def attempt(self) -> int:
+        envelope = current_envelope.get()
+        return 1 if envelope is None else envelope.attempt
+
+    @property
+    def message_id(self) -> str | None:
+        envelope = current_envelope.get()
+        return None if envelope is None else envelope.message_id
+
+    @property
+    def correlation_id(self) -> str | None:
+        envelope = current_envelope.get()
+        return None if envelope is None else envelope.correlation_id
+
+    @property
+    def causation_id(self) -> str | None:
+        envelope = current_envelope.get()
+        return None if envelope is None else envelope.causation_id
+
+    def __str__(self) -> str:
+        return f"{self.kind} {key_name(self.key)} -> {self.handler}"
+
+
+class CallNext(Protocol):
+    """What a middleware calls to run the rest of the chain and the handler."""
+
+    #: The handling this chain belongs to.
+    context: HandlingContext
+
+    def __call__(self, message: Any, /) -> Awaitable[Any]: ...
+
+
+#: `async def mw(message, call_next) -> result`
+Middleware: TypeAlias = Callable[[Any, CallNext], Awaitable[Any]]
+
+
+def checked(middleware: Iterable[object], where: str) -> tuple[Middleware, ...]:
+    """Check that each item can be called as `await mw(message, call_next)`."""
+    if isinstance(middleware, str) or callable(middleware):
+        name = callable_name(middleware).replace(" instance", "(...)")
+        raise ImproperlyConfigured(
+            f"middleware= for {where} takes a list, and {name} is one middleware; pass middleware=[{name}]"
+        )
+    found: list[Middleware] = []
+    for item in middleware:
+        name = callable_name(item)
+        if isinstance(item, type) or not callable(item):
+            raise ImproperlyConfigured(
+                f"{name} cannot be middleware for {where}: middleware is an async function "
+                "`async def mw(message, call_next)` or an object with such an async __call__ "
+                "(pass an instance, not the class)"
+            )
+        routine = inspect.isroutine(item) or isinstance(item, functools.partial)
+        if not inspect.iscoroutinefunction(item if routine else type(item).__call__):
+            raise ImproperlyConfigured(
+                f"{name} cannot be middleware for {where}: it is not async; define it with "
+                "`async def` and return `await call_next(message)`"
+            )
+        try:
+            inspect.signature(item).bind(None, None)
+        except TypeError:
+            raise ImproperlyConfigured(
+                f"{name} cannot be middleware for {where}: it must accept two positional "
+                "arguments, (message, call_next)"
+            ) from None
+        except ValueError:
+            pass  # no inspectable signature: trust it
+        found.append(cast(Middleware, item))
+    return tuple(found)
+
+
+def with_middleware(plan: CallPlan, middleware: tuple[Middleware, ...]) -> CallPlan:
+    """`plan` run inside its middleware, outermost first (composed once, at start)."""
+    if not middleware:
+        return plan
+    handler = plan.handler
+    context = HandlingContext(handler.kind, handler.key, handler.name, handler.location)
+    if plan.collect is None:
+        return CallPlan(handler, _chain(_awaiting(plan), middleware, context), True, None)
+    collect = plan.collect
+
+    async def innermost(message: Any) -> Any:
+        # The events collected by the last successful call of the handler count;
+        # a middleware that answers without calling it collects none.
+        events: list[Any] = []
+        result = await collect(message, events)
+        sink = _collected.get()
+        assert sink is not None  # set by `run` below for this handling
+        sink[:] = events
+        return result
+
+    chain = _chain(innermost, middleware, context)
+
+    async def run(message: Any, followups: list[Any] | None = None) -> Any:
+        assert followups is not None  # the engines call a collecting plan's `collect`
+        collected: list[Any] = []
+        token = _collected.set(collected)
+        try:
+            result = await chain(message)
+        finally:
+            _collected.reset(token)
+        followups.extend(collected)
+        return result
+
+    return CallPlan(handler, run, True, run)
+
+
+#: Where the innermost layer of a collecting handler's chain puts the events of
+#: the handling in progress (the chain itself is composed once, at start).
+_collected: ContextVar[list[Any] | None] = ContextVar("pybus_collected", default=None)
+
+
+def _awaiting(plan: CallPlan) -> Callable[[Any], Awaitable[Any]]:
+    invoke = plan.invoke
+    if plan.is_async:
+        return invoke
+
+    async def call(message: Any) -> Any:
+        result = invoke(message)
+        return await result if inspect.isawaitable(result) else result
+
+    return call
+
+
+def _chain(
+    call: Callable[[Any], Awaitable[Any]], middleware: tuple[Middleware, ...], context: HandlingContext
+) -> Callable[[Any], Awaitable[Any]]:
+    # Each call_next is a function of its own (a C-level partial for the
+    # handler itself), so it can carry `.context` without another frame.
+    call_next: Any = functools.partial(call)
+    for mw in reversed(middleware):
+        call_next.context = context
+        call_next = _layer(mw, call_next)
+    return cast(Callable[[Any], Awaitable[Any]], call_next)
+
+
+def _layer(mw: Middleware, call_next: CallNext) -> Callable[[Any], Awaitable[Any]]:
+    def layer(message: Any) -> Awaitable[Any]:
+        return mw(message, call_next)
+
+    return layer
+
+
+class LoggingMiddleware:
+    """Logs each handling twice: what was asked, before the handler runs, and
+    the outcome with its duration, after.
+
+    Records go to `logger` (default: the `pybus` logger) at the levels given
+    (`before=None` skips the first record), with structured fields in `extra`:
+    `pybus_kind`, `pybus_key`, `pybus_handler`, `pybus_attempt` and
+    `pybus_message` (`describe(message)`, default `repr`); the second record adds
+    `pybus_outcome` ("ok", "failed" or "cancelled") and `pybus_duration_ms`, and
+    for a failure `pybus_error` and the traceback, at `failure_level`. The
+    handler's exception is re-raised unchanged. `on_timing(context, seconds,
+    exception_or_None)` is called after every handling: a hook for metrics.
+    """
+
+    def __init__(
+        self,
+        *,
+        logger: logging.Logger | None = None,
+        before: int | None = logging.INFO,
+        after: int = logging.INFO,
+        failure_level: int = logging.ERROR,
+        describe: Callable[[Any], object] = repr,
+        on_timing: Callable[[HandlingContext, float, BaseException | None], None] | None = None,
+    ) -> None:
+        self.logger = logger or logging.getLogger("pybus")
+        self.before = before
+        self.after = after
+        self.failure_level = failure_level
+        self.describe = describe
+        self.on_timing = on_timing
+
+    def __repr__(self) -> str:
+        return f"LoggingMiddleware(logger={self.logger.name!r})"
+
+    async def __call__(self, message: Any, call_next: CallNext) -> Any:
+        context = call_next.context
+        fields: dict[str, object] | None = None
+        if self.before is not None and self.logger.isEnabledFor(self.before):
+            fields = self._fields(context, message)
+            self.logger.log(self.before, "%s: handling %s", context, fields["pybus_message"], extra=fields)
+        started = time.perf_counter()
+        try:
+            result = await call_next(message)
+        except (Exception, asyncio.CancelledError) as exc:
+            self._finished(context, message, fields, started, exc)
+            raise
+        self._finished(context, message, fields, started, None)
+        return result
+
+    def _fields(self, context: HandlingContext, message: Any) -> dict[str, object]:
+        return {
+            "pybus_kind": context.kind,
+            "pybus_key": key_name(context.key),
+            "pybus_handler": context.handler,
+            "pybus_attempt": context.attempt,
+            "pybus_message": self.describe(message),
+        }
+
+    def _finished(
+        self,
+        context: HandlingContext,
+        message: Any,
+        before: dict[str, object] | None,
+        started: float,
+        error: BaseException | None,
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        if error is None:
+            outcome, level, text = "ok", self.after, "ok"
+        elif isinstance(error, asyncio.CancelledError):
+            outcome, level, text = "cancelled", self.after, "cancelled"
+        else:
+            outcome, level = "failed", self.failure_level
+            text = f"failed ({type(error).__name__}: {error})"
+        if self.logger.isEnabledFor(level):
+            # The first record's fields, described once; a copy, since a handler may keep a record.
+            fields = dict(before) if before is not None else self._fields(context, message)
+            fields["pybus_outcome"] = outcome
+            fields["pybus_duration_ms"] = round(elapsed * 1000, 3)
+            if outcome == "failed":
+                fields["pybus_error"] = f"{type(error).__name__}: {error}"
+            self.logger.log(
+                level, "%s: %s in %.3f ms", context, text, elapsed * 1000,
+                exc_info=error if outcome == "failed" else None, extra=fields,
+            )  # fmt: skip
+        if self.on_timing is not None:
+            self.on_timing(context, elapsed, error)
