@@ -206,8 +206,8 @@ class Consumer:
             try:
                 message = self.codec.decode(envelope.name, envelope.body)
             except DecodeError as exc:
-                self.dead_lettered += 1
                 await self.transport.dead_letter(envelope, str(exc))
+                self.dead_lettered += 1  # counted once written, so a reader of it finds the letter
                 self._report(exc, envelope)
                 return
             current_envelope.set(envelope)
@@ -233,8 +233,8 @@ class Consumer:
         exc.add_note(f"delivery {envelope.attempt} of {envelope.name} (message id {envelope.message_id})")
         self._report(exc, message)
         if envelope.attempt >= self.max_deliveries:
-            self.dead_lettered += 1
             reason = "".join(traceback.format_exception(exc))
             await self.transport.dead_letter(envelope, f"failed {envelope.attempt} times; last: {reason}")
+            self.dead_lettered += 1
         else:
             await self.transport.retry(envelope, exc)

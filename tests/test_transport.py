@@ -172,6 +172,33 @@ async def test_an_undecodable_message_is_dead_lettered_and_does_not_block() -> N
     assert dead.reason.startswith(f"Cannot decode a message named {name!r}: ValidationError: Expected `int`")
 
 
+class SlowDeadLetters(InMemoryTransport):
+    """Holds each dead-letter write until `written` is set, as a broker round trip would."""
+
+    def __init__(self, broker: InMemoryBroker, *, group: str) -> None:
+        super().__init__(broker, group=group)
+        self.written = asyncio.Event()
+
+    async def dead_letter(self, envelope: Envelope, reason: str) -> None:
+        await self.written.wait()
+        await super().dead_letter(envelope, reason)
+
+
+async def test_a_dead_letter_is_counted_once_the_transport_has_written_it() -> None:
+    broker = InMemoryBroker()
+    transport = SlowDeadLetters(broker, group="billing")
+    await transport.send(Envelope("event", default_name(OrderPaid), b"not json", "bad", "bad"))
+    worker = Dispatcher(transport=transport, on_error=lambda e, m: None)
+    worker.route(OrderPaid)
+    worker.events.bind(OrderPaid, lambda event: None)
+    async with consuming(worker) as consumer:
+        await asyncio.sleep(0.05)  # the message was read and the write started
+        assert (consumer.dead_lettered, broker.dead_letters) == (0, [])
+        transport.written.set()
+        await until(lambda: consumer.dead_lettered == 1)
+        assert [dead.envelope.message_id for dead in broker.dead_letters] == ["bad"]
+
+
 async def test_stopping_a_consumer_gives_unfinished_messages_back() -> None:
     broker = InMemoryBroker()
     release = asyncio.Event()
