@@ -550,7 +550,10 @@ class RedisTransport(Transport):
 
     async def dead_letters(self, count: int = 100) -> list[tuple[str, DeadLetter]]:
         """The oldest `count` dead letters, with their ids in the dead-letter stream."""
-        entries = await self.client.xrange(self.dead_key, "-", "+", count=count)
+        try:
+            entries = await self.client.xrange(self.dead_key, "-", "+", count=count)
+        except RedisError as exc:
+            raise TransportError(f"Could not read the dead letters in {self.dead_key}: {exc}") from exc
         found = []
         for entry_id, fields in entries:
             envelope = self._envelope(
@@ -564,15 +567,26 @@ class RedisTransport(Transport):
         for entry_id, letter in await self.dead_letters(count=10_000):
             if entry_id == dead_id:
                 new_id = await self.send(letter.envelope)
-                await self.client.xdel(self.dead_key, dead_id)
+                try:
+                    await self.client.xdel(self.dead_key, dead_id)
+                except RedisError as exc:
+                    raise TransportError(
+                        f"Sent dead letter {dead_id} again as {new_id} but could not remove it from "
+                        f"{self.dead_key}: {exc}; consumers de-duplicate it by message id if requeued again"
+                    ) from exc
                 return new_id
         raise TransportError(f"No dead letter {dead_id!r} in {self.dead_key}")
 
     async def purge(self) -> int:
         """Delete every dead letter; return how many there were."""
-        count = int(await self.client.xlen(self.dead_key))
-        await self.client.delete(self.dead_key)
-        return count
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.xlen(self.dead_key)
+                pipe.delete(self.dead_key)
+                count, _ = await pipe.execute()
+        except RedisError as exc:
+            raise TransportError(f"Could not purge the dead letters in {self.dead_key}: {exc}") from exc
+        return int(count)
 
     async def aclose(self) -> None:
         try:

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from examples.redis_worker import produce
-from tests.redis_server import redis_server
+from tests.redis_server import free_port, redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).with_name("pybus")
@@ -196,3 +196,9 @@ def test_dlq_command_lists_requeues_and_purges(server: tuple[str, Any]) -> None:
     missing = pybus_dlq("requeue", "1-1")
     assert missing.returncode == 2
     assert "No dead letter '1-1'" in missing.stderr
+    env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    for action in ("list", "purge"):
+        unreachable = pybus_dlq(action)
+        assert unreachable.returncode == 2, unreachable.stderr
+        assert "dead letters in pybus:dead" in unreachable.stderr
+        assert "Traceback" not in unreachable.stderr
