@@ -502,21 +502,22 @@ class RedisTransport(Transport):
         return reply, done
 
     def _queue_acks(self, pipe: Any, acks: list[Envelope]) -> None:
-        by_stream: dict[str, list[Envelope]] = {}
+        by_stream: dict[str, tuple[list[str], list[bytes]]] = {}
         for envelope in acks:
-            by_stream.setdefault(_receipt(envelope)[0], []).append(envelope)
+            key, entry_id = _receipt(envelope)
+            ids = by_stream.get(key)
+            if ids is None:
+                ids = by_stream[key] = ([], [])
+            ids[0].append(envelope.message_id)
+            ids[1].append(entry_id)
         now = int(time.time())
         self._flushes += 1
         expire = str(now - int(self.dedupe_window)) if self._flushes % 100 == 1 else ""
-        for key, envelopes in by_stream.items():
+        for key, (message_ids, entry_ids) in by_stream.items():
             # One script per stream: the ids travel as two arguments, not one each.
             pipe.evalsha(
                 _SHA["ack"], 2, self._done_key, key,
-                self.group,
-                now,
-                "\n".join(envelope.message_id for envelope in envelopes),
-                b"\n".join(_receipt(envelope)[1] for envelope in envelopes),
-                expire,
+                self.group, now, "\n".join(message_ids), b"\n".join(entry_ids), expire,
             )  # fmt: skip
 
     async def retry(self, envelope: Envelope, error: BaseException) -> None:
