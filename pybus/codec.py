@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pybus.errors import ImproperlyConfigured, PyBusError, key_name
+from pybus.errors import ImproperlyConfigured, PyBusError, key_name, message_key
 
 
 class DecodeError(PyBusError):
@@ -64,7 +64,7 @@ class JsonCodec:
                 )
 
     def name_of(self, message: object) -> str:
-        return self.names[message if isinstance(message, str) else type(message)]
+        return self.names[message_key(message)]
 
     def encode(self, message: object) -> bytes:
         """The body of `message` (empty for a string message)."""

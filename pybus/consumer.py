@@ -20,7 +20,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from pybus.codec import DecodeError, JsonCodec
-from pybus.errors import ImproperlyConfigured, Kind
+from pybus.errors import ImproperlyConfigured, Kind, whole_number
 from pybus.transport import Envelope, Transport
 from pybus.workers import start_in
 
@@ -59,10 +59,8 @@ class Consumer:
         self.names = list(names)
         self._handlers = handlers
         self._report = report
-        prefetch = max(1, concurrency // 2) if prefetch is None else prefetch
-        for name, value in (("concurrency", concurrency), ("prefetch", prefetch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ImproperlyConfigured(f"{name} must be a whole number >= 1, not {value!r}")
+        concurrency = whole_number("concurrency", concurrency, 1)
+        prefetch = whole_number("prefetch", max(1, concurrency // 2) if prefetch is None else prefetch, 1)
         if prefetch > concurrency:
             raise ImproperlyConfigured(
                 f"prefetch={prefetch} is more than concurrency={concurrency}: a consumer never holds more "

@@ -20,6 +20,7 @@ from pybus.errors import (
     ImproperlyConfigured,
     Kind,
     key_name,
+    whole_number,
 )
 from pybus.handlers import Handler, callable_name, positive_seconds
 from pybus.messages import Command, Query
@@ -87,11 +88,11 @@ class Dispatcher:
         self._commands_router_cls = commands_router_cls or RequestRouter
         self._queries_router_cls = queries_router_cls or RequestRouter
         self.concurrent_events = concurrent_events
-        self.max_cascade_depth = _whole("max_cascade_depth", max_cascade_depth, 0)
+        self.max_cascade_depth = whole_number("max_cascade_depth", max_cascade_depth, 0)
         #: Builds class handlers as `handler_factory(cls)` or `handler_factory(cls, **bound)`.
         self.handler_factory = handler_factory
-        self.queue_size = _whole("queue_size", queue_size, 1)
-        self.workers = _whole("workers", workers, 1)
+        self.queue_size = whole_number("queue_size", queue_size, 1)
+        self.workers = whole_number("workers", workers, 1)
         if default_timeout is not None and not positive_seconds(default_timeout):
             raise ImproperlyConfigured(
                 f"default_timeout must be None or seconds > 0, not {default_timeout!r}"
@@ -521,12 +522,6 @@ class Dispatcher:
             if router.engine is not None and router.engine.handles(message):
                 return router
         return self.events
-
-
-def _whole(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ImproperlyConfigured(f"{name} must be a whole number >= {minimum}, not {value!r}")
-    return value
 
 
 def _except(kinds: Mapping[object, Kind], kind: Kind) -> dict[object, Kind]:

@@ -53,6 +53,13 @@ def message_key(message: object) -> object:
     return message if isinstance(message, str) else type(message)
 
 
+def whole_number(name: str, value: object, minimum: int) -> int:
+    """`value` when it is an int >= `minimum` (not a bool); else `ImproperlyConfigured` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ImproperlyConfigured(f"{name} must be a whole number >= {minimum}, not {value!r}")
+    return value
+
+
 def with_article(kind: Kind) -> str:
     """'an event', 'a command', 'a query'."""
     return f"an {kind}" if kind == "event" else f"a {kind}"

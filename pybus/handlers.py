@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeGuard
 
 from pybus.errors import HandlerSignatureError, ImproperlyConfigured, Kind, key_name
 from pybus.providers import Provider, Resolver, Singleton
@@ -243,7 +243,7 @@ def _check_emits(kind: Kind, key: object, name: str, emits: Iterable[object]) ->
 def _check_timeout(kind: Kind, key: object, name: str, timeout: object) -> float | None:
     if timeout is None:
         return None
-    if not isinstance(timeout, int | float) or not positive_seconds(timeout):
+    if not positive_seconds(timeout):
         raise HandlerSignatureError(
             kind, key, name, f"timeout={timeout!r} is not a number of seconds > 0; pass e.g. timeout=2.0"
         )
@@ -392,20 +392,30 @@ async def within(seconds: float, awaitable: Awaitable[Any], note: str) -> Any:
         raise
 
 
-def positive_seconds(value: object) -> bool:
+def positive_seconds(value: object) -> TypeGuard[float]:
     """True for a number of seconds > 0 (booleans are not numbers here)."""
     return not isinstance(value, bool) and isinstance(value, int | float) and value > 0
 
 
-def _timed(plan: CallPlan, seconds: float) -> CallPlan:
-    invoke, collect, handler = plan.invoke, plan.collect, plan.handler
-    note = f"{handler} did not finish within its timeout of {seconds} s"
+def awaiting(plan: CallPlan) -> Callable[[Any], Awaitable[Any]]:
+    """`plan.invoke` as an async function (itself when the plan is async)."""
+    invoke = plan.invoke
+    if plan.is_async:
+        return invoke
 
-    async def settle(result: Any) -> Any:
+    async def call(message: Any) -> Any:
+        result = invoke(message)
         return await result if inspect.isawaitable(result) else result
 
+    return call
+
+
+def _timed(plan: CallPlan, seconds: float) -> CallPlan:
+    invoke, collect, handler = awaiting(plan), plan.collect, plan.handler
+    note = f"{handler} did not finish within its timeout of {seconds} s"
+
     async def timed_invoke(message: Any) -> Any:
-        return await within(seconds, settle(invoke(message)), note)
+        return await within(seconds, invoke(message), note)
 
     async def timed_collect(message: Any, followups: list[Any]) -> Any:
         assert collect is not None  # only used when the plan collects

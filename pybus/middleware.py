@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeAlias, cast
 
 from pybus.consumer import current_envelope
 from pybus.errors import ImproperlyConfigured, Kind, key_name
-from pybus.handlers import CallPlan, callable_name
+from pybus.handlers import CallPlan, awaiting, callable_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +123,7 @@ def with_middleware(plan: CallPlan, middleware: tuple[Middleware, ...]) -> CallP
     handler = plan.handler
     context = HandlingContext(handler.kind, handler.key, handler.name, handler.location)
     if plan.collect is None:
-        return CallPlan(handler, _chain(_awaiting(plan), middleware, context), True, None)
+        return CallPlan(handler, _chain(awaiting(plan), middleware, context), True, None)
     collect = plan.collect
 
     async def innermost(message: Any) -> Any:
@@ -155,18 +155,6 @@ def with_middleware(plan: CallPlan, middleware: tuple[Middleware, ...]) -> CallP
 #: Where the innermost layer of a collecting handler's chain puts the events of
 #: the handling in progress (the chain itself is composed once, at start).
 _collected: ContextVar[list[Any] | None] = ContextVar("pybus_collected", default=None)
-
-
-def _awaiting(plan: CallPlan) -> Callable[[Any], Awaitable[Any]]:
-    invoke = plan.invoke
-    if plan.is_async:
-        return invoke
-
-    async def call(message: Any) -> Any:
-        result = invoke(message)
-        return await result if inspect.isawaitable(result) else result
-
-    return call
 
 
 def _chain(

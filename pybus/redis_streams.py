@@ -265,7 +265,7 @@ class RedisTransport(Transport):
                     ]
                     (added,) = await self._execute(functools.partial(_queue_add, keys, args))
                     entries.extend(added)
-        except (RedisError, TimeoutError) as exc:
+        except Exception as exc:  # each unwritten send raises it (send() wraps Redis's own errors)
             for _, _, waiter in batch[len(entries) :]:
                 if not waiter.done():
                     waiter.set_exception(exc)
@@ -590,7 +590,10 @@ class RedisTransport(Transport):
         return int(count)
 
     async def aclose(self) -> None:
+        """Let the writes in flight finish, send the buffered acks, close the connections."""
         try:
+            if self._writing:
+                await asyncio.wait(self._writing)
             await self._flush_acks()
         finally:
             await self.client.aclose()

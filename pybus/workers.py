@@ -261,12 +261,10 @@ class WorkerPool:
                 rest = start_in(context, handle(message))
                 if rest is not None:  # None: done without ever waiting, the common case
                     await rest
-            except asyncio.CancelledError as exc:
-                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():  # type: ignore[union-attr]
                     raise  # the worker itself is being stopped
-                self.failed += 1  # the handler was cancelled: a failure, not the end of the worker
-                supervisor.report(exc, message, self.kind, self._describe(message))
-            except Exception as exc:
+                # A handler that failed, or was cancelled: a failure, not the end of the worker.
                 self.failed += 1
                 supervisor.report(exc, message, self.kind, self._describe(message))
             else:
@@ -296,12 +294,10 @@ class WorkerPool:
         self._stopping = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            self._supervisor.tasks.discard(task)
+        if self._tasks:
+            # wait(), not `await task`: a cancellation of the caller itself still propagates.
+            await asyncio.wait(self._tasks)
+        self._supervisor.tasks.difference_update(self._tasks)
         self._tasks.clear()
         self._ready.clear()
         self._backlogs.clear()

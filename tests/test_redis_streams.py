@@ -168,12 +168,22 @@ async def test_a_message_sent_twice_takes_effect_once(redis_url: str) -> None:
     producer = RedisTransport(redis_url)
     envelope = Envelope("event", default_name(Paid), b'{"n": 7}', "same-id", "same-id")
     await producer.send(envelope)
-    await producer.send(envelope)  # e.g. a retry after a timeout that had written it
+    second = await producer.send(envelope)  # e.g. a retry after a timeout that had written it
     await producer.aclose()
-    async with consuming(worker(redis_url, lambda event: seen.append(event.n))):
+    client = raw(redis_url)
+    async with consuming(worker(redis_url, lambda event: seen.append(event.n))) as consumer:
         await until(lambda: seen == [7])
-        await asyncio.sleep(0.3)
+        # Wait until the group has read the second entry and nothing is pending:
+        # its copy was acked, not handled.
+        async with asyncio.timeout(10):
+            while True:
+                await consumer.transport.flush()
+                (group,) = await client.xinfo_groups(KEY)
+                if group["last-delivered-id"].decode() == second and group["pending"] == 0:
+                    break
+                await asyncio.sleep(0.01)
     assert seen == [7]
+    await client.aclose()
 
 
 async def test_g8_pending_entries_survive_trimming(redis_url: str) -> None:
@@ -215,4 +225,20 @@ async def test_a_send_to_an_unreachable_server_raises_a_pybus_error() -> None:
     transport = RedisTransport(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
     with pytest.raises(TransportError, match=r"it may or may not have been written"):
         await transport.send(Envelope("event", "x", b"", "id", "id"))
+    await transport.aclose()
+
+
+async def test_a_send_that_fails_otherwise_raises_that_error_instead_of_waiting_forever() -> None:
+    from tests.redis_server import free_port
+
+    transport = RedisTransport(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+
+    async def broken(queue: object) -> list[Any]:
+        raise ValueError("not a Redis error")
+
+    transport._execute = broken  # type: ignore[method-assign]  # a failure that is no RedisError
+    sends = [transport.send(Envelope("event", "x", b"", f"id{n}", f"id{n}")) for n in range(3)]
+    async with asyncio.timeout(5):
+        outcomes = await asyncio.gather(*sends, return_exceptions=True)
+    assert [repr(outcome) for outcome in outcomes] == [repr(ValueError("not a Redis error"))] * 3
     await transport.aclose()

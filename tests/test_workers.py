@@ -219,6 +219,31 @@ async def test_stop_with_a_timeout_reports_what_was_not_handled(caplog: pytest.L
     await asyncio.wait_for(dp.join(), 1)  # nothing left to wait for
 
 
+async def test_cancelling_stop_itself_is_not_swallowed_while_it_waits_for_the_workers() -> None:
+    cleaning = asyncio.Event()
+    cleaned = asyncio.Event()
+    dp = Dispatcher(workers=1)
+
+    @dp.commands.register(Job)
+    async def slow_to_cancel(cmd: Job) -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            cleaning.set()
+            await asyncio.sleep(0.05)  # a handler that takes a moment to clean up
+            cleaned.set()
+
+    dp.start()
+    await dp.commands.send(Job(1))
+    await asyncio.sleep(0)  # the worker takes the job
+    stopping = asyncio.create_task(dp.stop(timeout=0))
+    await cleaning.wait()  # stop() is now waiting for the worker to end
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    await cleaned.wait()
+
+
 async def test_stop_drains_what_was_queued_and_what_it_sends() -> None:
     handled: list[str] = []
     dp = Dispatcher(workers=1)
