@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,12 +50,9 @@ def chain_dispatcher(log: list[str]) -> Dispatcher:
 async def test_a_chain_of_background_sends_is_waited_for_to_the_end() -> None:
     log: list[str] = []
     async with chain_dispatcher(log) as dp:
-        started = time.monotonic()
         async with track(dp) as session:
             await dp.events.send(Step("A"))
-        elapsed = time.monotonic() - started
-        assert log == ["A", "B", "C"]  # C had finished when the block ended
-        assert elapsed >= 0.2
+        assert log == ["A", "B", "C"]  # C, 0.2 s later, had finished when the block ended
         assert [e.name for e in session.handled.of_type(Step)] == ["A", "B", "C"]
 
 
