@@ -4,6 +4,7 @@ from pybus.dispatcher import Dispatcher
 from pybus.engines import EventEngine, RequestEngine
 from pybus.errors import (
     CascadeDepthExceeded,
+    DecodeError,
     DispatcherClosed,
     DispatcherFrozen,
     DispatcherNotStarted,
@@ -13,6 +14,8 @@ from pybus.errors import (
     ImproperlyConfigured,
     PyBusError,
     QueueFull,
+    TrackingTimeout,
+    TransportError,
 )
 from pybus.handlers import HandlerProtocol
 from pybus.messages import Command, Event, Query
@@ -29,6 +32,7 @@ __all__ = [
     "CallNext",
     "CascadeDepthExceeded",
     "Command",
+    "DecodeError",
     "Dispatcher",
     "DispatcherClosed",
     "DispatcherFrozen",
@@ -50,6 +54,8 @@ __all__ = [
     "RequestEngine",
     "RequestRouter",
     "Singleton",
+    "TrackingTimeout",
+    "TransportError",
     "__version__",
     "dispatcher",
 ]

@@ -16,19 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pybus.errors import ImproperlyConfigured, PyBusError, key_name, message_key
-
-
-class DecodeError(PyBusError):
-    """A transport delivered bytes that are not a message this process knows."""
-
-    def __init__(self, name: str, reason: str) -> None:
-        self.name = name
-        self.reason = reason
-        super().__init__(
-            f"Cannot decode a message named {name!r}: {reason}; it is dead-lettered, and the "
-            "producer and this worker should agree on the route's name and the message's fields"
-        )
+from pybus.errors import DecodeError, ImproperlyConfigured, key_name, message_key
 
 
 def default_name(key: object) -> str:

@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
-from pybus.codec import DecodeError, JsonCodec
-from pybus.errors import ImproperlyConfigured, Kind, whole_number
+from pybus.codec import JsonCodec
+from pybus.errors import DecodeError, ImproperlyConfigured, Kind, whole_number
 from pybus.transport import Envelope, Transport
 from pybus.workers import start_in
 

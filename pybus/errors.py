@@ -12,7 +12,10 @@ and says what happened and what to do instead::
     ├── HandlerNotFound               no handler for the message (also a LookupError)
     ├── CascadeDepthExceeded          follow-up events nested past the limit
     ├── QueueFull                     send_nowait() on a full engine queue
-    └── DispatcherClosed              a send (or call) after stop()
+    ├── DispatcherClosed              a send (or call) after stop()
+    ├── TransportError                the broker could not be reached or refused a command
+    ├── DecodeError                   a transport delivered bytes that are no known message
+    └── TrackingTimeout               a tracked session's work did not finish (also a TimeoutError)
 
 A handler's own exception is never wrapped: it reaches the caller of
 `execute`/`query` unchanged, and event handler failures are raised together
@@ -196,3 +199,41 @@ class DispatcherClosed(PyBusError):
             f"Cannot take {kind} {key_name(message_key(message))}: the dispatcher is stopping or stopped and "
             "takes no new messages; send before dp.stop(), or use a new Dispatcher"
         )
+
+
+class TransportError(PyBusError):
+    """The broker could not be reached or refused a command; the cause is chained."""
+
+
+class DecodeError(PyBusError):
+    """A transport delivered bytes that are not a message this process knows."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(
+            f"Cannot decode a message named {name!r}: {reason}; it is dead-lettered, and the "
+            "producer and this worker should agree on the route's name and the message's fields"
+        )
+
+
+#: How many lines of recent activity a `TrackingTimeout` shows.
+ACTIVITY_LINES = 200
+
+
+class TrackingTimeout(PyBusError, TimeoutError):
+    """A tracked session's work did not finish within its timeout."""
+
+    def __init__(self, timeout: float, outstanding: list[str], activity: list[str]) -> None:
+        self.timeout = timeout
+        self.outstanding = outstanding
+        self.activity = activity
+        lines = [
+            f"The tracked session's work did not finish within {timeout} s; "
+            f"{len(outstanding)} handling(s) still outstanding:",
+            *(f"  {line}" for line in outstanding),
+            f"Last activity (at most {ACTIVITY_LINES} lines, oldest first):",
+            *(f"  {line}" for line in activity),
+            "Raise track(dp, timeout=...) if the work is slow, or look for a handler that never returns.",
+        ]
+        super().__init__("\n".join(lines))

@@ -45,14 +45,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from pybus.errors import PyBusError
+from pybus.errors import TransportError
 from pybus.transport import DeadLetter, Envelope, Transport
 
 logger = logging.getLogger("pybus")
-
-
-class TransportError(PyBusError):
-    """The broker could not be reached or refused a command; the cause is chained."""
 
 
 # Marks the ids (ARGV[3], one per line) done at time ARGV[2], acks the entries

@@ -28,34 +28,13 @@ from dataclasses import dataclass
 from typing import Any, Self, TypeVar, overload
 
 from pybus.dispatcher import Dispatcher
-from pybus.errors import ImproperlyConfigured, Kind, PyBusError, key_name, message_key
+from pybus.errors import ACTIVITY_LINES, ImproperlyConfigured, Kind, TrackingTimeout, key_name, message_key
 from pybus.handlers import Handler
 from pybus.observer import Observer
 
 T = TypeVar("T")
 
-#: How many lines of recent activity a timeout report shows.
-ACTIVITY_LINES = 200
-
 _current: ContextVar[TrackedSession | None] = ContextVar("pybus_tracked_session", default=None)
-
-
-class TrackingTimeout(PyBusError, TimeoutError):
-    """A tracked session's work did not finish within its timeout."""
-
-    def __init__(self, timeout: float, outstanding: list[str], activity: list[str]) -> None:
-        self.timeout = timeout
-        self.outstanding = outstanding
-        self.activity = activity
-        lines = [
-            f"The tracked session's work did not finish within {timeout} s; "
-            f"{len(outstanding)} handling(s) still outstanding:",
-            *(f"  {line}" for line in outstanding),
-            f"Last activity (at most {ACTIVITY_LINES} lines, oldest first):",
-            *(f"  {line}" for line in activity),
-            "Raise track(dp, timeout=...) if the work is slow, or look for a handler that never returns.",
-        ]
-        super().__init__("\n".join(lines))
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,9 @@
 
 A `Transport` moves `Envelope`s: `send` one, `receive` a batch for this
 consumer, then `ack` each handled one, `retry` a failed one (it comes back
-with a higher `attempt`), or `dead_letter` one that must not come back.
+with a higher `attempt`), `release` one that was not handled because the
+consumer stopped (it comes back with the same `attempt`), or `dead_letter`
+one that must not come back.
 `InMemoryTransport` is the implementation for tests and single-process
 setups; broker transports (Redis Streams) implement the same five methods.
 
@@ -82,6 +84,15 @@ class Transport:
     async def dead_letter(self, envelope: Envelope, reason: str) -> None:
         """Stop delivering `envelope` and keep it, with `reason`, among the dead letters."""
         raise NotImplementedError
+
+    async def release(self, envelope: Envelope) -> None:
+        """Give back an envelope whose handling did not fail: it never started, or a shutdown
+        cancelled it. It is delivered again, here or to another consumer, and this delivery
+        does not count as an attempt (the next one has the same `attempt`).
+
+        The default calls `retry`, which counts it; transports should override it.
+        """
+        await self.retry(envelope, asyncio.CancelledError())
 
     async def flush(self) -> None:
         """Make buffered outcomes (acks) durable now; nothing to do by default."""
@@ -186,6 +197,12 @@ class InMemoryTransport(Transport):
     async def retry(self, envelope: Envelope, error: BaseException) -> None:
         group, number = self._locate(envelope)
         group.again.append((number, group.pending.pop(number, envelope.attempt)))
+        self.broker.notify()
+
+    async def release(self, envelope: Envelope) -> None:
+        group, number = self._locate(envelope)
+        group.pending.pop(number, None)
+        group.again.append((number, envelope.attempt - 1))
         self.broker.notify()
 
     async def dead_letter(self, envelope: Envelope, reason: str) -> None:
