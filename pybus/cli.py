@@ -7,6 +7,7 @@ returns one::
     pybus graph app.bus:create_dispatcher --format mermaid|dot
     pybus exec app.bus:dp PlaceOrder '{"customer": "ada", "sku": "book-1"}'
     pybus worker app.bus:dp [--concurrency 4] [--prefetch 2] [--drain-timeout 30]
+                            [--max-deliveries 5] [--wait 1.0]
     pybus dlq app.bus:dp list|requeue ID...|purge
 
 Exit codes: 0 success, 1 the handler failed, 2 the command line was wrong
@@ -22,11 +23,12 @@ import importlib
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from pybus.dispatcher import Dispatcher
-from pybus.errors import ImproperlyConfigured, Kind, PyBusError, key_name
+from pybus.errors import ImproperlyConfigured, Kind, PyBusError, TransportError, key_name
 from pybus.routes import Route, message_flow, registrations, routes
 
 
@@ -41,12 +43,7 @@ def load_dispatcher(path: str) -> Dispatcher:
         raise UsageError(f"{path!r} is not an import path; write module:attribute, as in app.bus:dp")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` would: the app is usually beside us
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise UsageError(
-            f"Cannot import {module_name!r} ({exc}); check the module path and sys.path"
-        ) from exc
+    module = _import(module_name)
     target: Any = module
     for part in attribute.split("."):
         try:
@@ -54,12 +51,50 @@ def load_dispatcher(path: str) -> Dispatcher:
         except AttributeError:
             raise UsageError(f"{module_name!r} has no attribute {attribute!r}") from None
     if callable(target) and not isinstance(target, Dispatcher):
-        target = target()
+        try:
+            target = target()
+        except Exception as exc:
+            raise UsageError(f"Calling {path} to build the dispatcher failed: {_cause(exc)}") from exc
     if not isinstance(target, Dispatcher):
         raise UsageError(
             f"{path} is a {type(target).__name__}, not a pybus Dispatcher (or a callable returning one)"
         )
     return target
+
+
+def _import(module_name: str) -> Any:
+    """Import the application's module; any failure becomes one line naming the real cause."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(f"{missing}.")):
+            raise UsageError(
+                f"Cannot import {module_name!r}: there is no module {missing!r}; check the module path "
+                "(run the command from your project's folder) and sys.path"
+            ) from exc
+        raise UsageError(
+            f"Importing {module_name!r} failed: it imports {missing!r}, which is not installed "
+            f"({_where(exc)}); install it, or check the import"
+        ) from exc
+    except SyntaxError as exc:
+        raise UsageError(
+            f"Importing {module_name!r} failed: {exc.filename}:{exc.lineno}: SyntaxError: {exc.msg}"
+        ) from exc
+    except Exception as exc:
+        raise UsageError(f"Importing {module_name!r} failed: {_cause(exc)}") from exc
+
+
+def _cause(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc} ({_where(exc)})"
+
+
+def _where(exc: BaseException) -> str:
+    """Where `exc` was raised, as file:line of the innermost frame outside importlib."""
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if "importlib" not in frame.filename]
+    if not frames:
+        return "location unknown"
+    return f"at {_relative(f'{frames[-1].filename}:{frames[-1].lineno}')}"
 
 
 # -- routes ---------------------------------------------------------------------
@@ -229,10 +264,19 @@ def _worker(args: argparse.Namespace) -> int:
         )
     try:
         unhandled = asyncio.run(
-            dp.serve(drain_timeout=args.drain_timeout, concurrency=args.concurrency, prefetch=args.prefetch)
+            dp.serve(
+                drain_timeout=args.drain_timeout,
+                concurrency=args.concurrency,
+                prefetch=args.prefetch,
+                max_deliveries=args.max_deliveries,
+                wait=args.wait,
+            )
         )
     except ImproperlyConfigured as exc:  # e.g. --prefetch above --concurrency
         raise UsageError(str(exc)) from exc
+    except TransportError as exc:  # the consumer stopped on its own
+        print(f"pybus: worker stopped: {exc}", file=sys.stderr)
+        return 1
     if unhandled:
         print(f"pybus: stopped; {unhandled} message(s) left for other workers", file=sys.stderr)
     return 0
@@ -300,6 +344,15 @@ def parser() -> argparse.ArgumentParser:
     )
     work.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to finish handlings in flight on a signal"
+    )
+    work.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=5,
+        help="failed deliveries after which a message is dead-lettered (default 5)",
+    )
+    work.add_argument(
+        "--wait", type=float, default=1.0, help="seconds a read waits for a message (default 1.0)"
     )
     work.set_defaults(run=_worker)
 

@@ -8,6 +8,10 @@ transport (`retry`) and comes again with a higher `attempt`, until
 `max_deliveries`, after which it is dead-lettered with the error and its
 traceback. An envelope that cannot be decoded is dead-lettered at once: it
 never stops the consumer and never blocks the messages behind it.
+
+One task reads; `concurrency` lanes (see `pybus.lanes`) handle, each envelope
+from its first step to its last in the lane that took it, so a handler's
+`asyncio.timeout()` or `cancel()` acts on its own handling, never on the reader.
 """
 
 from __future__ import annotations
@@ -15,14 +19,24 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
-from pybus.codec import JsonCodec
-from pybus.errors import DecodeError, ImproperlyConfigured, Kind, whole_number
+from pybus.errors import (
+    DecodeError,
+    ImproperlyConfigured,
+    Kind,
+    TransportError,
+    WouldDeadlock,
+    drain_seconds,
+    whole_number,
+)
+from pybus.handlers import positive_seconds
+from pybus.lanes import LaneTask, current_lane, running_in, start_in
 from pybus.transport import Envelope, Transport
-from pybus.workers import start_in
+from pybus.workers import Supervisor
 
 #: The envelope being handled in this context: routed sends made while handling
 #: it carry its correlation id, and its message id as their causation id.
@@ -30,25 +44,27 @@ current_envelope: ContextVar[Envelope | None] = ContextVar("pybus_envelope", def
 
 #: How a message of each kind is handled: the engines' deliver/handle methods.
 Handlers = Mapping[Kind, Callable[[Any], Awaitable[object]]]
-Report = Callable[[BaseException, object], None]
 
 
 class Consumer:
     """Reads `names` from `transport` and handles up to `concurrency` envelopes at a time.
 
-    It holds at most `concurrency` envelopes (received and not yet acked or given
-    back) and reads at most `prefetch` at once (default: half the concurrency),
-    so that the next read is on its way while a batch is being handled.
+    It holds at most `concurrency` envelopes (received and not yet finished) and
+    reads at most `prefetch` at once (default: half the concurrency); it reads
+    again as soon as half its slots are free, so that reading and handling overlap.
+    Counters: `handled`, `failed` (handlings that raised; the envelope was
+    retried or dead-lettered), `dead_lettered` (after `max_deliveries`, or not
+    decodable) and `released` (given back unhandled when the consumer stopped).
     """
 
     def __init__(
         self,
         transport: Transport,
-        codec: JsonCodec,
+        codec: Any,
         handlers: Handlers,
         names: Sequence[str],
         *,
-        report: Report,
+        supervisor: Supervisor,
         concurrency: int = 4,
         prefetch: int | None = None,
         max_deliveries: int = 5,
@@ -58,7 +74,7 @@ class Consumer:
         self.codec = codec
         self.names = list(names)
         self._handlers = handlers
-        self._report = report
+        self._supervisor = supervisor
         concurrency = whole_number("concurrency", concurrency, 1)
         prefetch = whole_number("prefetch", max(1, concurrency // 2) if prefetch is None else prefetch, 1)
         if prefetch > concurrency:
@@ -66,155 +82,175 @@ class Consumer:
                 f"prefetch={prefetch} is more than concurrency={concurrency}: a consumer never holds more "
                 "than its concurrency, so it cannot read more at once; lower prefetch or raise concurrency"
             )
+        if not positive_seconds(wait):
+            raise ImproperlyConfigured(f"wait must be a number of seconds > 0, not {wait!r}")
         self.concurrency = concurrency
         self.prefetch = prefetch
-        self.max_deliveries = max_deliveries
-        self.wait = wait
+        self.max_deliveries = whole_number("max_deliveries", max_deliveries, 1)
+        self.wait = float(wait)
         self.pause_after_error = 0.5
-        self._in_flight: set[asyncio.Task[None]] = set()  # handlings that had to wait
         self._refill = max(1, concurrency // 2)
-        self._slot_freed = asyncio.Event()
+        self._ready: deque[Envelope] = deque()
+        self._idle_lanes: deque[asyncio.Future[None]] = deque()
+        self._lanes: set[LaneTask] = set()
+        self._held = 0  # received and not finished: ready or in flight
+        self._busy = 0  # in flight
+        self._reader_wakeup: asyncio.Future[None] | None = None
+        self._all_done: asyncio.Future[None] | None = None
         self._receiving: asyncio.Task[list[Envelope]] | None = None
-        self._stopping = asyncio.Event()
-        self._batch_started = asyncio.Event()  # clear while the reader starts a batch
-        self._batch_started.set()
+        self._context = contextvars.Context()
+        # new -> running -> stopping -> stopped (new -> stopped when stopped before it ran)
+        self._state = "new"
+        self._stop_requested = False
+        self._deadline: float | None = None
+        self._drain: asyncio.Timeout | None = None
+        self._finished: asyncio.Future[int] | None = None
         self.handled = 0
         self.failed = 0
         self.dead_lettered = 0
+        self.released = 0
+
+    # -- running -------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Receive and handle until `stop()`; returns once reading has stopped.
+        """Receive and handle until `stop()`, then finish: returns once every envelope
+        received has been acked, retried, dead-lettered or given back.
 
-        The reading task starts each message's handling itself, in a context of
-        its own; a handling that finishes without waiting (the common case) costs
-        no task, one that waits is finished by a task. A read asks for at most
-        `prefetch` messages, and only when half the `concurrency` slots are free;
-        when the batch just received leaves room for another, the next read is
-        sent before the batch is handled, so the broker's work and this
-        process's overlap. The consumer never holds more than `concurrency`
-        messages.
+        Cancelling the task that runs it stops the consumer at once: handlings in
+        flight are cancelled and their envelopes given back.
         """
-        loop = asyncio.get_running_loop()
-        if not self.names:  # no routed message has a handler here: nothing to read
-            await self._stopping.wait()
-            return
-        reading: asyncio.Task[list[Envelope]] | None = None
+        if self._state != "new":
+            if self._state == "stopped":
+                return
+            raise ImproperlyConfigured("This consumer is already running; a consumer runs once")
+        loop = self._supervisor.bind("consume from the transport")
+        self._state = "running"
+        self._finished = loop.create_future()
+        self._context = contextvars.copy_context()
         try:
-            while not self._stopping.is_set():
-                if reading is None:
-                    free = self.concurrency - len(self._in_flight)
-                    if free < self._refill:
-                        self._slot_freed.clear()
-                        await self._slot_freed.wait()
-                        continue
-                    reading = self._read(loop, free)
-                try:
-                    envelopes = await reading
-                except asyncio.CancelledError:
-                    if self._stopping.is_set() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                        break  # stop() interrupted a blocking read: what it had taken stays pending
-                    raise
-                except Exception as exc:  # the broker is away: report, wait a little, read again
-                    reading = None
-                    self._report(exc, None)
-                    await asyncio.sleep(self.pause_after_error)
-                    continue
-                reading = None
-                room = self.concurrency - len(self._in_flight) - len(envelopes)
-                if envelopes and room >= self._refill:
-                    reading = self._read(loop, room)  # read ahead
-                await self._start_batch(envelopes, reading is not None)
+            if self.names:
+                for number in range(self.concurrency):
+                    lane = LaneTask(self._lane(), loop=loop, name=f"pybus-consumer-{number}")
+                    self._lanes.add(lane)
+                    lane.add_done_callback(self._lanes.discard)
+                await self._read(loop)
+            else:  # no routed message has a handler here: nothing to read
+                while not self._stop_requested:
+                    await self._sleep(loop, None)
+            await self._drain_in_flight(loop)
         finally:
-            if reading is not None:
-                await self._give_back(reading)
+            await self._end()
 
-    def _read(self, loop: asyncio.AbstractEventLoop, room: int) -> asyncio.Task[list[Envelope]]:
-        count = min(room, self.prefetch)
-        self._receiving = loop.create_task(
-            self.transport.receive(self.names, max_count=count, wait=self.wait)
-        )
-        return self._receiving
-
-    async def _start_batch(self, envelopes: list[Envelope], reading_ahead: bool) -> None:
-        self._batch_started.clear()
-        try:
-            for index, envelope in enumerate(envelopes):
-                if reading_ahead and index % 16 == 0:
-                    # Handlings that finish without waiting keep the loop busy: let the
-                    # read ahead go out first, and other tasks run now and then.
-                    await asyncio.sleep(0)
-                self._start(envelope)
-        finally:
-            self._batch_started.set()
-
-    async def _give_back(self, reading: asyncio.Task[list[Envelope]]) -> None:
-        """End a read ahead that will not be handled; what it took goes back to the transport.
-
-        A failure (of the read, or of giving one back) goes to the error hook; what
-        could not be given back stays pending in the broker, delivered again later.
-        """
-        reading.cancel()
-        await asyncio.wait([reading])
-        if reading.cancelled():
-            return
-        error = reading.exception()
-        if error is not None:
-            self._report(error, None)
-            return
-        for envelope in reading.result():
+    async def _read(self, loop: asyncio.AbstractEventLoop) -> None:
+        reader = asyncio.current_task()
+        while not self._stop_requested:
+            free = self.concurrency - self._held
+            if free < self._refill:
+                await self._sleep(loop, None)  # woken when half the slots are free, or by stop()
+                continue
+            receiving = loop.create_task(
+                self.transport.receive(self.names, max_count=min(free, self.prefetch), wait=self.wait)
+            )
+            self._receiving = receiving
             try:
-                await asyncio.shield(self.transport.retry(envelope, asyncio.CancelledError()))
-            except Exception as exc:
-                self._report(exc, envelope)
+                envelopes = await receiving
+            except asyncio.CancelledError:
+                if reader is not None and reader.cancelling():
+                    raise  # run() itself is cancelled: _end() waits for the read
+                self._receiving = None
+                if self._stop_requested:
+                    return  # stop() interrupted a blocking read: what it had taken stays pending
+                error: BaseException = TransportError(
+                    f"A read from the transport was cancelled by {type(self.transport).__name__} itself"
+                )
+                await self._report(error, None)
+                await self._sleep(loop, self.pause_after_error)
+                continue
+            except Exception as exc:  # the broker is away: report, wait a little, read again
+                self._receiving = None
+                await self._report(exc, None)
+                await self._sleep(loop, self.pause_after_error)
+                continue
+            self._receiving = None
+            if self._stop_requested:
+                for envelope in envelopes:  # received as stop() came: never started
+                    await self._give_back(envelope)
+                return
+            self._held += len(envelopes)
+            self._ready.extend(envelopes)
+            idle = self._idle_lanes
+            for _ in envelopes:
+                while idle:
+                    waiter = idle.popleft()
+                    if not waiter.done():
+                        waiter.set_result(None)
+                        break
 
-    def _start(self, envelope: Envelope) -> None:
-        rest = start_in(contextvars.copy_context(), self._process(envelope))
-        if rest is None:
-            return  # handled without waiting
-        task = asyncio.ensure_future(rest)
-        self._in_flight.add(task)
-        task.add_done_callback(self._done)
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, seconds: float | None) -> None:
+        """Wait until woken (room, or stop()) or `seconds` passed."""
+        wakeup = self._reader_wakeup = loop.create_future()
+        try:
+            if seconds is None:
+                await wakeup
+            else:
+                await asyncio.wait([wakeup], timeout=seconds)
+        finally:
+            self._reader_wakeup = None
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
-        if self.concurrency - len(self._in_flight) >= self._refill:
-            self._slot_freed.set()  # the reader waits for half the slots, not each one
+    def _wake_reader(self) -> None:
+        if self._reader_wakeup is not None and not self._reader_wakeup.done():
+            self._reader_wakeup.set_result(None)
 
-    async def stop(self, drain_timeout: float | None = None) -> int:
-        """Stop reading, let handlings in flight finish (at most `drain_timeout` s),
-        cancel the rest, which go back to the transport, and send the acks.
-        Returns how many were given back."""
-        self._stopping.set()
-        if self._receiving is not None:
-            self._receiving.cancel()
-        await self._batch_started.wait()  # a batch in hand is started, then counted below
-        cancelled: set[asyncio.Task[None]] = set()
-        if self._in_flight:
-            _, cancelled = await asyncio.wait(set(self._in_flight), timeout=drain_timeout)
-            for task in cancelled:
-                task.cancel()
-            if cancelled:
-                await asyncio.wait(cancelled)
-        await self.transport.flush()
-        return len(cancelled)
+    async def _lane(self) -> None:
+        lane = current_lane()
+        assert lane is not None  # started as a LaneTask by run()
+        ready = self._ready
+        loop = lane.get_loop()
+        while True:
+            while not ready:
+                if self._stop_requested:
+                    return
+                waiter = loop.create_future()
+                self._idle_lanes.append(waiter)
+                await waiter  # a cancellation here ends the lane: nothing is in hand
+            if self._stop_requested:
+                return  # what is still ready was never started: run() gives it back
+            envelope = ready.popleft()
+            self._busy += 1
+            try:
+                rest = start_in(self._context.copy(), self._process(envelope))
+                if rest is not None:
+                    await rest
+            finally:
+                self._busy -= 1
+                self._held -= 1
+                if self.concurrency - self._held >= self._refill:
+                    self._wake_reader()  # the reader waits for half the slots, not each one
+                if not self._busy and self._all_done is not None and not self._all_done.done():
+                    self._all_done.set_result(None)
+            if lane.dirty and not await lane.settle():
+                return
 
     async def _process(self, envelope: Envelope) -> None:
-        # Runs in a context of its own (see _start): setting current_envelope needs no reset.
+        # Runs in a context of its own (a copy per envelope): nothing set here needs a reset.
+        running_in.set(self._supervisor)
+        current_envelope.set(envelope)
         try:
             try:
                 message = self.codec.decode(envelope.name, envelope.body)
             except DecodeError as exc:
                 await self.transport.dead_letter(envelope, str(exc))
                 self.dead_lettered += 1  # counted once written, so a reader of it finds the letter
-                self._report(exc, envelope)
+                await self._report(exc, envelope)
                 return
-            current_envelope.set(envelope)
             try:
                 await self._handlers[envelope.kind](message)
-            except asyncio.CancelledError:
-                # Stopped mid-handling: not handled, so not acked; give it back.
-                await asyncio.shield(self.transport.retry(envelope, asyncio.CancelledError()))
-                raise
+            except asyncio.CancelledError as exc:
+                lane = current_lane()
+                if self._state == "stopping" or (lane is not None and lane.cancelled_from_outside()):
+                    await self._give_back(envelope)  # stopped mid-handling: not a failed delivery
+                    raise
+                await self._failed(envelope, message, exc)  # the handling cancelled itself
             except Exception as exc:
                 await self._failed(envelope, message, exc)
             else:
@@ -224,15 +260,118 @@ class Consumer:
             raise
         except Exception as exc:  # an ack, retry or dead-letter the broker refused
             # Not acked: the transport delivers it again (a broker reclaims it).
-            self._report(exc, envelope)
+            await self._report(exc, envelope)
 
-    async def _failed(self, envelope: Envelope, message: object, exc: Exception) -> None:
+    async def _failed(self, envelope: Envelope, message: object, exc: BaseException) -> None:
         self.failed += 1
         exc.add_note(f"delivery {envelope.attempt} of {envelope.name} (message id {envelope.message_id})")
-        self._report(exc, message)
+        await self._report(exc, message)
         if envelope.attempt >= self.max_deliveries:
-            reason = "".join(traceback.format_exception(exc))
-            await self.transport.dead_letter(envelope, f"failed {envelope.attempt} times; last: {reason}")
+            reason = f"failed {envelope.attempt} times; last error: {type(exc).__name__}: {exc}\n" + "".join(
+                traceback.format_exception(exc)
+            )
+            await self.transport.dead_letter(envelope, reason)
             self.dead_lettered += 1
         else:
             await self.transport.retry(envelope, exc)
+
+    async def _give_back(self, envelope: Envelope) -> None:
+        """Release an envelope that was not handled; if the transport refuses, it stays
+        pending in the broker and comes again later (the failure goes to the error hook)."""
+        try:
+            await self.transport.release(envelope)
+        except Exception as exc:
+            await self._report(exc, envelope)
+        else:
+            self.released += 1
+
+    async def _report(self, error: BaseException, message: object) -> None:
+        await self._supervisor.report(error, message, contextvars.copy_context())
+
+    # -- stopping -------------------------------------------------------------------
+
+    def begin_stop(self, deadline: float | None) -> None:
+        """Stop reading now; let handlings in flight finish until `deadline` (loop time,
+        None: no limit), then cancel them. A later call may only bring the deadline closer."""
+        if not self._stop_requested:
+            self._stop_requested = True
+            self._deadline = deadline
+            if self._receiving is not None:
+                self._receiving.cancel()
+            self._wake_reader()
+            for waiter in self._idle_lanes:
+                if not waiter.done():
+                    waiter.set_result(None)
+            if self._state == "new":
+                self._state = "stopped"
+        elif deadline is not None and (self._deadline is None or deadline < self._deadline):
+            self._deadline = deadline
+            if self._drain is not None:
+                self._drain.reschedule(deadline)
+
+    async def stopped(self) -> int:
+        """Wait until `run()` has finished; return how many envelopes were given back."""
+        if self._finished is None:
+            return self.released
+        return await asyncio.shield(self._finished)
+
+    async def stop(self, drain_timeout: float | None = None) -> int:
+        """Stop reading, let handlings in flight finish (at most `drain_timeout` s),
+        cancel the rest, which go back to the transport, and send the acks.
+
+        Returns how many envelopes were given back. Calling it again, or while
+        it runs, waits for the same stop (a shorter `drain_timeout` shortens it);
+        cancelling the call does not interrupt the stop.
+        """
+        seconds = drain_seconds("drain_timeout", drain_timeout)
+        lane = current_lane()
+        if lane is not None and lane in self._lanes:
+            raise WouldDeadlock("consumer.stop()")
+        deadline = None
+        if seconds is not None:
+            deadline = asyncio.get_running_loop().time() + seconds
+        self.begin_stop(deadline)
+        return await self.stopped()
+
+    async def _drain_in_flight(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._busy:
+            return
+        try:
+            async with asyncio.timeout_at(self._deadline) as drain:
+                self._drain = drain
+                while self._busy:
+                    self._all_done = loop.create_future()
+                    await self._all_done
+        except TimeoutError:
+            pass
+        finally:
+            self._drain = None
+
+    async def _end(self) -> None:
+        """Whatever ended the reading: cancel what still runs, give back what never
+        started, send the buffered acks."""
+        self._stop_requested = True
+        self._state = "stopping"
+        unstarted = list(self._ready)
+        self._ready.clear()
+        self._held -= len(unstarted)
+        receiving, self._receiving = self._receiving, None
+        if receiving is not None:  # run() was cancelled in the middle of a read
+            receiving.cancel()
+            await asyncio.wait([receiving])
+            if not receiving.cancelled() and receiving.exception() is None:
+                unstarted.extend(receiving.result())
+        lanes = list(self._lanes)
+        for lane in lanes:
+            lane.cancel()
+        if lanes:
+            await asyncio.wait(lanes)
+        for envelope in unstarted:
+            await self._give_back(envelope)
+        try:
+            await self.transport.flush()
+        except Exception as exc:
+            await self._report(exc, None)
+        self._state = "stopped"
+        if self._finished is not None and not self._finished.done():
+            self._finished.set_result(self.released)

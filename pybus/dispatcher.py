@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import signal
+from asyncio import FIRST_COMPLETED
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, NoReturn, Self, TypeVar, overload
@@ -18,18 +19,23 @@ from pybus.errors import (
     DispatcherFrozen,
     DispatcherNotStarted,
     ImproperlyConfigured,
+    InvalidMessage,
     Kind,
+    TransportError,
+    WouldDeadlock,
     key_name,
     whole_number,
 )
 from pybus.handlers import Handler, callable_name, positive_seconds
+from pybus.lifecycle import Lifecycle, State
 from pybus.messages import Command, Query
 from pybus.middleware import Middleware, checked
 from pybus.observer import Observer
 from pybus.providers import Provider, Resolver
 from pybus.routers import EventRouter, RequestRouter, bind_any
-from pybus.routing import Routing
+from pybus.settings import Settings
 from pybus.transport import Transport
+from pybus.transport_routes import Routing
 from pybus.workers import EngineStatistics, ErrorHook, Statistics, Supervisor, WorkerPool
 
 R = TypeVar("R")
@@ -105,16 +111,15 @@ class Dispatcher:
         self._commands: RequestRouter | None = None
         self._queries: RequestRouter | None = None
         #: Where routed messages go (see `route`); None: everything stays in this process.
+        #: The dispatcher owns it: `stop()` closes it.
         self.transport = transport
-        self._routing = Routing(transport)
+        self._routing = Routing(transport, self._supervisor)
         self._middleware = checked(middleware, "every handler")
-        self._started = False
-        self._closed = False
+        self._lifecycle = Lifecycle(self._supervisor, self.resolver, transport)
         self._bind_calls(functools.partial(_refuse, DispatcherNotStarted))
 
     def __repr__(self) -> str:
-        state = "stopped" if self._closed else "started" if self._started else "not started"
-        return f"<Dispatcher {state}>"
+        return f"<Dispatcher {self.state.value}>"
 
     # -- routers -----------------------------------------------------------
 
@@ -173,7 +178,7 @@ class Dispatcher:
         """Wrap every handler, of every kind, in `middleware`: outermost, before
         the routers' and the registrations' middleware, in the order added.
         Raises `DispatcherFrozen` after `start()`."""
-        if self._started:
+        if self.state is not State.NEW:
             names = ", ".join(callable_name(mw) for mw in middleware)
             raise DispatcherFrozen("event", None, f"middleware {names}", target="every handler")
         self._middleware += checked(middleware, "every handler")
@@ -197,35 +202,55 @@ class Dispatcher:
         `kind` defaults to the kind `key` is registered under, else "event".
         Raises `DispatcherFrozen` after `start()`.
         """
-        if self._started:
+        if self.state is not State.NEW:
             raise DispatcherFrozen(kind or "event", key, "a transport route")
         self._routing.add(key, name, kind)
 
     # -- lifecycle -----------------------------------------------------------
 
     @property
+    def state(self) -> State:
+        """`State.NEW`, `STARTED`, `STOPPING` or `STOPPED` (see `pybus.lifecycle`)."""
+        return self._lifecycle.state
+
+    @property
     def started(self) -> bool:
-        """True once `start()` has run."""
-        return self._started
+        """True once `start()` has run (also while and after stopping)."""
+        return self.events.engine is not None
 
     def start(self) -> None:
         """Freeze every router and compile the call plans; registering afterwards
-        raises `DispatcherFrozen`. Calling it again does nothing."""
-        if self._started:
+        raises `DispatcherFrozen`. Calling it again does nothing; calling it once
+        the dispatcher is stopping or stopped raises `DispatcherClosed`."""
+        if not self._lifecycle.check_startable():
             return
         kinds: dict[object, Kind] = {}
         for kind, router in self._routers().items():
             kinds.update(dict.fromkeys(router.handlers, kind))
-        self._routing.attach(self._routers(), kinds)
-        events = self.events.freeze(
-            foreign=_except(kinds, "event"),
-            concurrent=self.concurrent_events,
+        forwarders = self._routing.forwarders(kinds)
+        settings = Settings(
+            concurrent_events=self.concurrent_events,
             max_cascade_depth=self.max_cascade_depth,
+            handler_factory=self.handler_factory,
+            queue_size=self.queue_size,
+            workers=self.workers,
+            default_timeout=self.default_timeout,
+            middleware=self._middleware,
         )
-        commands = self.commands.freeze(events=events, foreign=_except(kinds, "command"))
-        queries = self.queries.freeze(events=events, foreign=_except(kinds, "query"))
+        supervisor = self._supervisor
+        events = self.events.freeze(
+            settings, supervisor, foreign=_except(kinds, "event"), forwarder=forwarders.get("event")
+        )
+        commands = self.commands.freeze(
+            settings, supervisor, events=events, foreign=_except(kinds, "command"),
+            forwarder=forwarders.get("command"),
+        )  # fmt: skip
+        queries = self.queries.freeze(
+            settings, supervisor, events=events, foreign=_except(kinds, "query"),
+            forwarder=forwarders.get("query"),
+        )  # fmt: skip
         self._bind_engines(events, commands, queries)
-        self._started = True
+        self._lifecycle.started((events, commands, queries))
 
     def consumer(
         self,
@@ -238,62 +263,62 @@ class Dispatcher:
         """A consumer of the routed messages this process has handlers for.
 
         Run it with `await consumer.run()`, end it with `await consumer.stop()`;
-        `serve()` does both. It holds at most `concurrency` messages and reads at
-        most `prefetch` at a time (default: half the concurrency, so the next
-        read is on its way while a batch is handled). After `max_deliveries`
-        failed handlings a message is dead-lettered. Raises `ImproperlyConfigured`
-        without routes and a transport, or before `start()`.
+        `serve()` does both, and `dp.stop()` stops every consumer it made first.
+        It holds at most `concurrency` messages and reads at most `prefetch` at a
+        time (default: half the concurrency, so the next read is on its way while
+        a batch is handled); a read waits at most `wait` seconds for a message.
+        After `max_deliveries` failed handlings a message is dead-lettered.
+        Raises `ImproperlyConfigured` without routes and a transport, or before
+        `start()`, and `DispatcherClosed` once stopping.
         """
-        return self._routing.consumer(
-            self._engines("consume from the transport"),
-            self._supervisor.hand_over,  # the consumer notes the delivery on the error itself
+        engines = self._engines("consume from the transport")
+        if self.state is not State.STARTED:
+            raise DispatcherClosed(None, text="Cannot make a consumer: the dispatcher is stopping or stopped")
+        consumer = self._routing.consumer(
+            engines,
             concurrency=concurrency,
             prefetch=prefetch,
             max_deliveries=max_deliveries,
             wait=wait,
         )
+        self._lifecycle.consumers.append(consumer)
+        return consumer
 
     async def join(self) -> None:
         """Wait until every message sent to the background workers is handled,
-        including what those handlings sent in turn."""
+        including what those handlings sent in turn.
+
+        Raises `WouldDeadlock` when awaited from inside a background handling.
+        """
         await self._supervisor.join()
 
     async def stop(self, timeout: float | None = None) -> int:
-        """Stop: refuse new sends, drain the queues, stop the workers, tear down Singletons.
+        """Stop: refuse new sends, drain, stop the workers and consumers, close the
+        transport, tear down Singletons.
 
-        Messages queued before the call are handled (and what they send in
-        turn); past `timeout` seconds the rest are cancelled. Returns the number
-        of messages that were not handled, also logged as a warning. Afterwards
-        every call raises `DispatcherClosed`. Singleton teardowns run last, last
-        created first, each on its own; a failing teardown is raised after all
-        ran. Calling it again returns 0.
+        Messages queued before the call are handled (and what they send in turn);
+        past `timeout` seconds (None: no limit, 0: none) the rest are cancelled.
+        Returns the number of messages that were not handled (background messages
+        cancelled or never started, and routed messages the consumers gave back to
+        the transport), also logged as a warning. Afterwards every call raises
+        `DispatcherClosed`. Singleton teardowns run last, last created first, each
+        exactly once; a failing teardown is raised after all ran.
+
+        Safe to call twice, concurrently, or to interrupt: every call waits for the
+        one shutdown (a shorter `timeout` brings its deadline closer) and returns its
+        count; cancelling a call leaves the shutdown running. Called before `start()`,
+        it closes the dispatcher for good. Raises `ImproperlyConfigured` for a
+        `timeout` that is not None or seconds >= 0, and `WouldDeadlock` when awaited
+        from inside a background handling of this dispatcher (it would wait for itself).
         """
-        if self._closed:
-            return 0
-        self._closed = True
-        self._routing.closed = True
-        supervisor = self._supervisor
-        supervisor.closing = True
-        pools = self._pools()
-        unhandled = 0
-        if pools:
-            try:
-                async with asyncio.timeout(timeout):
-                    await supervisor.join()
-            except TimeoutError:
-                pass
-            unhandled = sum(pool.statistics().queued + pool.in_flight for pool in pools)
-            for pool in pools:
-                await pool.cancel()
-            supervisor.forget_unfinished()  # what was cancelled is counted in `unhandled`
-            if unhandled:
-                logger.warning(
-                    "pybus: stopped with %d message(s) not handled after a drain timeout of %s s",
-                    unhandled,
-                    timeout,
-                )
-        self._bind_calls(functools.partial(_refuse, DispatcherClosed))
-        await self.resolver.aclose()
+        if self._supervisor.inside():
+            raise WouldDeadlock("dp.stop()")
+        before = self.state
+        unhandled = await self._lifecycle.stop(timeout)
+        if before is State.NEW:
+            self._bind_calls(functools.partial(_refuse, DispatcherClosed))
+            for router in self._routers().values():
+                router.close()
         return unhandled
 
     async def serve(
@@ -303,20 +328,27 @@ class Dispatcher:
         drain_timeout: float | None = None,
         concurrency: int = 4,
         prefetch: int | None = None,
+        max_deliveries: int = 5,
+        wait: float = 1.0,
     ) -> int:
-        """Start, run until one of `stop_signals` arrives, then stop gracefully.
+        """Start, run until one of `stop_signals` arrives or `stop()` is called, then stop.
 
         With a transport, also consumes the routed messages this process has
-        handlers for (see `consumer` for `concurrency` and `prefetch`); on the
-        signal it stops reading at once, lets handlings in flight finish within
-        `drain_timeout`, and gives the rest back to the transport. Then `stop(drain_timeout)`.
-        The only place pybus installs signal handlers, and only while it runs.
-        Returns the number of messages not handled.
+        handlers for (see `consumer` for `concurrency`, `prefetch`,
+        `max_deliveries` and `wait`); on the signal it stops reading at once, lets
+        handlings in flight finish within `drain_timeout`, and gives the rest back
+        to the transport. Returns what `stop(drain_timeout)` returns. The only place
+        pybus installs signal handlers, and only while it runs. Stops the dispatcher
+        whatever ends it (a signal, `dp.stop()`, its own cancellation); if the
+        consumer ends on its own, serve() stops the dispatcher and raises
+        `TransportError`.
         """
         self.start()
         try:
             consumer = (
-                self.consumer(concurrency=concurrency, prefetch=prefetch)
+                self.consumer(
+                    concurrency=concurrency, prefetch=prefetch, max_deliveries=max_deliveries, wait=wait
+                )
                 if self._routing.codec is not None
                 else None
             )
@@ -324,22 +356,31 @@ class Dispatcher:
             await self.stop()
             raise
         loop = asyncio.get_running_loop()
-        received = asyncio.Event()
-        for sig in stop_signals:
-            loop.add_signal_handler(sig, received.set)
-        reading = loop.create_task(consumer.run()) if consumer is not None else None
-        cancelled = 0
+        requested = self._lifecycle.watch(loop)
+        installed: list[signal.Signals] = []
+        reading: asyncio.Task[None] | None = None
+        died = False
         try:
-            await received.wait()
-        finally:
             for sig in stop_signals:
+                loop.add_signal_handler(sig, _resolve, requested)
+                installed.append(sig)
+            if consumer is not None:
+                reading = loop.create_task(consumer.run(), name="pybus-consumer")
+            await asyncio.wait([requested, *([reading] if reading else [])], return_when=FIRST_COMPLETED)
+            died = reading is not None and reading.done() and not requested.done()
+        finally:
+            for sig in installed:
                 loop.remove_signal_handler(sig)
-            if consumer is not None and reading is not None:
-                cancelled = await consumer.stop(drain_timeout)
-                await reading
-        unhandled = cancelled + await self.stop(timeout=drain_timeout)
-        if consumer is not None and self.transport is not None:
-            await self.transport.aclose()  # serve() ran the consumer: nothing uses the transport now
+            self._lifecycle.unwatch(requested)
+            unhandled = await self.stop(drain_timeout)
+            if reading is not None:
+                await asyncio.wait([reading])
+        if died and reading is not None:
+            cause = reading.exception() if not reading.cancelled() else asyncio.CancelledError()
+            raise TransportError(
+                f"The consumer stopped on its own ({type(cause).__name__}: {cause}); serve() stopped "
+                f"the dispatcher ({unhandled} message(s) not handled)"
+            ) from cause
         return unhandled
 
     def statistics(self) -> Statistics:
@@ -353,7 +394,7 @@ class Dispatcher:
         )
 
     def _pools(self) -> list[WorkerPool]:
-        if not self._started:
+        if not self.started:
             return []
         return [engine.workers for engine in self._engines("count the workers")]
 
@@ -382,13 +423,11 @@ class Dispatcher:
         """
         for engine in self._engines("attach an observer"):
             engine.observe(observer)
-            engine.workers.observer = observer
 
     def detach_observer(self) -> None:
         """Stop reporting; the engines take their fast paths again."""
         for engine in self._engines("detach an observer"):
             engine.observe(None)
-            engine.workers.observer = None
 
     @contextlib.contextmanager
     def override_handler(
@@ -434,15 +473,6 @@ class Dispatcher:
         return events, commands, queries
 
     def _bind_engines(self, events: EventEngine, commands: RequestEngine, queries: RequestEngine) -> None:
-        for engine in (events, commands, queries):
-            engine.workers = WorkerPool(
-                engine.kind,
-                engine.publish if isinstance(engine, EventEngine) else engine.handle,
-                self._supervisor,
-                workers=self.workers,
-                capacity=self.queue_size,
-                describe=engine.describe,
-            )
         self._execute = commands.handle
         self._query = queries.handle
         self._publish = events.publish
@@ -508,10 +538,14 @@ class Dispatcher:
         handler of any kind is an event. See `router.send` for waiting, ordering
         keys and errors.
         """
+        if message is None or isinstance(message, type):
+            raise InvalidMessage("dp.send()", message)
         await self._router_for(message).send(message, key=key)
 
     def send_nowait(self, message: object, /, *, key: object = None) -> None:
         """Like `send`, but raises `QueueFull` instead of waiting for room."""
+        if message is None or isinstance(message, type):
+            raise InvalidMessage("dp.send_nowait()", message)
         self._router_for(message).send_nowait(message, key=key)
 
     def _router_for(self, message: object) -> EventRouter | RequestRouter:
@@ -522,6 +556,11 @@ class Dispatcher:
             if router.engine is not None and router.engine.handles(message):
                 return router
         return self.events
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _except(kinds: Mapping[object, Kind], kind: Kind) -> dict[object, Kind]:

@@ -13,17 +13,27 @@ a call, an await. Everything that can be decided once is decided at `start()`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from inspect import isawaitable
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
-from pybus.errors import CascadeDepthExceeded, HandlerNotFound, Kind, key_name, message_key
+from pybus.errors import (
+    CascadeDepthExceeded,
+    DispatcherClosed,
+    HandlerNotFound,
+    InvalidMessage,
+    Kind,
+    key_name,
+    message_key,
+)
 from pybus.handlers import CallPlan, route_record, within
+from pybus.settings import Settings
+from pybus.workers import Supervisor, WorkerPool
 
 if TYPE_CHECKING:
     from pybus.observer import Observer
-    from pybus.workers import WorkerPool
+    from pybus.transport_routes import Forwarder
 
 _NO_PLANS: tuple[CallPlan, ...] = ()
 
@@ -43,23 +53,25 @@ class EventEngine:
         self,
         plans: Mapping[object, tuple[CallPlan, ...]],
         *,
+        settings: Settings,
+        supervisor: Supervisor,
         foreign: Mapping[object, Kind],
-        concurrent: bool,
-        max_cascade_depth: int,
-        forward: Callable[[object], Awaitable[None]] | None = None,
-        routed: frozenset[object] = frozenset(),
+        forwarder: Forwarder | None = None,
     ) -> None:
         self._exact = dict(plans)
         # Routed events go to the transport instead of the local handlers
         # (which `deliver` runs, for messages that came from the transport).
-        self._routed = routed
+        self._routed = forwarder.keys if forwarder is not None else frozenset()
         self._local: dict[type, tuple[CallPlan, ...]] = {}  # local_plans, by class
         self._forward: tuple[CallPlan, ...] = ()
-        if forward is not None:
+        if forwarder is not None:
+            forward = forwarder.forward
             self._forward = (CallPlan(route_record("event", forward, "transport"), forward, True, None),)
         self._foreign = foreign
-        self._concurrent = concurrent
-        self._max_depth = max_cascade_depth
+        self._concurrent = settings.concurrent_events
+        self._max_depth = settings.max_cascade_depth
+        #: Refuses every call once the dispatcher has stopped (see `close`).
+        self.closed = False
         # Resolved along the MRO once; classes first seen later are added by _resolve.
         self._plans: dict[object, tuple[CallPlan, ...]] = {}
         # Keys whose handlers are all plain async callables, run by publish's fast loop.
@@ -70,6 +82,15 @@ class EventEngine:
         #: Per class: does publishing an instance do anything? Filled on first sight.
         self.wanted: dict[type, bool] = {}
         self._resolve_registered()
+        #: The background queue and worker lanes of events.
+        self.workers = WorkerPool(
+            "event",
+            self.publish,
+            supervisor,
+            workers=settings.workers,
+            capacity=settings.queue_size,
+            describe=self.describe,
+        )
 
     def _resolve_registered(self) -> None:
         for key in [*self._exact, *self._routed]:
@@ -95,7 +116,12 @@ class EventEngine:
 
     def _remember(self, key: object, plans: tuple[CallPlan, ...]) -> tuple[CallPlan, ...]:
         self._plans[key] = plans
-        if plans and not self._concurrent and all(p.is_async and p.collect is None for p in plans):
+        if (
+            plans
+            and not self._concurrent
+            and key not in self._routed
+            and all(p.is_async and p.collect is None for p in plans)
+        ):
             self._fast_all[key] = tuple(p.invoke for p in plans)
         return plans
 
@@ -124,21 +150,29 @@ class EventEngine:
         plans = self._plans.get(message.__class__)
         return self._resolve(message) if plans is None else plans
 
-    #: The background queue and workers, attached by the dispatcher at start().
-    workers: WorkerPool
-
     def observe(self, observer: Observer | None) -> None:
         """Report to `observer` from now on (None: stop), taking the general paths meanwhile."""
         self.observer = observer
-        self._fast = self._fast_all if observer is None else {}
+        self.workers.observer = observer
+        self._fast = self._fast_all if observer is None and not self.closed else {}
+
+    def close(self) -> None:
+        """Refuse every publish from now on with `DispatcherClosed` (the dispatcher stopped).
+
+        The fast path's table is emptied, so the check costs the fast path nothing.
+        """
+        self.closed = True
+        self._fast = {}
 
     def describe(self, event: object) -> str:
         """The handlers `publish(event)` runs, for error reports."""
         return ", ".join(str(plan.handler) for plan in self.handlers_for(event)) or "no handler"
 
-    def check(self, event: object) -> None:
-        """Raise `HandlerNotFound` now for an event whose key is a command or query."""
+    def check(self, event: object, call: str = "dp.events.send()") -> None:
+        """Raise `HandlerNotFound` now for an event whose key is a command or query,
+        `InvalidMessage` for a class or None."""
         if not self.handlers_for(event):
+            _check_message(call, event)
             self._check_foreign(event)
 
     async def publish(self, event: object, timeout: float | None = None) -> None:
@@ -186,7 +220,30 @@ class EventEngine:
             raise _publish_failed(event, failures)
 
     async def _publish(self, event: object) -> None:
+        if self.closed:
+            raise DispatcherClosed("event", event)
+        if self._routed and message_key(event) in self._routed:
+            await self._write(event)
+            return
         await self._run(event, self.handlers_for(event))
+
+    async def _write(self, event: object) -> None:
+        """Publish a routed event: write it to the transport; its failure is raised as it is."""
+        (plan,) = self._forward
+        observer = self.observer
+        if observer is None:
+            await plan.invoke(event)
+            return
+        observer.started("event", event)
+        try:
+            await plan.invoke(event)
+        except Exception as exc:
+            observer.failed("event", event, plan.handler, exc)
+            raise
+        else:
+            observer.handled("event", event, plan.handler, None)
+        finally:
+            observer.finished("event", event)
 
     async def deliver(self, event: object) -> None:
         """Run this process's handlers of an event that came from the transport, then its
@@ -208,6 +265,7 @@ class EventEngine:
         self, event: object, plans: tuple[CallPlan, ...], observer: Observer | None
     ) -> None:
         if not plans:
+            _check_message("dp.publish()", event)
             if observer is not None:
                 observer.no_handler(event)
             self._check_foreign(event)
@@ -303,12 +361,20 @@ class EventEngine:
         # whatever order the handlers finish in.
         outputs: list[list[Any]] = [[] for _ in plans]
         errors: list[Exception | None] = [None] * len(plans)
+        cancelled: list[asyncio.CancelledError] = []
 
         observer = self.observer
 
         async def run(index: int, plan: CallPlan) -> None:
             try:
                 result = await call_plan(plan, event, outputs[index])
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the group is being cancelled
+                # The handler raised CancelledError itself: it propagates after the
+                # group, as it does when handlers run one after the other.
+                cancelled.append(exc)
             except Exception as exc:
                 errors[index] = _annotate(exc, plan, event)
                 if observer is not None:
@@ -322,6 +388,8 @@ class EventEngine:
         async with asyncio.TaskGroup() as group:
             for index, plan in enumerate(plans):
                 group.create_task(run(index, plan))
+        if cancelled:
+            raise cancelled[0]
         for output, error in zip(outputs, errors, strict=True):
             if error is None:
                 followups.extend(output)
@@ -342,9 +410,13 @@ class RequestEngine:
         plans: Mapping[object, CallPlan],
         *,
         events: EventEngine,
+        settings: Settings,
+        supervisor: Supervisor,
         foreign: Mapping[object, Kind],
     ) -> None:
         self.kind: Kind = kind
+        #: Refuses every call once the dispatcher has stopped (see `close`).
+        self.closed = False
         self._plans = dict(plans)
         # Plain async handlers, called by handle's fast path without looking at the plan;
         # `_fast` is empty while an observer is attached.
@@ -354,11 +426,29 @@ class RequestEngine:
         self._events = events
         self._wanted = events.wanted
         self._foreign = foreign
+        #: The background queue and worker lanes of this kind.
+        self.workers = WorkerPool(
+            kind,
+            self.handle,
+            supervisor,
+            workers=settings.workers,
+            capacity=settings.queue_size,
+            describe=self.describe,
+        )
 
     def observe(self, observer: Observer | None) -> None:
         """Report to `observer` from now on (None: stop), taking the general path meanwhile."""
         self.observer = observer
-        self._fast = self._fast_all if observer is None else {}
+        self.workers.observer = observer
+        self._fast = self._fast_all if observer is None and not self.closed else {}
+
+    def close(self) -> None:
+        """Refuse every call from now on with `DispatcherClosed` (the dispatcher stopped).
+
+        The fast path's table is emptied, so the check costs the fast path nothing.
+        """
+        self.closed = True
+        self._fast = {}
 
     def replace(self, key: object, plan: CallPlan | None) -> CallPlan | None:
         """Run `plan` for `key` from now on (None: no handler); return what ran before.
@@ -387,19 +477,20 @@ class RequestEngine:
         if plan is None:
             plan = self._plans.get(message) if isinstance(message, str) else None
             if plan is None:
+                _check_message(f"{_CALLS[self.kind]}", message)
                 key = message_key(message)
                 raise HandlerNotFound(self.kind, key, registered_as=self._foreign.get(key))
         return plan
-
-    #: The background queue and workers, attached by the dispatcher at start().
-    workers: WorkerPool
 
     def describe(self, message: object) -> str:
         """The handler of `message`, for error reports."""
         return str(self.plan_for(message).handler)
 
-    def check(self, message: object) -> None:
-        """Raise `HandlerNotFound` now, not in a worker, for a message without a handler."""
+    def check(self, message: object, call: str = "") -> None:
+        """Raise `HandlerNotFound` now, not in a worker, for a message without a handler
+        (`InvalidMessage` for a class or None, naming `call`)."""
+        if self._plans.get(message.__class__) is None and not isinstance(message, str):
+            _check_message(call or _CALLS[self.kind], message)
         self.plan_for(message)
 
     async def handle(self, message: object, timeout: float | None = None) -> Any:
@@ -421,6 +512,8 @@ class RequestEngine:
         return result
 
     async def _handle(self, message: object) -> Any:
+        if self.closed:
+            raise DispatcherClosed(self.kind, message)
         plan = self.plan_for(message)
         observer = self.observer
         if observer is None:
@@ -451,7 +544,7 @@ class RequestEngine:
         failures: list[Exception] = []
         await self._events.cascade(events, failures)
         if failures:
-            raise ExceptionGroup(
+            raise _grouped(
                 f"{self.kind} {key_name(message_key(message))} succeeded, but "
                 f"{len(failures)} follow-up event handler(s) failed",
                 failures,
@@ -472,12 +565,49 @@ def _late(kind: Kind, message: object, seconds: float) -> str:
     return f"{kind} {key_name(message_key(message))} did not finish within {seconds} s"
 
 
-def _publish_failed(event: object, failures: list[Exception]) -> ExceptionGroup[Exception]:
-    return ExceptionGroup(
+_CALLS: dict[Kind, str] = {"event": "dp.publish()", "command": "dp.execute()", "query": "dp.query()"}
+
+
+def _check_message(call: str, message: object) -> None:
+    """Refuse what cannot be a message (checked only where no handler was found)."""
+    if message is None or isinstance(message, type):
+        raise InvalidMessage(call, message)
+
+
+def _publish_failed(event: object, failures: list[Exception]) -> Exception:
+    return _grouped(
         f"publishing {key_name(message_key(event))}: {len(failures)} event handler(s) failed", failures
     )
 
 
+def _grouped(summary: str, failures: list[Exception]) -> Exception:
+    """The failures as one `ExceptionGroup`, except for a recursion error, which passes up alone.
+
+    A cycle of handlers that publish or execute inside each other ends in a
+    RecursionError (or CascadeDepthExceeded) hundreds of calls deep; wrapping it
+    at every level would nest groups as deep. The other failures of a level are
+    named in a note on it.
+    """
+    for failure in failures:
+        if isinstance(failure, RecursionError):
+            others = [other for other in failures if other is not failure]
+            if others:
+                failure.add_note(
+                    f"{len(others)} other handler(s) failed at the same level: "
+                    + "; ".join(f"{type(other).__name__}: {other}" for other in others)
+                )
+            return failure
+    return ExceptionGroup(summary, failures)
+
+
 def _annotate(exc: Exception, plan: CallPlan, event: object) -> Exception:
+    if isinstance(exc, RecursionError) and getattr(exc, "__notes__", None):
+        return exc  # noted once, where it happened: a cycle would add a note per level
     exc.add_note(f"raised by {plan.handler} handling event {key_name(message_key(event))}")
+    if isinstance(exc, RecursionError) and not isinstance(exc, CascadeDepthExceeded):
+        exc.add_note(
+            "calls to dp.publish()/dp.execute() nested inside handlers went deeper than Python's "
+            "recursion limit: handlers probably publish or execute each other in a cycle; break the "
+            "cycle (follow-up events returned by handlers are bounded by max_cascade_depth instead)"
+        )
     return exc

@@ -13,6 +13,10 @@ and says what happened and what to do instead::
     ├── CascadeDepthExceeded          follow-up events nested past the limit
     ├── QueueFull                     send_nowait() on a full engine queue
     ├── DispatcherClosed              a send (or call) after stop()
+    ├── InvalidMessage                a class, None or an unhashable key given as a message (TypeError)
+    ├── ForeignEventLoop              used from a second event loop or thread (RuntimeError)
+    ├── WouldDeadlock                 stop() or join() awaited by a background handling (RuntimeError)
+    ├── ProviderError                 a provider generator that does not yield exactly once
     ├── TransportError                the broker could not be reached or refused a command
     ├── DecodeError                   a transport delivered bytes that are no known message
     └── TrackingTimeout               a tracked session's work did not finish (also a TimeoutError)
@@ -61,6 +65,17 @@ def whole_number(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ImproperlyConfigured(f"{name} must be a whole number >= {minimum}, not {value!r}")
     return value
+
+
+def drain_seconds(name: str, value: object) -> float | None:
+    """`value` as seconds when it is None (no limit) or a number >= 0; else `ImproperlyConfigured`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 0:
+        raise ImproperlyConfigured(
+            f"{name} must be None (no limit) or a number of seconds >= 0, not {value!r}"
+        )
+    return None if value == float("inf") else float(value)
 
 
 def with_article(kind: Kind) -> str:
@@ -190,14 +205,78 @@ class QueueFull(PyBusError):
 
 
 class DispatcherClosed(PyBusError):
-    """The dispatcher was stopped; it takes no new messages."""
+    """The dispatcher was stopped (or is stopping); it takes no new messages.
 
-    def __init__(self, kind: Kind, message: object) -> None:
+    `kind` and `message` name what was refused; `text` replaces the default
+    explanation for refusals that are not a message (start, a Singleton).
+    """
+
+    def __init__(self, kind: Kind | None, message: object = None, *, text: str | None = None) -> None:
         self.kind = kind
         self.message = message
+        if text is None:
+            text = (
+                f"Cannot take {kind} {key_name(message_key(message))}: the dispatcher is stopping or stopped "
+                "and takes no new messages; send before dp.stop(), or use a new Dispatcher"
+            )
+        super().__init__(text)
+
+
+class InvalidMessage(PyBusError, TypeError):
+    """What was passed where a message (or an ordering key) goes cannot be one."""
+
+    def __init__(self, call: str, given: object, *, key: bool = False) -> None:
+        self.call = call
+        self.given = given
+        if key:
+            text = (
+                f"{call} got key={given!r}, which is not hashable; an ordering key is compared by "
+                "equality and hashed, so pass a string, a number or a tuple"
+            )
+        elif isinstance(given, type):
+            name = key_name(given)
+            text = (
+                f"{call} got the class {name}, not a message; pass an instance, as in "
+                f"{call.removesuffix('()')}({name}(...))"
+            )
+        else:
+            text = f"{call} got {given!r}, which is not a message; pass the message to handle"
+        super().__init__(text)
+
+
+class ForeignEventLoop(PyBusError, RuntimeError):
+    """The dispatcher was used from an event loop (or a thread) other than the one it runs in."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action
         super().__init__(
-            f"Cannot take {kind} {key_name(message_key(message))}: the dispatcher is stopping or stopped and "
-            "takes no new messages; send before dp.stop(), or use a new Dispatcher"
+            f"Cannot {action}: this dispatcher runs in another event loop (it started its workers or "
+            "Singletons there), and its work would never be done in this one; a dispatcher serves one "
+            "event loop: build one per loop (per test, per thread), and stop it before its loop ends"
+        )
+
+
+class WouldDeadlock(PyBusError, RuntimeError):
+    """`stop()` or `join()` was awaited from inside a background handling of the same dispatcher."""
+
+    def __init__(self, call: str) -> None:
+        self.call = call
+        super().__init__(
+            f"{call} cannot be awaited from inside a background handling of the same dispatcher: it "
+            "waits for every background handling to finish, this one included, so it would wait "
+            "forever; await it in the code that runs the dispatcher (after serve() returns, in an "
+            "application's shutdown), and from a handler signal that code, e.g. with an asyncio.Event"
+        )
+
+
+class ProviderError(PyBusError):
+    """A provider generator did not yield exactly once."""
+
+    def __init__(self, provider: str, problem: str) -> None:
+        self.provider = provider
+        super().__init__(
+            f"{provider} {problem}; a provider generator yields its value exactly once, "
+            "and its code after the yield is the teardown"
         )
 
 

@@ -195,6 +195,7 @@ def inspect_handler(
                 "of one"
             )
     func: Callable[..., Any] = getattr(target, method) if method else target  # type: ignore[assignment]
+    _refuse_generator(kind, key, f"{name}.{method}" if is_class else name, func)
     sig = _signature(kind, key, name, func)
     cls = target if isinstance(target, type) else None
     if cls is not None:
@@ -227,6 +228,18 @@ def inspect_handler(
         emits=_check_emits(kind, key, name, emits),
         middleware=middleware,
     )
+
+
+def _refuse_generator(kind: Kind, key: object, name: str, func: Callable[..., Any]) -> None:
+    plain = inspect.unwrap(func.func if isinstance(func, functools.partial) else func)
+    if inspect.isasyncgenfunction(plain) or inspect.isgeneratorfunction(plain):
+        what = "an async generator" if inspect.isasyncgenfunction(plain) else "a generator"
+        raise HandlerSignatureError(
+            kind, key, name,
+            f"it is {what} function (it uses yield), so calling it would run none of its code; "
+            "a handler returns its result: replace yield with return (to publish several "
+            "follow-up events, collect them with add_event on a class handler)",
+        )  # fmt: skip
 
 
 def _check_emits(kind: Kind, key: object, name: str, emits: Iterable[object]) -> tuple[object, ...]:
@@ -332,6 +345,11 @@ def _check_rest(
             reason = (
                 f"parameter {param.name!r} has no value; bind one at registration "
                 f"(register(..., {param.name}=...)) or give it a default"
+            )
+        if message_param is None and param.kind is _KEYWORD_ONLY:
+            reason += (
+                f"; if {param.name!r} is meant to receive the message, name it with "
+                f"argname={param.name!r} (a keyword-only parameter is never given the message by position)"
             )
         raise HandlerSignatureError(kind, key, where, reason)
     if not is_class:
@@ -537,6 +555,7 @@ def _scoped_plan(
         return instance
 
     async def run(message: Any, followups: list[Any] | None = None) -> Any:
+        events: Any = None
         async with AsyncExitStack() as stack:
             instance = await make(stack) if is_class else target
             func = getattr(instance, method) if method else instance
@@ -545,13 +564,15 @@ def _scoped_plan(
             if inspect.isawaitable(result):
                 result = await result
             if collects:
-                assert followups is not None  # the engines call a collecting plan's `collect`
                 events = instance.dump_events()
                 if inspect.isawaitable(events):
                     events = await events
-                if events:
-                    followups.extend(events)
-            return result
+        # Only once the scope closed cleanly (teardowns included) does the handling count
+        # as a success whose collected events may be published.
+        if events:
+            assert followups is not None  # the engines call a collecting plan's `collect`
+            followups.extend(events)
+        return result
 
     return CallPlan(handler, run, True, run if collects else None)
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator, Mapping
 from contextlib import AsyncExitStack
 from typing import Any, ClassVar, Final, Literal
 
-from pybus.errors import ImproperlyConfigured
+from pybus.errors import DispatcherClosed, ForeignEventLoop, ImproperlyConfigured, ProviderError
 
 _MISSING: Final = object()
 
@@ -135,16 +135,21 @@ def providers_in(values: Mapping[str, Any]) -> Iterator[Provider]:
 class Resolver:
     """Resolves the providers of one dispatcher and owns what they made.
 
-    `singletons` maps a Singleton's identity to its value once it exists; call
-    plans read it directly, so a resolved Singleton costs one dict lookup.
+    `singletons` maps a Singleton's identity to the value handlings get (its
+    instance, or the value of an override in force); call plans read it
+    directly, so a resolved Singleton costs one dict lookup.
     """
 
     def __init__(self) -> None:
         self.singletons: dict[object, Any] = {}
+        #: True once `aclose()` ran: no Singleton is made any more.
+        self.closed = False
+        self._instances: dict[object, Any] = {}  # what the Singletons made, whatever overrides say
         self._locks: dict[object, asyncio.Lock] = {}
-        self._overrides: dict[object, Any] = {}
+        self._overrides: dict[object, list[tuple[Provider, Any]]] = {}  # in force, innermost last
         self._labels: dict[object, Provider] = {}
         self._scope = _SingletonScope()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def adopt(self, values: Mapping[str, Any]) -> None:
         """Check the providers of a registration: one label, one callable.
@@ -166,13 +171,14 @@ class Resolver:
         """The value of `provider` for one handling; Factory teardowns go on `stack`."""
         identity = provider.identity
         if self._overrides:
-            replacement = self._overrides.get(identity, _MISSING)
-            if replacement is not _MISSING:
+            stacked = self._overrides.get(identity)
+            if stacked:
+                replacement = stacked[-1][1]
                 if isinstance(replacement, Provider):
                     return await self.resolve(replacement, stack)
                 return replacement
         if isinstance(provider, Singleton):
-            value = self.singletons.get(identity, _MISSING)
+            value = self._instances.get(identity, _MISSING)
             if value is _MISSING:
                 value = await self._create_singleton(provider, identity)
             return value
@@ -189,70 +195,180 @@ class Resolver:
         return resolved
 
     async def _create_singleton(self, provider: Provider, identity: object) -> Any:
+        self._check_open(provider)
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise ForeignEventLoop(f"make {provider!r}")
         lock = self._locks.get(identity)
         if lock is None:
             lock = self._locks[identity] = asyncio.Lock()
         async with lock:
-            value = self.singletons.get(identity, _MISSING)
+            value = self._instances.get(identity, _MISSING)
             if value is _MISSING:
                 # A failure propagates and caches nothing: the next handling tries again.
                 value = await self._create(provider, self._scope)
-                self.singletons[identity] = value
+                self._check_open(provider)  # torn down meanwhile: a generator's was undone by the scope
+                self._instances[identity] = value
+                self._refresh(identity)
             return value
+
+    def _check_open(self, provider: Provider) -> None:
+        if self.closed:
+            raise DispatcherClosed(
+                None,
+                text=f"Cannot make {provider!r}: the dispatcher was stopped and its Singletons torn "
+                "down; a handling still running after dp.stop() cannot make new ones",
+            )
 
     async def _create(self, provider: Provider, stack: AsyncExitStack | _SingletonScope) -> Any:
         kwargs = await self.resolve_all(provider.kwargs, stack) if provider.kwargs else {}
         factory = provider.factory
         shape = provider.shape
-        if shape == "async generator":
-            return await stack.enter_async_context(contextlib.asynccontextmanager(factory)(**kwargs))
-        if shape == "generator":
-            return stack.enter_context(contextlib.contextmanager(factory)(**kwargs))
-        value = factory(**kwargs)
-        if inspect.isawaitable(value):
-            value = await value
-        return value
+        try:
+            if shape == "async generator":
+                return await stack.enter_async_context(_AsyncGeneratorProvider(provider, factory(**kwargs)))
+            if shape == "generator":
+                return stack.enter_context(_GeneratorProvider(provider, factory(**kwargs)))
+            value = factory(**kwargs)
+            if inspect.isawaitable(value):
+                value = await value
+            return value
+        except (ProviderError, DispatcherClosed):
+            raise
+        except Exception as exc:
+            exc.add_note(f"raised by provider {provider!r} while making its value")
+            raise
+
+    def _refresh(self, identity: object) -> None:
+        """Make `singletons[identity]` what a handling gets now (an override's value, or the instance)."""
+        stacked = self._overrides.get(identity)
+        if stacked:
+            provider, replacement = stacked[-1]
+            if isinstance(provider, Singleton) and not isinstance(replacement, Provider):
+                self.singletons[identity] = replacement  # keeps the one-lookup path
+                return
+            self.singletons.pop(identity, None)  # resolved through the override's provider
+            return
+        value = self._instances.get(identity, _MISSING)
+        if value is _MISSING:
+            self.singletons.pop(identity, None)
+        else:
+            self.singletons[identity] = value
 
     @contextlib.contextmanager
     def override(self, provider: Provider, replacement: Any) -> Iterator[None]:
-        """Resolve `provider` as `replacement` (a value or a provider) inside the block."""
+        """Resolve `provider` as `replacement` (a value or a provider) inside the block.
+
+        Holds for the whole block, also when the Singleton was being made as it
+        began (its instance is kept for after the block, made only once).
+        """
         identity = provider.identity
-        saved_override = self._overrides.get(identity, _MISSING)
-        saved_value = self.singletons.pop(identity, _MISSING)
-        self._overrides[identity] = replacement
-        if isinstance(provider, Singleton) and not isinstance(replacement, Provider):
-            self.singletons[identity] = replacement  # keeps the one-lookup path
+        entry = (provider, replacement)
+        stacked = self._overrides.setdefault(identity, [])
+        stacked.append(entry)
+        self._refresh(identity)
         try:
             yield
         finally:
-            self.singletons.pop(identity, None)
-            if saved_value is not _MISSING:
-                self.singletons[identity] = saved_value
-            if saved_override is _MISSING:
+            stacked = self._overrides[identity]
+            del stacked[next(i for i, other in enumerate(stacked) if other is entry)]
+            if not stacked:
                 del self._overrides[identity]
-            else:
-                self._overrides[identity] = saved_override
+            self._refresh(identity)
 
     async def aclose(self) -> None:
-        """Tear down every Singleton, last created first, and forget them.
+        """Tear down every Singleton, last created first, once; no Singleton is made afterwards.
 
         Each teardown runs on its own (one's failure is not thrown into the
         next); the failure, or an `ExceptionGroup` of several, is raised after.
+        A Singleton whose making ends after this began is torn down at once.
         """
-        scope, self._scope = self._scope, _SingletonScope()
-        self.singletons.clear()
+        if self.closed:
+            return
+        self.closed = True
+        self._instances.clear()
         self._locks.clear()
-        await scope.aclose()
+        for identity in list(self.singletons):
+            self._refresh(identity)
+        await self._scope.aclose()
+
+
+class _GeneratorProvider:
+    """A generator provider as a context manager: yields once, never hides the handler's error."""
+
+    def __init__(self, provider: Provider, generator: Generator[Any, None, None]) -> None:
+        self.provider = provider
+        self.generator = generator
+
+    def __enter__(self) -> Any:
+        try:
+            return next(self.generator)
+        except StopIteration:
+            raise ProviderError(repr(self.provider), "returned without yielding a value") from None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> Literal[False]:
+        try:
+            if exc is None:
+                next(self.generator)
+            else:
+                self.generator.throw(exc)
+        except StopIteration:
+            return False  # done; the handler's error, if any, propagates (never suppressed)
+        except BaseException as raised:
+            if raised is not exc:
+                raised.add_note(f"raised by the teardown of provider {self.provider!r}")
+            raise
+        self.generator.close()
+        raise ProviderError(repr(self.provider), "yielded a second time")
+
+
+class _AsyncGeneratorProvider:
+    """An async generator provider as an async context manager (see `_GeneratorProvider`)."""
+
+    def __init__(self, provider: Provider, generator: AsyncGenerator[Any, None]) -> None:
+        self.provider = provider
+        self.generator = generator
+
+    async def __aenter__(self) -> Any:
+        try:
+            return await anext(self.generator)
+        except StopAsyncIteration:
+            raise ProviderError(repr(self.provider), "returned without yielding a value") from None
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> Literal[False]:
+        try:
+            if exc is None:
+                await anext(self.generator)
+            else:
+                await self.generator.athrow(exc)
+        except StopAsyncIteration:
+            return False
+        except BaseException as raised:
+            if raised is not exc:
+                raised.add_note(f"raised by the teardown of provider {self.provider!r}")
+            raise
+        await self.generator.aclose()
+        raise ProviderError(repr(self.provider), "yielded a second time")
 
 
 class _SingletonScope:
-    """The teardowns of a dispatcher's Singletons, run independently at stop."""
+    """The teardowns of a dispatcher's Singletons, run independently at stop.
+
+    Once closed, a Singleton entered late (its making ended after the teardown
+    began) is torn down at once, and `DispatcherClosed` raised.
+    """
 
     def __init__(self) -> None:
         self._exits: list[Callable[[], Awaitable[object]]] = []
+        self.closed = False
 
-    def enter_context(self, manager: contextlib.AbstractContextManager[Any]) -> Any:
+    def enter_context(self, manager: _GeneratorProvider) -> Any:
         value = manager.__enter__()
+        if self.closed:
+            manager.__exit__(None, None, None)
+            raise _late(manager.provider)
 
         async def exit_sync() -> object:
             return manager.__exit__(None, None, None)
@@ -260,20 +376,33 @@ class _SingletonScope:
         self._exits.append(exit_sync)
         return value
 
-    async def enter_async_context(self, manager: contextlib.AbstractAsyncContextManager[Any]) -> Any:
+    async def enter_async_context(self, manager: _AsyncGeneratorProvider) -> Any:
         value = await manager.__aenter__()
+        if self.closed:
+            await manager.__aexit__(None, None, None)
+            raise _late(manager.provider)
         self._exits.append(lambda: manager.__aexit__(None, None, None))
         return value
 
     async def aclose(self) -> None:
+        self.closed = True
         failures: list[Exception] = []
-        for exit_ in reversed(self._exits):
+        while self._exits:
+            exit_ = self._exits.pop()
             try:
                 await exit_()
             except Exception as exc:
                 failures.append(exc)
-        self._exits.clear()
         if len(failures) == 1:
             raise failures[0]
         if failures:
             raise ExceptionGroup(f"{len(failures)} Singleton teardowns failed", failures)
+
+
+def _late(provider: Provider) -> DispatcherClosed:
+    return DispatcherClosed(
+        None,
+        text=f"Cannot make {provider!r}: the dispatcher was stopped and its Singletons torn down while "
+        "it was being made (it was torn down at once); a handling still running after dp.stop() "
+        "cannot make new ones",
+    )

@@ -9,12 +9,14 @@ overriding `bind` is enough.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from pybus.engines import EventEngine, RequestEngine
 from pybus.errors import (
+    ROUTERS,
+    DispatcherClosed,
     DispatcherFrozen,
     DispatcherNotStarted,
     HandlerAlreadyRegistered,
@@ -26,9 +28,12 @@ from pybus.errors import (
 )
 from pybus.handlers import CallPlan, Handler, callable_name, compile_handler, inspect_handler
 from pybus.middleware import Middleware, checked, with_middleware
+from pybus.settings import Settings
 
 if TYPE_CHECKING:
     from pybus.dispatcher import Dispatcher
+    from pybus.transport_routes import Forwarder
+    from pybus.workers import Supervisor
 
 H = TypeVar("H")
 M = TypeVar("M")
@@ -72,10 +77,11 @@ class _Router:
         self.kind: Kind = kind
         self._handlers: dict[object, list[Handler]] = {}
         self._frozen = False
-        #: Set by the dispatcher at start when some keys of this kind are routed to a transport.
-        self.forward: Callable[[object], Awaitable[None]] | None = None
-        self.routed: frozenset[object] = frozenset()
+        self._closed = False
         self._middleware: tuple[Middleware, ...] = ()
+        # Given by freeze(): the dispatcher's settings, and the routed keys of this kind.
+        self._settings = Settings()
+        self._forwarder: Forwarder | None = None
 
     @overload
     def register(
@@ -134,7 +140,24 @@ class _Router:
         For the type checker, a function whose first parameter does not accept
         instances of the key's class is an error (unless `argname` names another
         parameter); classes and objects with `handle` are checked at runtime.
+        Raises `ImproperlyConfigured` at once when used without the key
+        (`@register` instead of `@register(Key)`) or given the handler
+        (`register(Key, handler)`, which is `bind`).
         """
+        router = f"dp.{ROUTERS[self.kind]}"
+        if not isinstance(key, type | str) and callable(key):
+            name = callable_name(key)
+            raise ImproperlyConfigured(
+                f"@{router}.register needs the message key: write @{router}.register(SomeMessage) "
+                f"above {name}; used without it, it would register nothing"
+            )
+        if argname is not None and not isinstance(argname, str):
+            name = callable_name(argname)
+            raise ImproperlyConfigured(
+                f"{router}.register({key_name(key)}, {name}) does not register {name}: register(Key) "
+                "makes a decorator; to register a handler directly, call "
+                f"{router}.bind({key_name(key)}, {name})"
+            )
 
         def decorator(handler: H) -> H:
             bind_any(
@@ -215,8 +238,7 @@ class _Router:
         the registration does not satisfy and `HandlerAlreadyRegistered` for a
         duplicate.
         """
-        if self._frozen:
-            raise DispatcherFrozen(self.kind, key, callable_name(handler))
+        self._check_open(callable_name(handler), key)
         _check_key(self.kind, key)
         other = self.dispatcher.registered_kind(key)
         if other is not None and other != self.kind:
@@ -260,13 +282,27 @@ class _Router:
     def _add(self, handler: Handler) -> None:
         raise NotImplementedError
 
+    def _check_open(self, what: str, key: object, target: str | None = None) -> None:
+        if self._closed:
+            raise DispatcherClosed(
+                self.kind,
+                key,
+                text=f"Cannot register {what}: the dispatcher was stopped; register on a new Dispatcher",
+            )
+        if self._frozen:
+            raise DispatcherFrozen(self.kind, key, what, target=target)
+
+    def close(self) -> None:
+        """Refuse every registration from now on (the dispatcher was stopped before it started)."""
+        self._closed = True
+
     def add_middleware(self, *middleware: Middleware) -> None:
         """Wrap every handler of this kind in `middleware` (inside the dispatcher's,
         outside each registration's; in the order added). Raises `DispatcherFrozen`
         after `start()`."""
         names = ", ".join(callable_name(mw) for mw in middleware)
-        if self._frozen:
-            raise DispatcherFrozen(self.kind, None, f"middleware {names}", target=f"every {self.kind}")
+        if self._frozen or self._closed:
+            self._check_open(f"middleware {names}", None, target=f"every {self.kind}")
         self._middleware += checked(middleware, f"every {self.kind}")
 
     @property
@@ -277,15 +313,21 @@ class _Router:
     def compile_plan(self, handler: Handler) -> CallPlan:
         """The call plan of a registration: its timeout (or the dispatcher's default),
         inside the dispatcher's, this router's and its own middleware."""
-        dispatcher = self.dispatcher
-        timeout = handler.timeout if handler.timeout is not None else dispatcher.default_timeout
-        plan = compile_handler(handler, dispatcher.resolver, dispatcher.handler_factory, timeout)
+        settings = self._settings
+        timeout = handler.timeout if handler.timeout is not None else settings.default_timeout
+        plan = compile_handler(handler, self.dispatcher.resolver, settings.handler_factory, timeout)
         return with_middleware(plan, self.middleware_for(handler))
 
     def middleware_for(self, handler: Handler) -> tuple[Middleware, ...]:
         """The middleware around a registration, outermost first: the dispatcher's,
         this router's, then its own."""
-        return (*self.dispatcher.middleware, *self._middleware, *handler.middleware)
+        outer = self._settings.middleware if self._frozen else self.dispatcher.middleware
+        return (*outer, *self._middleware, *handler.middleware)
+
+    def _freeze(self, settings: Settings, forwarder: Forwarder | None) -> None:
+        self._frozen = True
+        self._settings = settings
+        self._forwarder = forwarder
 
     async def send(self, message: object, /, *, key: object = None) -> None:
         """Queue `message` for the background workers and return once it is queued.
@@ -295,11 +337,12 @@ class _Router:
         `start()`, `DispatcherClosed` once stopping, and `HandlerNotFound` (now,
         not in a worker) for a command or query without a handler.
         """
-        if self.forward is not None and self.routes_message(message):
-            await self.forward(message)  # a routed message goes to the transport
+        forwarder = self._forwarder
+        if forwarder is not None and message_key(message) in forwarder.keys:
+            await forwarder.forward(message)  # a routed message goes to the transport
             return
         engine = self._started_engine(message)
-        engine.check(message)
+        engine.check(message, self._call("send"))
         workers = engine.workers
         if not workers.put_if_room(message, key):
             await workers.send(message, key)
@@ -312,16 +355,22 @@ class _Router:
                 "cannot wait for: use await send()"
             )
         engine = self._started_engine(message)
-        engine.check(message)
+        engine.check(message, self._call("send_nowait"))
         engine.workers.send_nowait(message, key)
 
     def routes_message(self, message: object) -> bool:
         """True when `message` goes to the transport instead of this process's engine."""
-        return self.forward is not None and message_key(message) in self.routed
+        forwarder = self._forwarder
+        return forwarder is not None and message_key(message) in forwarder.keys
+
+    def _call(self, method: str) -> str:
+        return f"dp.{ROUTERS[self.kind]}.{method}()"
 
     def _started_engine(self, message: object) -> EventEngine | RequestEngine:
         engine: EventEngine | RequestEngine | None = getattr(self, "engine", None)
         if engine is None:
+            if self._closed:
+                raise DispatcherClosed(self.kind, message)
             raise DispatcherNotStarted(self.kind, message)
         return engine
 
@@ -353,18 +402,19 @@ class EventRouter(_Router):
         found.append(handler)
 
     def freeze(
-        self, *, foreign: Mapping[object, Kind], concurrent: bool, max_cascade_depth: int
+        self,
+        settings: Settings,
+        supervisor: Supervisor,
+        *,
+        foreign: Mapping[object, Kind],
+        forwarder: Forwarder | None = None,
     ) -> EventEngine:
-        """Freeze the map and build the engine; `foreign` are the keys of the other kinds."""
-        self._frozen = True
+        """Freeze the map and build the engine with the dispatcher's `settings`;
+        `foreign` are the keys of the other kinds, `forwarder` writes the routed ones."""
+        self._freeze(settings, forwarder)
         plans = {key: tuple(self.compile_plan(h) for h in found) for key, found in self._handlers.items()}
         self.engine = self.engine_cls(
-            plans,
-            foreign=foreign,
-            concurrent=concurrent,
-            max_cascade_depth=max_cascade_depth,
-            forward=self.forward,
-            routed=self.routed,
+            plans, settings=settings, supervisor=supervisor, foreign=foreign, forwarder=forwarder
         )
         return self.engine
 
@@ -381,11 +431,22 @@ class RequestRouter(_Router):
             raise HandlerAlreadyRegistered(self.kind, handler.key, str(found[0]), str(handler))
         self._handlers[handler.key] = [handler]
 
-    def freeze(self, *, events: EventEngine, foreign: Mapping[object, Kind]) -> RequestEngine:
-        """Freeze the map and build the engine, which hands follow-up events to `events`."""
-        self._frozen = True
+    def freeze(
+        self,
+        settings: Settings,
+        supervisor: Supervisor,
+        *,
+        events: EventEngine,
+        foreign: Mapping[object, Kind],
+        forwarder: Forwarder | None = None,
+    ) -> RequestEngine:
+        """Freeze the map and build the engine, which hands follow-up events to `events`;
+        `forwarder` writes the routed keys of this kind when they are sent."""
+        self._freeze(settings, forwarder)
         plans = {key: self.compile_plan(found[0]) for key, found in self._handlers.items()}
-        self.engine = self.engine_cls(self.kind, plans, events=events, foreign=foreign)
+        self.engine = self.engine_cls(
+            self.kind, plans, events=events, settings=settings, supervisor=supervisor, foreign=foreign
+        )
         return self.engine
 
 

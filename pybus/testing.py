@@ -114,7 +114,10 @@ class TrackedSession:
         self.failed = Records("failed")
         self.no_handler = Records("no_handler")
         self.result: Any = None
-        self._outstanding: dict[int, tuple[str, int]] = {}
+        # Per message (by id): what it is, and how many of it wait in a queue, run, or ran
+        # from a queue and are not dequeued yet. A queued message that starts running
+        # is one handling: it moves from waiting to running.
+        self._outstanding: dict[int, _Outstanding] = {}
         self._pending = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -179,7 +182,7 @@ class TrackedSession:
             async with asyncio.timeout(self.timeout):
                 await self._idle.wait()
         except TimeoutError:
-            outstanding = [line for line, count in self._outstanding.values() for _ in range(count)]
+            outstanding = [line for entry in self._outstanding.values() for line in entry.lines()]
             raise TrackingTimeout(self.timeout, outstanding, list(self._activity)) from None
 
     # -- what the hub reports ----------------------------------------------------
@@ -190,16 +193,29 @@ class TrackedSession:
     def begin(self, kind: Kind, message: object, how: str) -> None:
         self._pending += 1
         self._idle.clear()
-        line, count = self._outstanding.get(id(message), (f"{kind} {message!r} ({how})", 0))
-        self._outstanding[id(message)] = (line, count + 1)
+        entry = self._outstanding.get(id(message))
+        if entry is None:
+            entry = self._outstanding[id(message)] = _Outstanding(f"{kind} {message!r}")
+        if how == "queued":
+            entry.waiting += 1
+        else:
+            if entry.waiting:
+                entry.waiting -= 1
+                entry.from_queue += 1
+            entry.running += 1
         self._log(f"{how} {kind} {_name(message)}")
 
     def end(self, kind: Kind, message: object, how: str) -> None:
-        line, count = self._outstanding.get(id(message), ("", 1))
-        if count <= 1:
-            self._outstanding.pop(id(message), None)
-        else:
-            self._outstanding[id(message)] = (line, count - 1)
+        entry = self._outstanding.get(id(message))
+        if entry is not None:
+            if how == "finished":
+                entry.running -= 1
+            elif entry.from_queue:
+                entry.from_queue -= 1
+            else:
+                entry.waiting -= 1  # dropped unstarted (the dispatcher stopped)
+            if not (entry.waiting or entry.running or entry.from_queue):
+                del self._outstanding[id(message)]
         self._log(f"{how} {kind} {_name(message)}")
         self._pending -= 1
         if self._pending == 0:
@@ -209,6 +225,17 @@ class TrackedSession:
         outcome.append(record)
         by = f" by {record.handler}" if record.handler else ""
         self._log(f"{outcome.outcome} {record.kind} {_name(record.message)}{by}")
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    line: str
+    waiting: int = 0
+    running: int = 0
+    from_queue: int = 0
+
+    def lines(self) -> list[str]:
+        return [f"{self.line} (running)"] * self.running + [f"{self.line} (queued)"] * self.waiting
 
 
 def _name(message: object) -> str:

@@ -1,32 +1,49 @@
-"""Background handling: bounded queues, worker tasks, ordering keys, join and stop.
+"""Background handling: bounded queues, worker lanes, ordering keys, join and stop.
 
 Each engine has a `WorkerPool`: `send` puts a message on its queue and returns;
-worker tasks take messages off and run them with exactly the semantics of
-`execute`/`query`/`publish` (follow-up events included). The pools of one
-dispatcher share a `Supervisor`: the error hook, the count of unfinished
-messages that `join()` waits on, the closing flag and the worker tasks.
+worker lanes (see `pybus.lanes`) take messages off and run them with exactly
+the semantics of `execute`/`query`/`publish` (follow-up events included). The
+pools of one dispatcher share a `Supervisor`: the error hook, the count of
+unfinished messages that `join()` waits on, the phase of the shutdown, and the
+event loop the dispatcher serves.
 
-Each message runs in a copy of the `contextvars` context taken at `send`. The
-worker steps the handling's coroutine inside that context itself (instead of
-wrapping every message in a task of its own, which costs ten times more), so
-nothing a handler sets in a context variable leaks into the next message.
+Each message runs in a copy of the `contextvars` context taken at `send`, from
+its first step to its last in the one lane that took it.
+
+Every message a pool accepts ends in exactly one of its counters: `handled`,
+`failed` (the error hook was called) or `unhandled` (still queued, or cancelled
+mid-handling, when the pool was stopped).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from pybus.errors import DispatcherClosed, Kind, QueueFull, key_name, message_key
+from pybus.errors import (
+    ROUTERS,
+    DispatcherClosed,
+    ForeignEventLoop,
+    ImproperlyConfigured,
+    InvalidMessage,
+    Kind,
+    QueueFull,
+    WouldDeadlock,
+    key_name,
+    message_key,
+)
+from pybus.lanes import LaneTask, current_lane, running_in, start_in
 from pybus.observer import Observer
 
 logger = logging.getLogger("pybus")
 
+#: `on_error(error, message)`; may return an awaitable, which is awaited.
 ErrorHook = Callable[[BaseException, object], object]
 _Item = tuple[object, contextvars.Context, object]
 
@@ -37,7 +54,10 @@ class EngineStatistics:
 
     `queued`: sent and not yet started (ordering-key backlogs included);
     `in_flight`: being handled; `handled` and `failed`: finished since start;
-    `active_keys`: ordering keys with a message queued or in flight.
+    `active_keys`: ordering keys with a message queued or in flight;
+    `unhandled`: dropped or cancelled by `stop()` (or by the loop ending).
+    Every message sent is in exactly one of queued, in_flight, handled, failed
+    and unhandled.
     """
 
     queued: int
@@ -45,6 +65,7 @@ class EngineStatistics:
     handled: int
     failed: int
     active_keys: int = 0
+    unhandled: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,64 +92,112 @@ def log_error(error: BaseException, message: object) -> None:
     )
 
 
-class Supervisor:
-    """What the worker pools of one dispatcher share."""
+def checked_hook(on_error: object) -> ErrorHook:
+    """`on_error` if it can be called as `on_error(error, message)`; else `ImproperlyConfigured`."""
+    if on_error is None:
+        return log_error
+    if not callable(on_error):
+        raise ImproperlyConfigured(
+            f"on_error must be a function called as on_error(error, message), not {on_error!r}"
+        )
+    try:
+        inspect.signature(on_error).bind(None, None)
+    except TypeError:
+        raise ImproperlyConfigured(
+            f"on_error={on_error!r} must accept two positional arguments, (error, message)"
+        ) from None
+    except ValueError:  # no signature to inspect: the call will tell
+        pass
+    return on_error
 
-    def __init__(self, on_error: ErrorHook | None) -> None:
-        self.on_error: ErrorHook = on_error or log_error
+
+class Supervisor:
+    """What the worker pools, consumers and transport routes of one dispatcher share.
+
+    `closing`: sends from outside a background handling are refused (the
+    dispatcher is stopping); `closed`: every send is refused.
+    """
+
+    def __init__(self, on_error: object = None) -> None:
+        self.on_error: ErrorHook = checked_hook(on_error)
         self.unfinished = 0
         self.closing = False
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.pools: list[WorkerPool] = []
         self._idle: asyncio.Event | None = None
 
-    def inside_worker(self) -> bool:
-        """True when called from one of this dispatcher's worker tasks."""
+    def inside(self) -> bool:
+        """True when the calling code is part of a background handling of this dispatcher."""
+        return running_in.get() is self
+
+    def check_open(self, kind: Kind, message: object) -> None:
+        """Raise `DispatcherClosed` if `message` may not be accepted now."""
+        if self.closed or (self.closing and not self.inside()):
+            raise DispatcherClosed(kind, message)
+
+    def bind(self, action: str) -> asyncio.AbstractEventLoop:
+        """The running loop, which must be the dispatcher's (the first one seen becomes it)."""
         try:
-            return asyncio.current_task() in self.tasks
-        except RuntimeError:  # no running loop
-            return False
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise ForeignEventLoop(action) from None
+        if self.loop is None:
+            self.loop = loop
+        elif loop is not self.loop:
+            raise ForeignEventLoop(action)
+        return loop
 
-    def finished(self) -> None:
-        self.unfinished -= 1
+    def close_to_outside(self) -> None:
+        """Stopping: refuse sends from outside, and the senders waiting for room."""
+        self.closing = True
+        for pool in self.pools:
+            pool.refuse_waiting()
+
+    def finished(self, count: int = 1) -> None:
+        self.unfinished -= count
         if self.unfinished == 0 and self._idle is not None:
-            self._idle.set()
-
-    def forget_unfinished(self) -> None:
-        """After the pools were cancelled: nothing is left to wait for."""
-        self.unfinished = 0
-        if self._idle is not None:
             self._idle.set()
 
     async def join(self) -> None:
         """Return once every sent message, and everything it sent in turn, is done."""
+        if self.inside():
+            raise WouldDeadlock("dp.join()")
+        if self.unfinished:
+            self.bind("join the dispatcher")
         while self.unfinished:
             if self._idle is None or self._idle.is_set():
                 self._idle = asyncio.Event()
             await self._idle.wait()
 
-    def report(self, error: BaseException, message: object, kind: Kind, handlers: str) -> None:
-        """Hand a failure of a queued message to the error hook, noting what was handled."""
-        error.add_note(
-            f"while handling {kind} {key_name(message_key(message))} in the background ({handlers})"
-        )
-        self.hand_over(error, message)
+    async def report(self, error: BaseException, message: object, context: contextvars.Context) -> None:
+        """Hand a failure to the error hook, in `context` (the failing message's own).
 
-    def hand_over(self, error: BaseException, message: object) -> None:
-        """Call the error hook; a failing hook is logged, never raised."""
+        An async hook is awaited; a hook that fails is logged, never raised.
+        """
         try:
-            self.on_error(error, message)
+            result = context.run(self.on_error, error, message)
+            if inspect.isawaitable(result):
+                rest = start_in(context, _awaited(result))
+                if rest is not None:
+                    await rest
         except Exception:
             logger.exception("pybus: the on_error hook failed while reporting %r", error)
 
 
+async def _awaited(awaitable: Any) -> None:
+    await awaitable
+
+
 class WorkerPool:
-    """The queue and worker tasks of one engine.
+    """The queue and worker lanes of one engine.
 
     Messages sent with the same `key` are handled one at a time, in send order;
     a key's backlog is dropped as soon as the key goes idle. The capacity counts
-    every message not yet started. A handler that sends from inside a worker is
-    never made to wait (that could deadlock the pool on itself): its messages
-    are accepted past the capacity.
+    every message not yet started. Senders that find it full wait in line, first
+    come first served. A handler that sends from inside a background handling of
+    the same dispatcher is never made to wait (that could deadlock the pool on
+    itself): its messages are accepted past the capacity.
     """
 
     def __init__(
@@ -150,208 +219,272 @@ class WorkerPool:
         self._ready: deque[_Item] = deque()
         self._backlogs: dict[object, deque[_Item]] = {}
         self._queued = 0
-        self._waiting_workers: deque[asyncio.Future[None]] = deque()
-        self._waiting_senders: deque[asyncio.Future[None]] = deque()
-        self._tasks: list[asyncio.Task[None]] = []
+        # Room handed to a waiting sender that has not put its message yet.
+        self._reserved = 0
+        # While `_queued` is below it, a send needs no check: 0 while senders wait in
+        # line or the dispatcher is stopping, so that every send takes the slow path.
+        self._limit = capacity
+        self._idle_lanes: deque[asyncio.Future[None]] = deque()
+        self._senders: deque[asyncio.Future[bool]] = deque()
+        self._lanes: set[LaneTask] = set()
+        # The loop whose lanes are running; None until the first send, or once they ended.
+        self._live_loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self.observer: Observer | None = None
         self.in_flight = 0
         self.handled = 0
         self.failed = 0
+        self.unhandled = 0
+        supervisor.pools.append(self)
 
     def statistics(self) -> EngineStatistics:
-        return EngineStatistics(self._queued, self.in_flight, self.handled, self.failed, len(self._backlogs))
+        return EngineStatistics(
+            self._queued, self.in_flight, self.handled, self.failed, len(self._backlogs), self.unhandled
+        )
 
     # -- sending -----------------------------------------------------------------
-
-    async def send(self, message: object, key: object = None) -> None:
-        """Queue `message`, waiting for room while the queue is full."""
-        supervisor = self._supervisor
-        if supervisor.closing or self._queued >= self.capacity:
-            inside = supervisor.inside_worker()
-            if supervisor.closing and not inside:
-                raise DispatcherClosed(self.kind, message)
-            while self._queued >= self.capacity and not inside:
-                waiter = asyncio.get_running_loop().create_future()
-                self._waiting_senders.append(waiter)
-                try:
-                    await waiter
-                except asyncio.CancelledError:
-                    # This sender may have been woken for a free slot: pass the turn on
-                    # (a spurious wake-up is harmless, the loop checks again).
-                    self._wake(self._waiting_senders)
-                    raise
-                if supervisor.closing:
-                    raise DispatcherClosed(self.kind, message)
-        self._put(message, key)
 
     def put_if_room(self, message: object, key: object = None) -> bool:
         """Queue `message` if that needs no waiting and no checks; False otherwise.
 
         The fast path of `send`, callable without a coroutine of its own.
         """
-        if self._supervisor.closing or self._queued >= self.capacity:
+        if self._queued >= self._limit:
             return False
         self._put(message, key)
         return True
 
+    async def send(self, message: object, key: object = None) -> None:
+        """Queue `message`, waiting in line for room while the queue is full."""
+        supervisor = self._supervisor
+        supervisor.check_open(self.kind, message)
+        if supervisor.inside() or (not self._senders and self._queued + self._reserved < self.capacity):
+            self._put(message, key)
+            return
+        supervisor.bind(f"send {self.kind} {key_name(message_key(message))}")
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._senders.append(waiter)
+        self._limit = 0
+        try:
+            room = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self._reserved -= 1  # room was handed to this sender: pass it on
+                self._make_room()
+            else:
+                self._senders.remove(waiter)
+            self._update_limit()
+            raise
+        self._reserved -= 1
+        try:
+            if not room:
+                raise DispatcherClosed(self.kind, message)
+            supervisor.check_open(self.kind, message)  # the dispatcher may have begun to stop since
+            self._put(message, key)
+        except BaseException:
+            self._make_room()  # the room this sender was given goes to the next one
+            raise
+        self._update_limit()
+
     def send_nowait(self, message: object, key: object = None) -> None:
         """Queue `message` or raise `QueueFull` at once."""
+        if self._queued < self._limit:
+            self._put(message, key)
+            return
         supervisor = self._supervisor
-        if supervisor.closing or self._queued >= self.capacity:
-            inside = supervisor.inside_worker()
-            if supervisor.closing and not inside:
-                raise DispatcherClosed(self.kind, message)
-            if not inside:
-                raise QueueFull(self.kind, self.capacity)
+        supervisor.check_open(self.kind, message)
+        if not supervisor.inside() and (self._senders or self._queued + self._reserved >= self.capacity):
+            raise QueueFull(self.kind, self.capacity)
         self._put(message, key)
 
     def _put(self, message: object, key: object) -> None:
-        if not self._tasks:
-            self._start_workers()
-        item = (message, contextvars.copy_context(), key)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not self._live_loop:
+            self._start_lanes(message)
+        backlog = None
+        if key is not None:
+            try:
+                backlog = self._backlogs.get(key)
+            except TypeError:
+                raise InvalidMessage(f"dp.{ROUTERS[self.kind]}.send()", key, key=True) from None
+        context = contextvars.copy_context()
+        supervisor = self._supervisor
+        if context.get(running_in) is not supervisor:
+            context.run(running_in.set, supervisor)
+        item = (message, context, key)
         self._queued += 1
-        self._supervisor.unfinished += 1
+        supervisor.unfinished += 1
         if self.observer is not None:
             self.observer.queued(self.kind, message)
-        if key is None:
-            self._ready.append(item)
-        else:
-            backlog = self._backlogs.get(key)
-            if backlog is None:
-                self._backlogs[key] = deque()
-                self._ready.append(item)
-            else:
+        if key is not None:
+            if backlog is not None:
                 backlog.append(item)
                 return  # runs when the message before it with this key is done
-        self._wake(self._waiting_workers)
-
-    @staticmethod
-    def _wake(waiters: deque[asyncio.Future[None]]) -> None:
-        while waiters:
-            waiter = waiters.popleft()
+            self._backlogs[key] = deque()
+        self._ready.append(item)
+        idle = self._idle_lanes
+        while idle:
+            waiter = idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 return
 
-    def _start_workers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for number in range(self._workers):
-            task = loop.create_task(self._work(), name=f"pybus-{self.kind}-worker-{number}")
-            self._tasks.append(task)
-            self._supervisor.tasks.add(task)
+    def _start_lanes(self, message: object) -> None:
+        loop = self._supervisor.bind(f"send {self.kind} {key_name(message_key(message))}")
+        if self._stopping:
+            raise DispatcherClosed(self.kind, message)
+        for number in range(len(self._lanes), self._workers):
+            lane = LaneTask(self._work(), loop=loop, name=f"pybus-{self.kind}-worker-{number}")
+            self._lanes.add(lane)
+            lane.add_done_callback(self._lane_ended)
+        self._live_loop = loop
+
+    def _lane_ended(self, lane: asyncio.Task[None]) -> None:
+        self._lanes.discard(lane)
+        if not self._lanes:
+            self._live_loop = None  # the next send starts new lanes (in the same loop only)
+
+    # -- room for waiting senders ---------------------------------------------------------
+
+    def _make_room(self) -> None:
+        """Hand free room to the senders waiting in line, first come first served."""
+        senders = self._senders
+        while senders and self._queued + self._reserved < self.capacity:
+            waiter = senders.popleft()
+            if not waiter.done():
+                self._reserved += 1
+                waiter.set_result(True)
+        self._update_limit()
+
+    def _update_limit(self) -> None:
+        if self._senders or self._supervisor.closing or self._stopping:
+            self._limit = 0
+        else:
+            self._limit = self.capacity - self._reserved
+
+    def refuse_waiting(self) -> None:
+        """Tell the senders waiting for room that the dispatcher takes nothing more from them."""
+        while self._senders:
+            waiter = self._senders.popleft()
+            if not waiter.done():
+                waiter.set_result(False)
+        self._limit = 0
 
     # -- working -----------------------------------------------------------------
 
     async def _work(self) -> None:
+        lane = current_lane()
+        assert lane is not None  # started as a LaneTask by _start_lanes
         ready = self._ready
-        supervisor = self._supervisor
         handle = self._handle
-        while not self._stopping:
+        loop = lane.get_loop()
+        while True:
             while not ready:
-                waiter = asyncio.get_running_loop().create_future()
-                self._waiting_workers.append(waiter)
-                await waiter
+                if self._stopping:
+                    return
+                waiter = loop.create_future()
+                self._idle_lanes.append(waiter)
+                await waiter  # a cancellation here ends the lane: nothing is in hand
+            if self._stopping:
+                return
             message, context, key = ready.popleft()
             self._queued -= 1
-            if self._waiting_senders:
-                self._wake(self._waiting_senders)
+            if self._senders:
+                self._make_room()
             self.in_flight += 1
+            error: BaseException | None = None
             try:
                 rest = start_in(context, handle(message))
                 if rest is not None:  # None: done without ever waiting, the common case
                     await rest
-            except (Exception, asyncio.CancelledError) as exc:
-                if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    raise  # the worker itself is being stopped
-                # A handler that failed, or was cancelled: a failure, not the end of the worker.
-                self.failed += 1
-                supervisor.report(exc, message, self.kind, self._describe(message))
-            else:
+            except asyncio.CancelledError as exc:
+                if self._stopping or lane.cancelled_from_outside():
+                    self._ended_by_cancellation(message, context, key)
+                    raise
+                error = exc  # the handling cancelled itself, or raised CancelledError
+            except Exception as exc:
+                error = exc
+            if error is None:
                 self.handled += 1
-            finally:
-                self.in_flight -= 1
-                if key is not None:
-                    self._release(key)
-                if self.observer is not None:
-                    context.run(self.observer.dequeued, self.kind, message)
-                supervisor.finished()
+                self._done(message, context, key)
+            else:
+                self.failed += 1
+                try:
+                    error.add_note(
+                        f"while handling {self.kind} {key_name(message_key(message))} in the background "
+                        f"({self._handlers_of(message)})"
+                    )
+                    await self._supervisor.report(error, message, context)
+                finally:
+                    self._done(message, context, key)
+            if lane.dirty and not await lane.settle():
+                return  # cancelled from outside between two handlings
+
+    def _handlers_of(self, message: object) -> str:
+        try:
+            return self._describe(message)
+        except Exception:  # the handler map changed meanwhile (dp.override_handler ended)
+            return "handler unknown"
+
+    def _ended_by_cancellation(self, message: object, context: contextvars.Context, key: object) -> None:
+        self.unhandled += 1
+        if not self._stopping:
+            logger.warning(
+                "pybus: a %s worker was cancelled from outside while handling %r; the message is "
+                "counted as not handled (stop the dispatcher with dp.stop() before its event loop ends)",
+                self.kind,
+                message,
+            )
+        self._done(message, context, key)
+
+    def _done(self, message: object, context: contextvars.Context, key: object) -> None:
+        self.in_flight -= 1
+        if key is not None:
+            self._release(key)
+        if self.observer is not None:
+            context.run(self.observer.dequeued, self.kind, message)
+        self._supervisor.finished()
 
     def _release(self, key: object) -> None:
-        backlog = self._backlogs[key]
+        backlog = self._backlogs.get(key)
+        if backlog is None:
+            return  # the pool was stopped and its backlogs dropped
         if backlog:
             self._ready.append(backlog.popleft())
-            self._wake(self._waiting_workers)
+            idle = self._idle_lanes
+            while idle:
+                waiter = idle.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
         else:
             del self._backlogs[key]
 
     async def cancel(self) -> None:
-        """Cancel the workers, wait for them, and forget what was still queued.
+        """Stop: drop what is queued, cancel the handlings in flight, wait for the lanes to end.
 
-        A handler that swallows its cancellation still ends its worker: the
-        worker checks `_stopping` before taking another message.
+        What is dropped or cancelled is counted in `unhandled`. A handler that
+        swallows its cancellation still ends its lane: the lane takes no other message.
         """
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            # wait(), not `await task`: a cancellation of the caller itself still propagates.
-            await asyncio.wait(self._tasks)
-        self._supervisor.tasks.difference_update(self._tasks)
-        self._tasks.clear()
+        self.refuse_waiting()
+        dropped = list(self._ready)
+        for backlog in self._backlogs.values():
+            dropped.extend(backlog)
         self._ready.clear()
         self._backlogs.clear()
         self._queued = 0
-        for waiter in self._waiting_senders:
-            if not waiter.done():
-                waiter.set_result(None)  # let blocked senders see the dispatcher is closed
-
-
-def start_in(context: contextvars.Context, coroutine: Coroutine[Any, Any, Any]) -> InContext | None:
-    """Run the first step of `coroutine` inside `context`.
-
-    Returns None when that step finished it (no task, no second frame needed),
-    else an awaitable that runs the rest of it inside the same context.
-    """
-    try:
-        step = context.run(coroutine.send, None)
-    except StopIteration:
-        return None
-    return InContext(coroutine, context, step)
-
-
-class InContext:
-    """Drives a coroutine to the end, running each of its steps in `context`.
-
-    The worker task awaits this object; whatever the coroutine waits on is
-    passed up to the task and its result (or cancellation) passed back down,
-    exactly as `await coroutine` would, but inside the message's context.
-    """
-
-    __slots__ = ("context", "coroutine", "step")
-
-    def __init__(
-        self, coroutine: Coroutine[Any, Any, Any], context: contextvars.Context, step: object
-    ) -> None:
-        self.coroutine = coroutine
-        self.context = context
-        self.step = step
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        coroutine, run, step = self.coroutine, self.context.run, self.step
-        while True:
-            try:
-                value = yield step
-            except GeneratorExit:  # pragma: no cover - only when a pending worker is garbage-collected
-                coroutine.close()
-                raise
-            except BaseException as exc:
-                try:
-                    step = run(coroutine.throw, exc)
-                except StopIteration:
-                    return
-                continue
-            try:
-                step = run(coroutine.send, value)
-            except StopIteration:
-                return
+        self.unhandled += len(dropped)
+        if self.observer is not None:
+            for message, context, _ in dropped:
+                context.run(self.observer.dequeued, self.kind, message)
+        self._supervisor.finished(len(dropped))
+        lanes = list(self._lanes)
+        for lane in lanes:
+            lane.cancel()
+        if lanes:
+            # wait(), not `await lane`: a cancellation of the caller itself still propagates.
+            await asyncio.wait(lanes)

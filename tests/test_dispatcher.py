@@ -147,7 +147,7 @@ async def test_string_messages_are_matched_by_value() -> None:
 
 async def test_start_is_idempotent_and_reported() -> None:
     dp = build()
-    assert repr(dp) == "<Dispatcher not started>"
+    assert repr(dp) == "<Dispatcher new>"
     dp.start()
     dp.start()
     assert dp.started

@@ -131,7 +131,7 @@ def test_background_example_sends_orders_by_key_reports_errors_and_refuses_when_
         "[on_error] ChargeCard(amount=-5) failed: a charge is positive",
         "[command] reindexed user 7",
         "[query]   pages seen: {7: ['home', 'a-long-article', 'cart', 'checkout']}",
-        "[stats]   EngineStatistics(queued=0, in_flight=0, handled=1, failed=1, active_keys=0)",
+        "[stats]   EngineStatistics(queued=0, in_flight=0, handled=1, failed=1, active_keys=0, unhandled=0)",
         "[full]    The command queue is full (it holds 1 message at most); await dp.commands.send() "
         "to wait for room, or raise Dispatcher(queue_size=...)",
     ]

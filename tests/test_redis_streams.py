@@ -130,7 +130,7 @@ async def test_g4_a_poison_message_is_dead_lettered_after_max_deliveries(redis_u
     assert deliveries == 4
     reasons = sorted(letter.reason for _, letter in letters)
     assert reasons[0].startswith("Cannot decode a message named")
-    assert reasons[1].startswith("failed 4 times; last: ")
+    assert reasons[1].startswith("failed 4 times; last error: ExceptionGroup: ")
     assert "Boom: poison" in reasons[1]
     poison = next(letter for _, letter in letters if letter.envelope.attempt == 4)
     assert poison.envelope.body == b'{"n":500}'

@@ -215,7 +215,9 @@ async def test_stop_with_a_timeout_reports_what_was_not_handled(caplog: pytest.L
     assert caplog.records[-1].getMessage() == (
         "pybus: stopped with 10 message(s) not handled after a drain timeout of 0.05 s"
     )
-    assert await dp.stop() == 0
+    assert await dp.stop() == 10  # every call returns the count of the one shutdown
+    stats = dp.statistics().commands
+    assert (stats.queued, stats.in_flight, stats.handled, stats.failed, stats.unhandled) == (0, 0, 0, 0, 10)
     await asyncio.wait_for(dp.join(), 1)  # nothing left to wait for
 
 
@@ -562,8 +564,11 @@ async def test_a_handler_that_swallows_cancellation_does_not_keep_its_worker_ali
     await dp.commands.send(Job(0))
     await dp.commands.send(Job(1))
     await asyncio.sleep(0)
-    assert await asyncio.wait_for(dp.stop(timeout=0.01), 2) == 2
+    # Job(0) swallowed its cancellation and returned: handled. Job(1) never started.
+    assert await asyncio.wait_for(dp.stop(timeout=0.01), 2) == 1
     assert swallowed == [0]
+    stats = dp.statistics().commands
+    assert (stats.handled, stats.unhandled) == (1, 1)
 
 
 async def test_background_event_failures_name_the_handlers() -> None:

@@ -1,10 +1,10 @@
-"""Routes to a transport: which messages leave this process, and how they come back.
+"""Transport routes: which messages leave this process, and how they come back.
 
-`Dispatcher.route(Key)` adds a route; at `start()` the routers of each kind get
-a `forward` function for their routed keys, so that publishing or sending a
-routed message (follow-up events included) writes an `Envelope` to the
-transport instead of handling it here. `consumer()` builds the `Consumer` that
-reads the routed messages this process has handlers for.
+`Dispatcher.route(Key)` adds a route. At `start()` each router gets a
+`Forwarder` for its routed keys, so that publishing or sending a routed message
+(follow-up events included) writes an `Envelope` to the transport instead of
+handling it here. `consumer()` builds the `Consumer` that reads the routed
+messages this process has handlers for.
 """
 
 from __future__ import annotations
@@ -12,27 +12,36 @@ from __future__ import annotations
 import functools
 import itertools
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pybus.codec import JsonCodec, default_name
-from pybus.consumer import Consumer, Report, current_envelope
-from pybus.errors import DispatcherClosed, ImproperlyConfigured, Kind
+from pybus.consumer import Consumer, current_envelope
+from pybus.errors import ImproperlyConfigured, Kind
 from pybus.transport import Envelope, Transport
+from pybus.workers import Supervisor
 
 if TYPE_CHECKING:
     from pybus.engines import EventEngine, RequestEngine
-    from pybus.routers import EventRouter, RequestRouter
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarder:
+    """The routed keys of one kind, and the function that writes such a message to the transport."""
+
+    keys: frozenset[object]
+    forward: Callable[[object], Awaitable[None]]
 
 
 class Routing:
-    """The routes of one dispatcher and the transport they lead to."""
+    """The transport routes of one dispatcher and the transport they lead to."""
 
-    def __init__(self, transport: Transport | None) -> None:
+    def __init__(self, transport: Transport | None, supervisor: Supervisor) -> None:
         self.transport = transport
         self.routes: dict[object, tuple[str, Kind | None]] = {}
         self.codec: JsonCodec | None = None
-        self.closed = False
+        self._supervisor = supervisor
         # Message ids: random per process, then a counter (a uuid4 per message costs
         # more than the rest of a send).
         self._id_prefix = f"{uuid.uuid4().hex}-"
@@ -43,32 +52,40 @@ class Routing:
             raise ImproperlyConfigured(f"Cannot route {key!r}: a route is a message class or a string")
         self.routes[key] = (name or default_name(key), kind)
 
-    def attach(
-        self, routers: Mapping[Kind, EventRouter | RequestRouter], kinds: Mapping[object, Kind]
-    ) -> None:
-        """Give each router the forward function of its routed keys (at `start()`)."""
+    def forwarders(self, kinds: Mapping[object, Kind]) -> dict[Kind, Forwarder]:
+        """The forwarder of each kind that has routed keys (built once, at `start()`).
+
+        `kinds` maps the registered keys to their kind; a route without a handler
+        here takes the kind given to `route()`, else "event".
+        """
         if not self.routes:
-            return
+            return {}
         if self.transport is None:
             raise ImproperlyConfigured(
                 "Messages are routed with dp.route(), but the dispatcher has no transport: "
                 "pass Dispatcher(transport=...)"
             )
         self.codec = JsonCodec({key: name for key, (name, _) in self.routes.items()})
-        for kind, router in routers.items():
-            routed = frozenset(
+        found: dict[Kind, Forwarder] = {}
+        for kind in ("event", "command", "query"):
+            keys = frozenset(
                 key for key, (_, given) in self.routes.items() if (given or kinds.get(key, "event")) == kind
             )
-            if routed:
-                router.forward = functools.partial(self.forward, kind)
-                router.routed = routed
+            if keys:
+                found[kind] = Forwarder(keys, functools.partial(self.forward, kind))
+        return found
 
     async def forward(self, kind: Kind, message: object) -> None:
-        """Write `message` to the transport, as a consequence of the envelope being handled, if any."""
-        if self.closed:
-            raise DispatcherClosed(kind, message)
+        """Write `message` to the transport, as a consequence of the envelope being handled, if any.
+
+        Refused with `DispatcherClosed` once the dispatcher stops taking messages
+        (from outside a background handling while it drains, from anywhere after).
+        """
+        supervisor = self._supervisor
+        if supervisor.closing:
+            supervisor.check_open(kind, message)
         transport, codec = self.transport, self.codec
-        if transport is None or codec is None:  # pragma: no cover - attach() sets both with the routes
+        if transport is None or codec is None:  # pragma: no cover - forwarders() sets both with the routes
             raise ImproperlyConfigured("No transport is attached")
         parent = current_envelope.get()
         message_id = f"{self._id_prefix}{next(self._ids):x}"
@@ -86,7 +103,6 @@ class Routing:
     def consumer(
         self,
         engines: tuple[EventEngine, RequestEngine, RequestEngine],
-        report: Report,
         *,
         concurrency: int,
         prefetch: int | None,
@@ -104,13 +120,12 @@ class Routing:
             for key, (name, _) in self.routes.items()
             if commands.has_handler(key) or queries.has_handler(key) or events.local_plans(key)
         ]
-
         return Consumer(
             self.transport,
             self.codec,
             {"event": events.deliver, "command": commands.handle, "query": queries.handle},
             names,
-            report=report,
+            supervisor=self._supervisor,
             concurrency=concurrency,
             prefetch=prefetch,
             max_deliveries=max_deliveries,

@@ -1,0 +1,146 @@
+"""Lanes: the long-lived tasks where background handlings run, one after another.
+
+A worker pool (`pybus.workers`) and a transport consumer (`pybus.consumer`) each
+run a fixed set of lane tasks. A handling runs from its first step to its last
+inside the one lane that took it, in a `contextvars` context of its own:
+
+- `start_in(context, coroutine)` runs the handling's first step in `context`;
+  most handlings finish there, without a second step or a task of their own;
+- `InContext`, awaited by the same lane, runs the remaining steps in `context`,
+  passing whatever the coroutine waits on up to the lane and the outcome back
+  down, exactly as `await coroutine` does.
+
+This is the one place where pybus steps coroutines by hand. The standard way, a
+task per message (`asyncio.create_task(coro, context=ctx)`), costs about four
+times a whole background send on CPython 3.11 (see docs/benchmarks.md). Since a
+handling never leaves its lane, `asyncio.current_task()`, `asyncio.timeout()`
+and `cancel()` inside a handler act on the task that runs it, as they would in
+a task of its own.
+
+`LaneTask` tells two kinds of cancellation apart. `cancel()` called by the
+running handling on its own task (`asyncio.current_task().cancel()`) belongs to
+that handling: it fails with `CancelledError`, and the lane lives on. A
+cancellation from anywhere else (the owner stopping, `asyncio.run` ending the
+loop, another task) ends the lane.
+
+`running_in` says which dispatcher's background handling the calling code is
+part of. Lanes set it for every handling, and the tasks a handling starts
+inherit it. A send from inside a handling is never made to wait for room (its
+own pool could be what it waits for), and `stop()`/`join()` refuse to wait for
+themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+#: The owner (a dispatcher's supervisor) of the background handling running in this context.
+running_in: contextvars.ContextVar[object | None] = contextvars.ContextVar("pybus_running_in", default=None)
+
+
+def start_in(context: contextvars.Context, coroutine: Coroutine[Any, Any, Any]) -> InContext | None:
+    """Run the first step of `coroutine` inside `context`, in the calling task.
+
+    Returns None when that step finished it, else an `InContext` that the same
+    task must await to run the rest. An exception of the first step propagates.
+    """
+    try:
+        step = context.run(coroutine.send, None)
+    except StopIteration:
+        return None
+    return InContext(coroutine, context, step)
+
+
+class InContext:
+    """The rest of a coroutine started by `start_in`, each step run in its context.
+
+    Only the task that called `start_in` may await it: every step then runs in
+    that task, so the coroutine sees one task from its first step to its last.
+    """
+
+    __slots__ = ("context", "coroutine", "step")
+
+    def __init__(
+        self, coroutine: Coroutine[Any, Any, Any], context: contextvars.Context, step: object
+    ) -> None:
+        self.coroutine = coroutine
+        self.context = context
+        self.step = step
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coroutine, run, step = self.coroutine, self.context.run, self.step
+        while True:
+            try:
+                value = yield step
+            except GeneratorExit:  # pragma: no cover - a pending lane garbage-collected with its loop
+                coroutine.close()
+                raise
+            except BaseException as exc:
+                try:
+                    step = run(coroutine.throw, exc)
+                except StopIteration:
+                    return
+                continue
+            try:
+                step = run(coroutine.send, value)
+            except StopIteration:
+                return
+
+
+class LaneTask(asyncio.Task[None]):
+    """A lane: a task that knows whether a cancellation came from the handling it runs.
+
+    `own_cancels` counts `cancel()` calls made by the task on itself (from code
+    running in it) since the last `settle()`; `dirty` is set by every `cancel()`.
+    """
+
+    def __init__(
+        self, coroutine: Coroutine[Any, Any, None], *, loop: asyncio.AbstractEventLoop, name: str
+    ) -> None:
+        self.own_cancels = 0
+        self.dirty = False
+        super().__init__(coroutine, loop=loop, name=name)
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        self.dirty = True
+        if asyncio.current_task(self.get_loop()) is self:
+            self.own_cancels += 1
+        return super().cancel(msg)
+
+    def cancelled_from_outside(self) -> bool:
+        """True when a cancellation not asked for by the running handling is pending."""
+        return self.cancelling() > self.own_cancels
+
+    async def settle(self) -> bool:
+        """Between two handlings: deliver and forget the cancellations that the last
+        handling asked for on its own task, so that none reaches the next handling.
+
+        Returns False when a cancellation from outside is pending: the lane must end.
+        """
+        while True:
+            self.dirty = False
+            pending, own = self.cancelling(), self.own_cancels
+            self.own_cancels = 0
+            if pending > own:
+                return False
+            if not pending:
+                return True
+            try:
+                # A cancellation requested while the task ran is delivered at its next
+                # await; let it arrive here, where nothing is running.
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                pass
+            for _ in range(pending):
+                self.uncancel()
+            if not self.dirty:
+                return True
+
+
+def current_lane() -> LaneTask | None:
+    """The lane running the calling code, or None outside of one."""
+    task = asyncio.current_task()
+    return task if isinstance(task, LaneTask) else None

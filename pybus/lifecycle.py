@@ -1,0 +1,180 @@
+"""A dispatcher's lifecycle: its four states and its one shutdown.
+
+::
+
+    new ──start()──▶ started ──stop()──▶ stopping ──(drain, cancel, tear down)──▶ stopped
+     └──────────────────────────stop()───────────────────────────────────────────────▲
+
+Every transition happens here. `stop()` runs the shutdown in a task of its own
+and waits for it, shielded: calls made while it runs wait for the same shutdown
+(a shorter timeout brings its deadline closer), and a call that is cancelled
+(`asyncio.wait_for(dp.stop(), 10)` timing out) leaves it running, so a later
+`stop()` still returns its result. The shutdown:
+
+1. refuses sends from outside a background handling (`DispatcherClosed`);
+2. stops every consumer: no more reads; handlings in flight may finish;
+3. drains the background queues (what handlings send meanwhile is accepted);
+4. past the deadline, refuses every send, cancels the consumers' and workers'
+   handlings still running and drops what is still queued, counting them;
+5. closes the engines (every call raises `DispatcherClosed`, also through a
+   reference such as `run = dp.execute`), the transport, then tears down the
+   Singletons, last created first, each exactly once.
+
+Steps 4 and 5 run even when the shutdown task itself is cancelled (the loop
+ending), so nothing is left running or open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from pybus.consumer import Consumer
+from pybus.errors import DispatcherClosed, drain_seconds
+from pybus.workers import Supervisor
+
+if TYPE_CHECKING:
+    from pybus.engines import EventEngine, RequestEngine
+    from pybus.providers import Resolver
+    from pybus.transport import Transport
+
+logger = logging.getLogger("pybus")
+
+
+class State(enum.Enum):
+    """Where a dispatcher is in its life (`dp.state`)."""
+
+    NEW = "new"
+    STARTED = "started"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Lifecycle:
+    """The state of one dispatcher and the shutdown that ends it."""
+
+    def __init__(self, supervisor: Supervisor, resolver: Resolver, transport: Transport | None) -> None:
+        self.state = State.NEW
+        self.consumers: list[Consumer] = []
+        self._supervisor = supervisor
+        self._resolver = resolver
+        self._transport = transport
+        self._engines: Sequence[EventEngine | RequestEngine] = ()
+        self._task: asyncio.Task[int] | None = None
+        self._timeout: float | None = None
+        self._deadline: float | None = None
+        self._drain: asyncio.Timeout | None = None
+        self._watchers: list[asyncio.Future[None]] = []
+
+    def check_startable(self) -> bool:
+        """True when `start()` has work to do; raises `DispatcherClosed` once stopping or stopped."""
+        if self.state is State.NEW:
+            return True
+        if self.state is State.STARTED:
+            return False
+        raise DispatcherClosed(
+            None,
+            text="Cannot start this dispatcher: it was stopped, and a stopped dispatcher stays closed; "
+            "build a new Dispatcher",
+        )
+
+    def started(self, engines: Sequence[EventEngine | RequestEngine]) -> None:
+        """new -> started."""
+        self._engines = engines
+        self.state = State.STARTED
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """A future resolved when the shutdown begins (for `serve()`); `unwatch` it after."""
+        watcher = loop.create_future()
+        if self.state is not State.STARTED:
+            watcher.set_result(None)
+        self._watchers.append(watcher)
+        return watcher
+
+    def unwatch(self, watcher: asyncio.Future[None]) -> None:
+        self._watchers.remove(watcher)
+
+    async def stop(self, timeout: float | None) -> int:
+        """Begin the shutdown, or join the one under way; return its count of unhandled messages."""
+        seconds = drain_seconds("timeout", timeout)
+        if self.state is State.NEW:
+            self.state = State.STOPPED  # stopped before it started: closed for good
+            await self._close_transport()
+            return 0
+        if self.state is State.STOPPED and self._task is None:
+            return 0
+        loop = self._supervisor.bind("stop the dispatcher")
+        deadline = None if seconds is None else loop.time() + seconds
+        if self._task is None:
+            self.state = State.STOPPING
+            self._timeout = seconds
+            self._deadline = deadline
+            self._supervisor.close_to_outside()
+            for watcher in self._watchers:
+                if not watcher.done():
+                    watcher.set_result(None)
+            self._task = loop.create_task(self._shut_down(), name="pybus-shutdown")
+        elif deadline is not None and (self._deadline is None or deadline < self._deadline):
+            self._deadline = deadline
+            if self._drain is not None:
+                self._drain.reschedule(deadline)
+            for consumer in self.consumers:
+                consumer.begin_stop(deadline)
+        return await asyncio.shield(self._task)
+
+    async def _shut_down(self) -> int:
+        try:
+            for consumer in self.consumers:
+                consumer.begin_stop(self._deadline)
+            for consumer in self.consumers:
+                await consumer.stopped()
+            try:
+                async with asyncio.timeout_at(self._deadline) as drain:
+                    self._drain = drain
+                    await self._supervisor.join()
+            except TimeoutError:
+                pass
+            finally:
+                self._drain = None
+        finally:  # also when the loop is ending and cancels this task
+            unhandled = await self._finish()
+        if unhandled:
+            logger.warning(
+                "pybus: stopped with %d message(s) not handled after a drain timeout of %s s",
+                unhandled,
+                self._timeout,
+            )
+        return unhandled
+
+    async def _finish(self) -> int:
+        supervisor = self._supervisor
+        supervisor.closed = True  # from here on every send is refused
+        try:
+            now = asyncio.get_running_loop().time()
+            for consumer in self.consumers:
+                consumer.begin_stop(now)
+            for consumer in self.consumers:
+                await consumer.stopped()
+            for engine in self._engines:
+                await engine.workers.cancel()
+            for engine in self._engines:
+                engine.close()
+            await self._close_transport()
+        finally:
+            self.state = State.STOPPED
+            await self._resolver.aclose()
+        return sum(engine.workers.unhandled for engine in self._engines) + sum(
+            consumer.released for consumer in self.consumers
+        )
+
+    async def _close_transport(self) -> None:
+        transport, self._transport = self._transport, None
+        if transport is None:
+            return
+        try:
+            await transport.aclose()
+        except Exception:
+            logger.exception("pybus: closing the transport failed while the dispatcher stopped")
