@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from pybus import Dispatcher, Event
+from pybus import Dispatcher, Event, TransportError
 from pybus.codec import default_name
-from pybus.redis_streams import RedisTransport, TransportError
+from pybus.redis_streams import RedisTransport
 from pybus.transport import Envelope
 from tests.consuming import consuming, until
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from pybus import Dispatcher, Event, ImproperlyConfigured
-from pybus.testing import TrackedSession, TrackingTimeout, track
+from pybus import Dispatcher, Event, ImproperlyConfigured, TrackingTimeout
+from pybus.testing import TrackedSession, track
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,16 @@ import msgspec
 import pydantic
 import pytest
 
-from pybus import Command, Dispatcher, DispatcherClosed, DispatcherFrozen, Event, ImproperlyConfigured
-from pybus.codec import DecodeError, JsonCodec, default_name
+from pybus import (
+    Command,
+    DecodeError,
+    Dispatcher,
+    DispatcherClosed,
+    DispatcherFrozen,
+    Event,
+    ImproperlyConfigured,
+)
+from pybus.codec import JsonCodec, default_name
 from pybus.consumer import Consumer, current_envelope
 from pybus.transport import Envelope, InMemoryBroker, InMemoryTransport, Transport
 from tests.consuming import consuming, until
