@@ -34,7 +34,7 @@ from pybus.errors import (
     whole_number,
 )
 from pybus.handlers import positive_seconds
-from pybus.lanes import LaneTask, current_lane, running_in, start_in
+from pybus.lanes import LaneTask, current_lane, start_in
 from pybus.transport import Envelope, Transport
 from pybus.workers import Supervisor
 
@@ -218,7 +218,7 @@ class Consumer:
             envelope = ready.popleft()
             self._busy += 1
             try:
-                rest = start_in(self._context.copy(), self._process(envelope))
+                rest = start_in(self._context.copy(), self._process(envelope), self._supervisor)
                 if rest is not None:
                     await rest
             finally:
@@ -233,7 +233,6 @@ class Consumer:
 
     async def _process(self, envelope: Envelope) -> None:
         # Runs in a context of its own (a copy per envelope): nothing set here needs a reset.
-        running_in.set(self._supervisor)
         current_envelope.set(envelope)
         try:
             try:

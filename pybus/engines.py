@@ -171,7 +171,7 @@ class EventEngine:
     def check(self, event: object, call: str = "dp.events.send()") -> None:
         """Raise `HandlerNotFound` now for an event whose key is a command or query,
         `InvalidMessage` for a class or None."""
-        if not self.handlers_for(event):
+        if not self._plans.get(event.__class__) and not self.handlers_for(event):
             _check_message(call, event)
             self._check_foreign(event)
 

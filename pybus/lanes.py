@@ -41,17 +41,28 @@ from typing import Any
 running_in: contextvars.ContextVar[object | None] = contextvars.ContextVar("pybus_running_in", default=None)
 
 
-def start_in(context: contextvars.Context, coroutine: Coroutine[Any, Any, Any]) -> InContext | None:
-    """Run the first step of `coroutine` inside `context`, in the calling task.
+def start_in(
+    context: contextvars.Context, coroutine: Coroutine[Any, Any, Any], owner: object = None
+) -> InContext | None:
+    """Run the first step of `coroutine` inside `context`, in the calling task; with
+    `owner`, set `running_in` to it in `context` first.
 
     Returns None when that step finished it, else an `InContext` that the same
     task must await to run the rest. An exception of the first step propagates.
     """
     try:
-        step = context.run(coroutine.send, None)
+        if owner is None:
+            step = context.run(coroutine.send, None)
+        else:
+            step = context.run(_first_step, coroutine, owner)
     except StopIteration:
         return None
     return InContext(coroutine, context, step)
+
+
+def _first_step(coroutine: Coroutine[Any, Any, Any], owner: object) -> Any:
+    running_in.set(owner)  # one context.run for both: this is on every background handling's path
+    return coroutine.send(None)
 
 
 class InContext:

@@ -82,6 +82,8 @@ class _Router:
         # Given by freeze(): the dispatcher's settings, and the routed keys of this kind.
         self._settings = Settings()
         self._forwarder: Forwarder | None = None
+        self._send_call = f"dp.{ROUTERS[kind]}.send()"  # named in errors
+        self._send_nowait_call = f"dp.{ROUTERS[kind]}.send_nowait()"
 
     @overload
     def register(
@@ -341,8 +343,10 @@ class _Router:
         if forwarder is not None and message_key(message) in forwarder.keys:
             await forwarder.forward(message)  # a routed message goes to the transport
             return
-        engine = self._started_engine(message)
-        engine.check(message, self._call("send"))
+        engine = self.engine
+        if engine is None:
+            engine = self._started_engine(message)  # raises
+        engine.check(message, self._send_call)
         workers = engine.workers
         if not workers.put_if_room(message, key):
             await workers.send(message, key)
@@ -355,7 +359,7 @@ class _Router:
                 "cannot wait for: use await send()"
             )
         engine = self._started_engine(message)
-        engine.check(message, self._call("send_nowait"))
+        engine.check(message, self._send_nowait_call)
         engine.workers.send_nowait(message, key)
 
     def routes_message(self, message: object) -> bool:
@@ -363,11 +367,11 @@ class _Router:
         forwarder = self._forwarder
         return forwarder is not None and message_key(message) in forwarder.keys
 
-    def _call(self, method: str) -> str:
-        return f"dp.{ROUTERS[self.kind]}.{method}()"
+    #: Built by `freeze()`.
+    engine: EventEngine | RequestEngine | None = None
 
     def _started_engine(self, message: object) -> EventEngine | RequestEngine:
-        engine: EventEngine | RequestEngine | None = getattr(self, "engine", None)
+        engine = self.engine
         if engine is None:
             if self._closed:
                 raise DispatcherClosed(self.kind, message)

@@ -24,6 +24,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from threading import get_ident
 from typing import Any
 
 from pybus.errors import (
@@ -156,7 +157,11 @@ class Supervisor:
 
     def finished(self, count: int = 1) -> None:
         self.unfinished -= count
-        if self.unfinished == 0 and self._idle is not None:
+        if not self.unfinished:
+            self.now_idle()
+
+    def now_idle(self) -> None:
+        if self._idle is not None:
             self._idle.set()
 
     async def join(self) -> None:
@@ -187,6 +192,13 @@ class Supervisor:
 
 async def _awaited(awaitable: Any) -> None:
     await awaitable
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class WorkerPool:
@@ -226,9 +238,9 @@ class WorkerPool:
         self._limit = capacity
         self._idle_lanes: deque[asyncio.Future[None]] = deque()
         self._senders: deque[asyncio.Future[bool]] = deque()
-        self._lanes: set[LaneTask] = set()
-        # The loop whose lanes are running; None until the first send, or once they ended.
-        self._live_loop: asyncio.AbstractEventLoop | None = None
+        self._lanes: set[LaneTask] = set()  # alive; the next send starts them again when empty
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the lanes run
+        self._thread = -1  # the thread of that loop
         self._stopping = False
         self.observer: Observer | None = None
         self.in_flight = 0
@@ -257,12 +269,16 @@ class WorkerPool:
     async def send(self, message: object, key: object = None) -> None:
         """Queue `message`, waiting in line for room while the queue is full."""
         supervisor = self._supervisor
-        supervisor.check_open(self.kind, message)
-        if supervisor.inside() or (not self._senders and self._queued + self._reserved < self.capacity):
+        if supervisor.closing:
+            supervisor.check_open(self.kind, message)
+        if (not self._senders and self._queued + self._reserved < self.capacity) or supervisor.inside():
             self._put(message, key)
             return
-        supervisor.bind(f"send {self.kind} {key_name(message_key(message))}")
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if get_ident() != self._thread or not self._lanes:
+            self._start_lanes(message)  # checks the loop (a full queue whose lanes ended: restarts them)
+        loop = self._loop
+        assert loop is not None  # lanes run in it
+        waiter: asyncio.Future[bool] = loop.create_future()
         self._senders.append(waiter)
         self._limit = 0
         try:
@@ -298,23 +314,21 @@ class WorkerPool:
         self._put(message, key)
 
     def _put(self, message: object, key: object) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is not self._live_loop:
+        # The dispatcher serves one loop, in one thread. asyncio.get_running_loop()
+        # costs a system call (getpid) on CPython 3.11, so a send compares the thread,
+        # and the loop only where it matters: to start lanes, or to wake an idle one.
+        if get_ident() != self._thread or not self._lanes:
             self._start_lanes(message)
+        elif self._idle_lanes and _running_loop() is not self._loop:
+            raise ForeignEventLoop(f"send {self.kind} {key_name(message_key(message))}")
         backlog = None
         if key is not None:
             try:
                 backlog = self._backlogs.get(key)
             except TypeError:
                 raise InvalidMessage(f"dp.{ROUTERS[self.kind]}.send()", key, key=True) from None
-        context = contextvars.copy_context()
         supervisor = self._supervisor
-        if context.get(running_in) is not supervisor:
-            context.run(running_in.set, supervisor)
-        item = (message, context, key)
+        item = (message, contextvars.copy_context(), key)
         self._queued += 1
         supervisor.unfinished += 1
         if self.observer is not None:
@@ -336,16 +350,14 @@ class WorkerPool:
         loop = self._supervisor.bind(f"send {self.kind} {key_name(message_key(message))}")
         if self._stopping:
             raise DispatcherClosed(self.kind, message)
+        self._loop = loop
+        self._thread = get_ident()
+        if not loop.is_running():  # pragma: no cover - bind() found it running
+            raise ForeignEventLoop(f"send {self.kind} {key_name(message_key(message))}")
         for number in range(len(self._lanes), self._workers):
             lane = LaneTask(self._work(), loop=loop, name=f"pybus-{self.kind}-worker-{number}")
             self._lanes.add(lane)
-            lane.add_done_callback(self._lane_ended)
-        self._live_loop = loop
-
-    def _lane_ended(self, lane: asyncio.Task[None]) -> None:
-        self._lanes.discard(lane)
-        if not self._lanes:
-            self._live_loop = None  # the next send starts new lanes (in the same loop only)
+            lane.add_done_callback(self._lanes.discard)
 
     # -- room for waiting senders ---------------------------------------------------------
 
@@ -380,6 +392,7 @@ class WorkerPool:
         assert lane is not None  # started as a LaneTask by _start_lanes
         ready = self._ready
         handle = self._handle
+        supervisor = self._supervisor
         loop = lane.get_loop()
         while True:
             while not ready:
@@ -397,7 +410,7 @@ class WorkerPool:
             self.in_flight += 1
             error: BaseException | None = None
             try:
-                rest = start_in(context, handle(message))
+                rest = start_in(context, handle(message), supervisor)
                 if rest is not None:  # None: done without ever waiting, the common case
                     await rest
             except asyncio.CancelledError as exc:
@@ -408,8 +421,16 @@ class WorkerPool:
             except Exception as exc:
                 error = exc
             if error is None:
+                # _done() written out: this is every background handling's path.
                 self.handled += 1
-                self._done(message, context, key)
+                self.in_flight -= 1
+                if key is not None:
+                    self._release(key)
+                if self.observer is not None:
+                    context.run(self.observer.dequeued, self.kind, message)
+                supervisor.unfinished -= 1
+                if not supervisor.unfinished:
+                    supervisor.now_idle()
             else:
                 self.failed += 1
                 try:
@@ -417,7 +438,7 @@ class WorkerPool:
                         f"while handling {self.kind} {key_name(message_key(message))} in the background "
                         f"({self._handlers_of(message)})"
                     )
-                    await self._supervisor.report(error, message, context)
+                    await supervisor.report(error, message, context)
                 finally:
                     self._done(message, context, key)
             if lane.dirty and not await lane.settle():
