@@ -8,16 +8,21 @@ from pybus.errors import (
     DispatcherClosed,
     DispatcherFrozen,
     DispatcherNotStarted,
+    ForeignEventLoop,
     HandlerAlreadyRegistered,
     HandlerNotFound,
     HandlerSignatureError,
     ImproperlyConfigured,
+    InvalidMessage,
+    ProviderError,
     PyBusError,
     QueueFull,
     TrackingTimeout,
     TransportError,
+    WouldDeadlock,
 )
 from pybus.handlers import HandlerProtocol
+from pybus.lifecycle import State
 from pybus.messages import Command, Event, Query
 from pybus.middleware import CallNext, HandlingContext, Middleware
 from pybus.providers import Factory, Singleton
@@ -41,21 +46,26 @@ __all__ = [
     "EventEngine",
     "EventRouter",
     "Factory",
+    "ForeignEventLoop",
     "HandlerAlreadyRegistered",
     "HandlerNotFound",
     "HandlerProtocol",
     "HandlerSignatureError",
     "HandlingContext",
     "ImproperlyConfigured",
+    "InvalidMessage",
     "Middleware",
+    "ProviderError",
     "PyBusError",
     "Query",
     "QueueFull",
     "RequestEngine",
     "RequestRouter",
     "Singleton",
+    "State",
     "TrackingTimeout",
     "TransportError",
+    "WouldDeadlock",
     "__version__",
     "dispatcher",
 ]

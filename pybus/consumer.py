@@ -242,6 +242,7 @@ class Consumer:
                 self.dead_lettered += 1  # counted once written, so a reader of it finds the letter
                 await self._report(exc, envelope)
                 return
+            error: BaseException | None = None
             try:
                 await self._handlers[envelope.kind](message)
             except asyncio.CancelledError as exc:
@@ -249,12 +250,20 @@ class Consumer:
                 if self._state == "stopping" or (lane is not None and lane.cancelled_from_outside()):
                     await self._give_back(envelope)  # stopped mid-handling: not a failed delivery
                     raise
-                await self._failed(envelope, message, exc)  # the handling cancelled itself
+                error = exc  # the handling cancelled itself
             except Exception as exc:
-                await self._failed(envelope, message, exc)
-            else:
+                error = exc
+            # A cancellation the handling asked for on its own task must not interrupt
+            # its ack, retry or dead letter; one from outside ends the lane.
+            lane = current_lane()
+            if lane is not None and lane.dirty and not await lane.settle():
+                await self._give_back(envelope)
+                raise asyncio.CancelledError
+            if error is None:
                 self.handled += 1
                 await self.transport.ack(envelope)
+            else:
+                await self._failed(envelope, message, error)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # an ack, retry or dead-letter the broker refused

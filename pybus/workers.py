@@ -420,6 +420,9 @@ class WorkerPool:
                 error = exc  # the handling cancelled itself, or raised CancelledError
             except Exception as exc:
                 error = exc
+            # A cancellation the handling asked for on its own task must not reach what
+            # follows (its error report, the next message); one from outside ends the lane.
+            alive = not lane.dirty or await lane.settle()
             if error is None:
                 # _done() written out: this is every background handling's path.
                 self.handled += 1
@@ -441,8 +444,8 @@ class WorkerPool:
                     await supervisor.report(error, message, context)
                 finally:
                     self._done(message, context, key)
-            if lane.dirty and not await lane.settle():
-                return  # cancelled from outside between two handlings
+            if not alive:
+                return  # cancelled from outside as the handling ended
 
     def _handlers_of(self, message: object) -> str:
         try:

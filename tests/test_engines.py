@@ -428,3 +428,211 @@ async def test_event_handlers_return_values_are_published_as_follow_ups() -> Non
     dp.start()
     await dp.publish(OrderPlaced(9))
     assert seen == [InvoiceSent(9)]
+
+
+# -- under faults --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ping:
+    n: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    n: int
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+async def test_a_handler_raising_cancelled_error_propagates_the_same_in_both_fan_out_modes(
+    concurrent: bool,
+) -> None:
+    dp, rec = Dispatcher(concurrent_events=concurrent), Recorder()
+
+    async def cancelled(event: Leaf) -> None:
+        raise asyncio.CancelledError()
+
+    dp.events.bind(Leaf, cancelled)
+    dp.events.bind(Leaf, rec.handler("other"))
+    dp.start()
+    with pytest.raises(asyncio.CancelledError):
+        await dp.publish(Leaf())
+
+
+async def test_a_cycle_of_nested_publish_calls_ends_with_one_readable_error() -> None:
+    dp = Dispatcher()
+
+    @dp.events.register(Ping)
+    async def ping(event: Ping) -> None:
+        await dp.publish(Pong(event.n + 1))
+
+    @dp.events.register(Pong)
+    async def pong(event: Pong) -> None:
+        await dp.publish(Ping(event.n + 1))
+
+    dp.start()
+    with pytest.raises(RecursionError) as info:
+        await dp.publish(Ping(0))
+    error = info.value
+    assert not isinstance(error, BaseExceptionGroup)
+    notes = getattr(error, "__notes__", [])
+    assert len(notes) == 2  # where it happened, and what to do; not one note per level
+    assert notes[0].startswith("raised by p")
+    assert "handlers probably publish or execute each other in a cycle" in notes[1]
+
+
+async def test_a_cycle_through_execute_and_publish_ends_with_one_readable_error() -> None:
+    dp = Dispatcher()
+
+    @dp.commands.register(Ping)
+    async def ping(cmd: Ping) -> None:
+        await dp.publish(Pong(cmd.n))
+
+    @dp.events.register(Pong)
+    async def pong(event: Pong) -> None:
+        await dp.execute(Ping(event.n))
+
+    dp.start()
+    with pytest.raises(RecursionError) as info:
+        await dp.execute(Ping(0))
+    assert not isinstance(info.value, BaseExceptionGroup)
+    assert len(getattr(info.value, "__notes__", [])) == 2
+
+
+async def test_collected_events_are_not_published_when_a_factory_teardown_fails() -> None:
+    from collections.abc import Iterator
+
+    from pybus import Factory
+
+    published: list[Pong] = []
+
+    def session() -> Iterator[str]:
+        yield "session"
+        raise Boom("commit failed")
+
+    class Handler:
+        def __init__(self, session: str) -> None:
+            self.events: list[Pong] = []
+
+        async def handle(self, cmd: Ping) -> None:
+            self.events.append(Pong(cmd.n))
+
+        def add_event(self, event: Pong) -> None:
+            self.events.append(event)
+
+        def dump_events(self) -> list[Pong]:
+            return self.events
+
+    dp = Dispatcher()
+    dp.commands.bind(Ping, Handler, session=Factory(session))
+    dp.events.bind(Pong, published.append)
+    dp.start()
+    with pytest.raises(Boom, match="commit failed"):
+        await dp.execute(Ping(1))
+    assert published == []
+
+
+async def test_collected_events_are_not_published_when_a_middleware_fails_after_the_handler() -> None:
+    published: list[Pong] = []
+
+    async def fails_after(message: object, call_next: Any) -> object:
+        await call_next(message)
+        raise Boom("after the handler")
+
+    class Handler:
+        def __init__(self) -> None:
+            self.events: list[Pong] = []
+
+        async def handle(self, cmd: Ping) -> None:
+            self.events.append(Pong(cmd.n))
+
+        def add_event(self, event: Pong) -> None:
+            self.events.append(event)
+
+        def dump_events(self) -> list[Pong]:
+            return self.events
+
+    dp = Dispatcher()
+    dp.commands.bind(Ping, Handler, middleware=[fails_after])
+    dp.events.bind(Pong, published.append)
+    dp.start()
+    with pytest.raises(Boom):
+        await dp.execute(Ping(1))
+    assert published == []
+
+
+async def test_collected_events_of_a_failing_event_handler_are_not_published_with_the_others() -> None:
+    from collections.abc import Iterator
+
+    from pybus import Factory
+
+    published: list[Pong] = []
+
+    def session() -> Iterator[str]:
+        yield "session"
+        raise Boom("commit failed")
+
+    class Collecting:
+        def __init__(self, session: str) -> None:
+            self.events: list[Pong] = []
+
+        async def handle(self, event: Ping) -> None:
+            self.events.append(Pong(event.n))
+
+        def add_event(self, event: Pong) -> None:
+            self.events.append(event)
+
+        def dump_events(self) -> list[Pong]:
+            return self.events
+
+    async def fine(event: Ping) -> Pong:
+        return Pong(-event.n)
+
+    dp = Dispatcher()
+    dp.events.bind(Ping, Collecting, session=Factory(session))
+    dp.events.bind(Ping, fine)
+    dp.events.bind(Pong, published.append)
+    dp.start()
+    with pytest.raises(ExceptionGroup):
+        await dp.publish(Ping(1))
+    assert published == [Pong(-1)]  # the handler that succeeded keeps its follow-up
+
+
+@pytest.mark.parametrize(
+    ("call", "given", "text"),
+    [
+        (
+            "execute",
+            Ping,
+            "dp.execute() got the class Ping, not a message; pass an instance, as in dp.execute(Ping(...))",
+        ),
+        ("execute", None, "dp.execute() got None, which is not a message; pass the message to handle"),
+        ("query", Ping, "dp.query() got the class Ping, not a message"),
+        ("publish", Ping, "dp.publish() got the class Ping, not a message"),
+        ("publish", None, "dp.publish() got None, which is not a message"),
+        ("send", Ping, "dp.send() got the class Ping, not a message"),
+        ("send", None, "dp.send() got None"),
+    ],
+    ids=[
+        "execute-class",
+        "execute-none",
+        "query-class",
+        "publish-class",
+        "publish-none",
+        "send-class",
+        "send-none",
+    ],
+)
+async def test_a_class_or_none_given_as_a_message_is_named(call: str, given: object, text: str) -> None:
+    from pybus import InvalidMessage
+
+    dp = Dispatcher()
+    dp.commands.bind(Ping, lambda cmd: None)
+    dp.start()
+    with pytest.raises(InvalidMessage) as info:
+        await getattr(dp, call)(given)
+    assert str(info.value).startswith(text)
+    with pytest.raises(InvalidMessage, match=r"dp.commands.send\(\) got the class Ping"):
+        await dp.commands.send(Ping)
+    with pytest.raises(InvalidMessage, match=r"dp.events.send\(\) got the class Pong"):
+        await dp.events.send(Pong)

@@ -506,3 +506,128 @@ async def test_async_with_starts_and_stops() -> None:
         assert dp.started
         assert await dp.query(Work()) == "pool"
     assert closed == ["pool"]
+
+
+# -- under faults --------------------------------------------------------------------------
+
+
+async def test_an_override_entered_while_the_singleton_is_being_made_holds_for_the_whole_block() -> None:
+    made: list[str] = []
+    making, finish = asyncio.Event(), asyncio.Event()
+
+    async def make_repo() -> str:
+        making.set()
+        await finish.wait()
+        made.append("real")
+        return "real"
+
+    repo = Singleton(make_repo)
+    dp = Dispatcher()
+
+    @dp.queries.register(Work, repo=repo)
+    async def which(query: Work, repo: str) -> str:
+        return repo
+
+    async with dp:
+        first = asyncio.create_task(dp.query(Work(0)))
+        await making.wait()
+        with dp.override(repo, "fake"):
+            finish.set()
+            assert await first == "real"  # the handling that began making it gets it
+            assert await dp.query(Work(1)) == "fake"  # the block holds, although it was made meanwhile
+            assert await dp.query(Work(2)) == "fake"
+        assert await dp.query(Work(3)) == "real"  # and after the block, the instance made once
+    assert made == ["real"]
+
+
+@pytest.mark.parametrize("lifetime", [Singleton, Factory])
+async def test_a_generator_provider_that_does_not_yield_is_named(lifetime: type[Provider]) -> None:
+    from pybus import ProviderError
+
+    def no_value() -> Iterator[str]:
+        if False:
+            yield "never"
+
+    dp = Dispatcher()
+    dp.queries.bind(Work, lambda query, value: value, value=lifetime(no_value))
+    async with dp:
+        with pytest.raises(ProviderError) as info:
+            await dp.query(Work())
+    assert str(info.value).startswith(f"{lifetime.__name__}(")
+    assert (
+        "no_value) returned without yielding a value; a provider generator yields its value exactly once"
+        in (str(info.value))
+    )
+
+
+async def test_a_generator_provider_that_yields_twice_is_named() -> None:
+    from pybus import ProviderError
+
+    def twice() -> Iterator[str]:
+        yield "one"
+        yield "two"
+
+    async def twice_async() -> AsyncIterator[str]:
+        yield "one"
+        yield "two"
+
+    dp = Dispatcher()
+    dp.queries.bind(Work, lambda query, value: value, value=Factory(twice))
+    dp.commands.bind(Ask, lambda cmd, value: value, value=Factory(twice_async))
+    async with dp:
+        with pytest.raises(ProviderError, match=r"Factory\(.*twice\) yielded a second time"):
+            await dp.query(Work())
+        with pytest.raises(ProviderError, match=r"Factory\(.*twice_async\) yielded a second time"):
+            await dp.execute(Ask())
+
+
+@dataclass(frozen=True)
+class Ask:
+    n: int = 0
+
+
+async def test_a_provider_that_raises_gets_a_note_naming_it() -> None:
+    def broken() -> str:
+        raise Boom("no database")
+
+    def teardown_fails() -> Iterator[str]:
+        yield "value"
+        raise Boom("rollback failed")
+
+    dp = Dispatcher()
+    dp.queries.bind(Work, lambda query, value: value, value=Singleton["db":broken])
+    dp.commands.bind(Ask, lambda cmd, value: value, value=Factory(teardown_fails))
+    async with dp:
+        with pytest.raises(Boom) as made:
+            await dp.query(Work())
+        with pytest.raises(Boom) as torn:
+            await dp.execute(Ask())
+    assert made.value.__notes__ == [
+        "raised by provider Singleton['db': " + _name(broken) + "] while making its value"
+    ]
+    assert torn.value.__notes__ == [f"raised by the teardown of provider Factory({_name(teardown_fails)})"]
+
+
+async def test_a_factory_generator_never_hides_the_handlers_error() -> None:
+    """contextlib would let a generator that catches the error swallow it; pybus does not."""
+    seen: list[str] = []
+
+    def swallowing() -> Iterator[str]:
+        try:
+            yield "session"
+        except Boom:
+            seen.append("rolled back")  # and returns without re-raising
+
+    async def fail(query: Work, session: str) -> None:
+        raise Boom("handler failed")
+
+    dp = Dispatcher()
+    dp.queries.bind(Work, fail, session=Factory(swallowing))
+    async with dp:
+        with pytest.raises(Boom, match="handler failed"):
+            await dp.query(Work())
+    assert seen == ["rolled back"]
+
+
+def _name(function: object) -> str:
+    return getattr(function, "__qualname__", "")

@@ -192,3 +192,73 @@ def test_routers_are_created_on_first_use_and_kept() -> None:
     assert dp.commands is not dp.queries
     assert (dp.commands.kind, dp.queries.kind, dp.events.kind) == ("command", "query", "event")
     assert dp.commands.dispatcher is dp
+
+
+# -- mistakes refused when they are made -------------------------------------------------------
+
+
+def test_register_used_without_the_key_is_refused() -> None:
+    dp = Dispatcher()
+    with pytest.raises(ImproperlyConfigured) as info:
+
+        @dp.commands.register  # type: ignore[call-overload]
+        async def create(cmd: CreateUser) -> None: ...
+
+    assert str(info.value) == (
+        "@dp.commands.register needs the message key: write @dp.commands.register(SomeMessage) "
+        "above create; used without it, it would register nothing"
+    )
+    assert CreateUser not in dp.commands
+
+
+def test_register_given_the_handler_is_refused_and_names_bind() -> None:
+    dp = Dispatcher()
+    with pytest.raises(ImproperlyConfigured) as info:
+        dp.events.register(UserCreated, create_user)  # type: ignore[call-overload]
+    assert str(info.value) == (
+        "dp.events.register(UserCreated, create_user) does not register create_user: register(Key) "
+        "makes a decorator; to register a handler directly, call dp.events.bind(UserCreated, create_user)"
+    )
+    assert UserCreated not in dp.events
+
+
+def test_generator_handlers_are_refused() -> None:
+    from collections.abc import AsyncIterator, Iterator
+
+    from pybus import HandlerSignatureError
+
+    async def stream(cmd: CreateUser) -> AsyncIterator[UserCreated]:
+        yield UserCreated()
+
+    def produce(cmd: CreateUser) -> Iterator[UserCreated]:
+        yield UserCreated()
+
+    class Handler:
+        def handle(self, cmd: CreateUser) -> Iterator[UserCreated]:
+            yield UserCreated()
+
+    dp = Dispatcher()
+    with pytest.raises(HandlerSignatureError, match="it is an async generator function"):
+        dp.commands.bind(CreateUser, stream)
+    with pytest.raises(
+        HandlerSignatureError, match=r"produce .*: it is a generator function \(it uses yield\)"
+    ):
+        dp.commands.bind(CreateUser, produce)
+    with pytest.raises(HandlerSignatureError, match=r"Handler.handle .*replace yield with return"):
+        dp.commands.bind(CreateUser, Handler)
+    assert CreateUser not in dp.commands
+
+
+def test_a_keyword_only_message_parameter_suggests_argname() -> None:
+    from pybus import HandlerSignatureError
+
+    async def create(*, cmd: CreateUser) -> None: ...
+
+    dp = Dispatcher()
+    with pytest.raises(HandlerSignatureError) as info:
+        dp.commands.bind(CreateUser, create)  # type: ignore[arg-type]
+    assert str(info.value).endswith(
+        "if 'cmd' is meant to receive the message, name it with argname='cmd' "
+        "(a keyword-only parameter is never given the message by position)"
+    )
+    dp.commands.bind(CreateUser, create, argname="cmd")  # the suggestion works

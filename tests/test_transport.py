@@ -521,3 +521,73 @@ async def test_serve_with_refused_consumer_sizes_stops_and_installs_no_signal_ha
     assert not loop.remove_signal_handler(signal.SIGTERM)  # none was left installed
     with pytest.raises(DispatcherClosed):
         await worker.publish(OrderPaid(1, 1.0))  # and the dispatcher was stopped
+
+
+# -- under faults --------------------------------------------------------------------------
+
+
+class Unwritable(InMemoryTransport):
+    async def send(self, envelope: Envelope) -> str:
+        from pybus import TransportError
+
+        raise TransportError(f"Could not write {envelope.name}: broker away")
+
+
+async def test_publishing_a_routed_event_that_cannot_be_written_raises_transport_error() -> None:
+    from pybus import TransportError
+
+    dp = Dispatcher(transport=Unwritable())
+    dp.route(OrderPaid)
+    async with dp:
+        with pytest.raises(TransportError, match="broker away"):
+            await dp.publish(OrderPaid(1, 2.0))
+        with pytest.raises(TransportError, match="broker away"):
+            await dp.send(OrderPaid(1, 2.0))
+
+
+async def test_a_routed_follow_up_that_cannot_be_written_fails_the_handling() -> None:
+    from pybus import TransportError
+
+    dp = Dispatcher(transport=Unwritable())
+    dp.route(OrderShipped)
+
+    @dp.commands.register(ShipOrder)
+    async def ship(cmd: ShipOrder) -> OrderShipped:
+        return OrderShipped(cmd.order_id)
+
+    async with dp:
+        with pytest.raises(ExceptionGroup) as info:
+            await dp.execute(ShipOrder(1))
+    assert isinstance(info.value.exceptions[0], TransportError)
+
+
+async def test_routed_follow_ups_written_while_the_consumer_drains_reach_the_transport() -> None:
+    """stop() lets handlings in flight finish, and what they write goes out before the
+    transport is closed."""
+    broker = InMemoryBroker()
+    release = asyncio.Event()
+    async with producer(broker) as shop:
+        await shop.send(ShipOrder(7))
+    worker = Dispatcher(transport=InMemoryTransport(broker, group="warehouse"))
+    worker.route(ShipOrder)
+    worker.route(OrderShipped)
+
+    @worker.commands.register(ShipOrder)
+    async def ship(cmd: ShipOrder) -> OrderShipped:
+        await release.wait()
+        return OrderShipped(cmd.order_id)  # a routed follow-up, written during the drain
+
+    worker.start()
+    consumer = worker.consumer(wait=0.01)
+    reading = asyncio.create_task(consumer.run())
+    await until(lambda: bool(broker.group("warehouse", default_name(ShipOrder)).pending))
+    stopping = asyncio.create_task(worker.stop(timeout=5))
+    await asyncio.sleep(0.01)
+    release.set()
+    assert await stopping == 0
+    await reading
+    assert consumer.handled == 1
+    assert [envelope.name for envelope in broker.streams[default_name(OrderShipped)]] == [
+        default_name(OrderShipped)
+    ]
+    assert broker.group("warehouse", default_name(ShipOrder)).pending == {}  # acked

@@ -41,6 +41,11 @@ class Boom(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Probe:
+    n: int
+
+
 class Errors:
     """An on_error hook that records what it is given."""
 
@@ -648,3 +653,244 @@ async def test_a_timeout_error_of_the_handler_itself_gets_no_timeout_note() -> N
             await dp.execute(Job(1), timeout=5)
     assert str(info.value) == "the remote service timed out"
     assert not getattr(info.value, "__notes__", None)
+
+
+# -- under faults: counts, hooks, fairness, sends from inside ------------------------------
+
+
+async def test_a_send_to_a_kind_already_cancelled_is_refused_never_accepted_and_forgotten() -> None:
+    """stop(timeout) cancels the pools one after the other; a handler of one kind that
+    sends to another kind while that happens must see its message handled or counted."""
+    errors = Errors()
+    sent: list[str] = []
+    dp = Dispatcher(workers=1, on_error=errors)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:  # runs while the shutdown cancels this handling
+            try:
+                await dp.events.send(Tick(cmd.n))
+                sent.append("accepted")
+            except DispatcherClosed:
+                sent.append("refused")
+
+    @dp.events.register(Tick)
+    async def tick(event: Tick) -> None:
+        pass
+
+    @dp.queries.register(Probe)
+    async def probe(query: Probe) -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            try:
+                await dp.commands.send(Job(99))
+                sent.append("accepted")
+            except DispatcherClosed:
+                sent.append("refused")
+
+    dp.start()
+    await dp.commands.send(Job(1))
+    await dp.queries.send(Probe(2))
+    await asyncio.sleep(0.01)
+    unhandled = await dp.stop(timeout=0)
+    assert sent == ["refused", "refused"]
+    stats = dp.statistics()
+    total = [
+        (s.handled + s.failed + s.unhandled, s.queued, s.in_flight)
+        for s in (stats.events, stats.commands, stats.queries)
+    ]
+    assert total == [(0, 0, 0), (1, 0, 0), (1, 0, 0)]  # sent = handled + failed + unhandled, per kind
+    assert unhandled == 2
+
+
+async def test_sends_made_by_handlers_during_the_drain_are_handled_and_counted() -> None:
+    handled: list[str] = []
+    dp = Dispatcher(workers=2)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        await asyncio.sleep(0.001)
+        if cmd.n < 50:
+            await dp.commands.send(Job(cmd.n + 50))  # accepted: sent from inside while stopping
+        await dp.events.send(Tick(cmd.n))
+        handled.append(f"job {cmd.n}")
+
+    dp.events.bind(Tick, lambda event: handled.append(f"tick {event.n}"))
+    dp.start()
+    for n in range(50):
+        await dp.commands.send(Job(n))
+    assert await dp.stop() == 0
+    assert len(handled) == 200
+    assert dp.statistics().commands.handled == 100
+    assert dp.statistics().events.handled == 100
+
+
+async def test_an_unhashable_ordering_key_is_refused_before_anything_is_counted() -> None:
+    from pybus import InvalidMessage
+
+    dp = Dispatcher()
+    dp.commands.bind(Job, lambda cmd: None)
+    dp.start()
+    with pytest.raises(InvalidMessage, match=r"dp.commands.send\(\) got key=\['a'\], which is not hashable"):
+        await dp.commands.send(Job(1), key=["a"])
+    with pytest.raises(InvalidMessage):
+        dp.commands.send_nowait(Job(1), key={"a": 1})
+    assert dp.statistics().commands == EngineStatistics(0, 0, 0, 0, 0, 0)
+    await asyncio.wait_for(dp.join(), 1)  # nothing was counted, so nothing to wait for
+    assert await dp.stop() == 0
+
+
+async def test_the_error_hook_runs_in_the_failing_messages_own_context() -> None:
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+    seen: list[tuple[int, str]] = []
+
+    def hook(error: BaseException, message: object) -> None:
+        assert isinstance(message, Job)
+        seen.append((message.n, request_id.get()))
+
+    dp = Dispatcher(workers=1, on_error=hook)
+
+    @dp.commands.register(Job)
+    async def fail(cmd: Job) -> None:
+        raise Boom(cmd.n)
+
+    async with dp:
+        for n in range(3):
+            token = request_id.set(f"request-{n}")
+            await dp.commands.send(Job(n))
+            request_id.reset(token)
+    assert seen == [(0, "request-0"), (1, "request-1"), (2, "request-2")]
+
+
+async def test_an_async_error_hook_is_awaited_and_its_own_failure_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reported: list[int] = []
+
+    async def hook(error: BaseException, message: object) -> None:
+        await asyncio.sleep(0)
+        assert isinstance(message, Job)
+        if message.n == 1:
+            raise RuntimeError("the hook itself failed")
+        reported.append(message.n)
+
+    dp = Dispatcher(on_error=hook)
+
+    @dp.commands.register(Job)
+    async def fail(cmd: Job) -> None:
+        raise Boom(cmd.n)
+
+    with caplog.at_level(logging.ERROR, logger="pybus"):
+        async with dp:
+            await dp.commands.send(Job(0))
+            await dp.commands.send(Job(1))
+    assert reported == [0]
+    assert "pybus: the on_error hook failed while reporting Boom(1)" in caplog.text
+
+
+def test_an_error_hook_that_cannot_be_called_so_is_refused() -> None:
+    with pytest.raises(ImproperlyConfigured, match="on_error must be a function"):
+        Dispatcher(on_error="log")  # type: ignore[arg-type]
+
+    def one_argument(error: BaseException) -> None:
+        pass
+
+    with pytest.raises(ImproperlyConfigured, match=r"must accept two positional arguments"):
+        Dispatcher(on_error=one_argument)  # type: ignore[arg-type]
+
+
+async def test_senders_waiting_for_room_are_served_first_in_first_out_also_when_one_gives_up() -> None:
+    order: list[int] = []
+    gate = asyncio.Event()
+    dp = Dispatcher(workers=1, queue_size=1)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        await gate.wait()
+        order.append(cmd.n)
+
+    dp.start()
+    await dp.commands.send(Job(0))  # taken by the worker
+    await asyncio.sleep(0)
+    await dp.commands.send(Job(1))  # fills the queue
+    waiting = []
+    for n in range(2, 7):
+        waiting.append(asyncio.create_task(dp.commands.send(Job(n))))
+        await asyncio.sleep(0)
+    waiting[1].cancel()  # Job(3) gives up
+    newcomer = asyncio.create_task(dp.commands.send(Job(7)))  # arrives last: must not jump the line
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(*waiting, newcomer, return_exceptions=True)
+    await dp.stop()
+    assert order == [0, 1, 2, 4, 5, 6, 7]
+
+
+async def test_a_sender_handed_room_then_cancelled_passes_the_room_on() -> None:
+    order: list[int] = []
+    dp = Dispatcher(workers=1, queue_size=1)
+    gate = asyncio.Event()
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        await gate.wait()
+        order.append(cmd.n)
+
+    dp.start()
+    await dp.commands.send(Job(0))
+    await asyncio.sleep(0)
+    await dp.commands.send(Job(1))
+    first = asyncio.create_task(dp.commands.send(Job(2)))
+    second = asyncio.create_task(dp.commands.send(Job(3)))
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.sleep(0)  # Job(0) done: the room goes to Job(2)'s sender, which is cancelled
+    first.cancel()
+    await asyncio.gather(first, second, return_exceptions=True)
+    await asyncio.wait_for(dp.stop(), 2)
+    assert order == [0, 1, 3]
+
+
+async def test_a_handler_sending_from_a_child_task_into_its_own_full_queue_completes() -> None:
+    """ "Inside a worker" is a context variable: tasks a handler starts inherit it."""
+    done: list[int] = []
+    dp = Dispatcher(workers=1, queue_size=1)
+
+    @dp.commands.register(Job)
+    async def fan_out(cmd: Job) -> None:
+        if cmd.n:
+            done.append(cmd.n)
+            return
+        async with asyncio.TaskGroup() as group:
+            for n in range(1, 4):
+                group.create_task(dp.commands.send(Job(n)))  # the queue holds 1: never waits here
+
+    async with dp:
+        await dp.commands.send(Job(0))
+        await asyncio.wait_for(dp.join(), 2)
+    assert sorted(done) == [1, 2, 3]
+
+
+async def test_concurrent_event_handlers_sending_into_their_own_full_queue_complete() -> None:
+    done: list[int] = []
+    dp = Dispatcher(workers=1, queue_size=1, concurrent_events=True)
+
+    async def first(event: Tick) -> None:
+        if event.n == 0:
+            for n in range(1, 4):
+                await dp.events.send(Tick(n))
+        else:
+            done.append(event.n)
+
+    async def second(event: Tick) -> None:
+        pass
+
+    dp.events.bind(Tick, first)
+    dp.events.bind(Tick, second)
+    async with dp:
+        await dp.events.send(Tick(0))
+        await asyncio.wait_for(dp.join(), 2)
+    assert sorted(done) == [1, 2, 3]

@@ -1,0 +1,460 @@
+"""The dispatcher's lifecycle: new, started, stopping, stopped, under interruption.
+
+Each test tries to break one promise of `stop()` and `serve()`: a stop that is
+cancelled, called twice or concurrently, called from a handler, given a bad
+timeout; a serve() that is cancelled, stopped from code, or loses its consumer;
+and what "closed" means afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from pybus import (
+    Dispatcher,
+    DispatcherClosed,
+    DispatcherFrozen,
+    ImproperlyConfigured,
+    Singleton,
+    State,
+    TransportError,
+    WouldDeadlock,
+)
+from pybus.transport import Envelope, InMemoryBroker, InMemoryTransport
+from tests.consuming import until
+
+
+@dataclass(frozen=True)
+class Job:
+    n: int
+
+
+@dataclass(frozen=True)
+class Ask:
+    n: int
+
+
+@dataclass(frozen=True)
+class Happened:
+    n: int
+
+
+class Resource:
+    """A Singleton's value whose teardown is counted."""
+
+    closed = 0
+
+    def __init__(self) -> None:
+        self.open = True
+
+
+def resource_provider(log: list[str]) -> Singleton:
+    def make() -> Iterator[Resource]:
+        log.append("made")
+        resource = Resource()
+        yield resource
+        resource.open = False
+        log.append("torn down")
+
+    return Singleton(make)
+
+
+class Errors(list[tuple[BaseException, object]]):
+    def __call__(self, error: BaseException, message: object) -> None:
+        self.append((error, message))
+
+
+def slow_app(log: list[str], release: asyncio.Event, errors: Errors | None = None) -> Dispatcher:
+    dp = Dispatcher(workers=2, on_error=errors)
+    resource = resource_provider(log)
+
+    @dp.commands.register(Job, resource=resource)
+    async def job(cmd: Job, resource: Resource) -> None:
+        assert resource.open
+        await release.wait()
+        log.append(f"job {cmd.n}")
+
+    return dp
+
+
+def state_of(dp: Dispatcher) -> State:
+    return dp.state
+
+
+# -- stop() --------------------------------------------------------------------------
+
+
+async def test_a_cancelled_stop_leaves_the_shutdown_going_and_a_later_stop_returns_its_count() -> None:
+    log: list[str] = []
+    release = asyncio.Event()
+    dp = slow_app(log, release)
+    dp.start()
+    for n in range(4):
+        await dp.commands.send(Job(n))
+    await asyncio.sleep(0.01)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(dp.stop(), 0.05)  # the caller gives up; the shutdown goes on
+    assert dp.state is State.STOPPING
+    with pytest.raises(DispatcherClosed):
+        await dp.commands.send(Job(9))  # stopping: nothing new from outside
+    release.set()
+    assert await dp.stop() == 0  # the drain finished everything queued before the first stop
+    assert state_of(dp) is State.STOPPED
+    assert sorted(line for line in log if line.startswith("job")) == [f"job {n}" for n in range(4)]
+    assert log.count("made") == 1
+    assert log.count("torn down") == 1
+    stats = dp.statistics().commands
+    assert (stats.handled, stats.failed, stats.unhandled, stats.queued, stats.in_flight) == (4, 0, 0, 0, 0)
+
+
+async def test_a_later_stop_with_a_timeout_cuts_a_drain_short() -> None:
+    log: list[str] = []
+    dp = slow_app(log, asyncio.Event())  # never released
+    dp.start()
+    for n in range(5):
+        await dp.commands.send(Job(n))
+    await asyncio.sleep(0.01)
+    first = asyncio.create_task(dp.stop())  # no timeout: would wait forever
+    await asyncio.sleep(0.01)
+    assert await asyncio.wait_for(dp.stop(timeout=0), 2) == 5  # 2 in flight cancelled, 3 never started
+    assert await first == 5  # the first call returns the same count
+    assert log.count("torn down") == 1
+    assert await dp.stop() == 5  # and so does a call after the end
+
+
+async def test_two_stops_at_once_share_one_shutdown() -> None:
+    log: list[str] = []
+    release = asyncio.Event()
+    dp = slow_app(log, release)
+    dp.start()
+    await dp.commands.send(Job(0))
+    stops = [asyncio.create_task(dp.stop()), asyncio.create_task(dp.stop())]
+    await asyncio.sleep(0.01)
+    assert not any(stop.done() for stop in stops)
+    release.set()
+    assert await asyncio.gather(*stops) == [0, 0]
+    assert log == ["made", "job 0", "torn down"]
+
+
+@pytest.mark.parametrize("timeout", ["5", -1, math.nan, True, [1]])
+async def test_a_bad_stop_timeout_is_refused_and_changes_nothing(timeout: object) -> None:
+    handled: list[int] = []
+    dp = Dispatcher()
+    dp.commands.bind(Job, lambda cmd: handled.append(cmd.n))
+    dp.start()
+    with pytest.raises(ImproperlyConfigured, match=r"timeout must be None \(no limit\) or a number"):
+        await dp.stop(timeout)  # type: ignore[arg-type]
+    assert dp.state is State.STARTED
+    await dp.execute(Job(1))
+    await dp.commands.send(Job(2))
+    assert await dp.stop() == 0
+    assert handled == [1, 2]
+
+
+async def test_stop_from_inside_a_background_handler_is_refused_not_a_hang() -> None:
+    errors = Errors()
+    dp = Dispatcher(on_error=errors)
+
+    @dp.commands.register(Job)
+    async def shut_down(cmd: Job) -> None:
+        await dp.stop()
+
+    @dp.commands.register(Ask)
+    async def wait_for_all(query: Ask) -> None:
+        await dp.join()
+
+    async with dp:
+        await dp.commands.send(Job(0))
+        await dp.commands.send(Ask(0))
+        await asyncio.wait_for(dp.join(), 2)
+    assert [type(error) for error, _ in errors] == [WouldDeadlock, WouldDeadlock]
+    assert str(errors[0][0]).startswith(
+        "dp.stop() cannot be awaited from inside a background handling of the same dispatcher: it "
+        "waits for every background handling to finish, this one included"
+    )
+    assert str(errors[1][0]).startswith("dp.join() cannot be awaited from inside a background handling")
+
+
+async def test_stop_from_inside_a_task_started_by_a_background_handler_is_refused_too() -> None:
+    errors = Errors()
+    dp = Dispatcher(on_error=errors, concurrent_events=True)
+
+    async def first(event: Happened) -> None:
+        await dp.stop()  # runs in a task of the event's task group
+
+    async def second(event: Happened) -> None:
+        pass
+
+    dp.events.bind(Happened, first)
+    dp.events.bind(Happened, second)
+    async with dp:
+        await dp.events.send(Happened(0))
+        await asyncio.wait_for(dp.join(), 2)
+    (error, _), *_ = errors
+    assert isinstance(error, ExceptionGroup)
+    assert isinstance(error.exceptions[0], WouldDeadlock)
+
+
+async def test_stop_from_an_inline_handler_stops_cleanly() -> None:
+    """execute() runs in the caller's task, which stop() does not wait for."""
+    handled: list[str] = []
+    dp = Dispatcher()
+
+    @dp.commands.register(Job)
+    async def shut_down(cmd: Job) -> int:
+        await dp.queries.send(Ask(1))
+        unhandled = await dp.stop()
+        handled.append("stopped")
+        return unhandled
+
+    dp.queries.bind(Ask, lambda query: handled.append("ask"))
+    dp.start()
+    assert await asyncio.wait_for(dp.execute(Job(0)), 2) == 0
+    assert handled == ["ask", "stopped"]
+    assert dp.state is State.STOPPED
+
+
+async def test_stop_before_start_closes_the_dispatcher_for_good() -> None:
+    transport = Closing()
+    dp = Dispatcher(transport=transport)
+    dp.commands.bind(Job, lambda cmd: None)
+    assert await dp.stop() == 0
+    assert dp.state is State.STOPPED
+    assert transport.closed == 1
+    with pytest.raises(DispatcherClosed, match="Cannot start this dispatcher: it was stopped"):
+        dp.start()
+    with pytest.raises(DispatcherClosed, match="Cannot take command Job"):
+        await dp.execute(Job(1))
+    with pytest.raises(DispatcherClosed, match="Cannot take command Job"):
+        await dp.commands.send(Job(1))
+    with pytest.raises(DispatcherClosed, match="Cannot register"):
+        dp.queries.bind(Ask, lambda query: None)
+    with pytest.raises(DispatcherClosed):
+        async with dp:
+            pass
+    assert await dp.stop() == 0
+
+
+async def test_a_stopped_dispatcher_cannot_start_again() -> None:
+    dp = Dispatcher()
+    async with dp:
+        pass
+    with pytest.raises(DispatcherClosed, match="a stopped dispatcher stays closed; build a new Dispatcher"):
+        dp.start()
+    with pytest.raises(DispatcherFrozen):
+        dp.commands.bind(Job, lambda cmd: None)
+
+
+# -- closed means closed -----------------------------------------------------------------
+
+
+async def test_after_stop_every_entry_point_refuses_also_through_saved_references() -> None:
+    dp = Dispatcher()
+    dp.commands.bind(Job, lambda cmd: "done")
+    dp.queries.bind(Ask, lambda query: 42)
+    dp.events.bind(Happened, lambda event: None)
+    dp.start()
+    run, ask, publish = dp.execute, dp.query, dp.publish
+    send, send_to_commands = dp.send, dp.commands.send
+    assert await run(Job(0)) == "done"
+    await dp.stop()
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "dp.execute": lambda: dp.execute(Job(1)),
+        "saved execute": lambda: run(Job(1)),
+        "saved execute with a timeout": lambda: run(Job(1), timeout=1),
+        "saved query": lambda: ask(Ask(1)),
+        "saved publish": lambda: publish(Happened(1)),
+        "saved send": lambda: send(Job(1)),
+        "saved commands.send": lambda: send_to_commands(Job(1)),
+    }
+    for name, call in calls.items():
+        try:
+            await call()
+        except DispatcherClosed:
+            continue
+        pytest.fail(f"{name} was accepted after stop()")
+    with pytest.raises(DispatcherClosed):
+        dp.commands.send_nowait(Job(1))
+
+
+async def test_no_singleton_is_made_after_teardown() -> None:
+    """An inline handling that outlives stop() gets DispatcherClosed, not a new instance."""
+    log: list[str] = []
+    resource = resource_provider(log)
+    ready, go = asyncio.Event(), asyncio.Event()
+    dp = Dispatcher()
+
+    @dp.commands.register(Job)
+    async def slow(cmd: Job) -> None:
+        ready.set()
+        await go.wait()
+        await dp.query(Ask(cmd.n))  # resolves the Singleton after the teardown
+
+    @dp.queries.register(Ask, resource=resource)
+    async def use(query: Ask, resource: Resource) -> None:
+        pass
+
+    dp.start()
+    await dp.query(Ask(0))  # made
+    running = asyncio.create_task(dp.execute(Job(1)))
+    await ready.wait()
+    await dp.stop()  # does not wait for an inline handling: it tears the Singleton down
+    go.set()
+    with pytest.raises(DispatcherClosed):
+        await running
+    assert log == ["made", "torn down"]
+
+
+async def test_a_singleton_whose_making_ends_after_the_teardown_is_torn_down_at_once() -> None:
+    log: list[str] = []
+    making = asyncio.Event()
+    finish = asyncio.Event()
+
+    async def make() -> AsyncIterator[str]:
+        making.set()
+        await finish.wait()
+        log.append("made")
+        yield "value"
+        log.append("torn down")
+
+    dp = Dispatcher()
+
+    @dp.queries.register(Ask, value=Singleton(make))
+    async def use(query: Ask, value: str) -> str:
+        return value
+
+    dp.start()
+    asking = asyncio.create_task(dp.query(Ask(0)))
+    await making.wait()
+    await dp.stop()
+    finish.set()
+    with pytest.raises(DispatcherClosed, match="torn down while it was being made"):
+        await asking
+    assert log == ["made", "torn down"]
+
+
+# -- serve() ---------------------------------------------------------------------------
+
+
+class Closing(InMemoryTransport):
+    """Counts aclose() calls."""
+
+    def __init__(self, broker: InMemoryBroker | None = None) -> None:
+        super().__init__(broker)
+        self.closed = 0
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+def worker_app(log: list[str], release: asyncio.Event, broker: InMemoryBroker) -> Dispatcher:
+    dp = Dispatcher(transport=Closing(broker))
+    dp.route(Job)
+    resource = resource_provider(log)
+
+    @dp.commands.register(Job, resource=resource)
+    async def job(cmd: Job, resource: Resource) -> None:
+        log.append(f"start {cmd.n}")
+        await release.wait()
+        log.append(f"job {cmd.n}")
+
+    return dp
+
+
+async def produce(broker: InMemoryBroker, count: int) -> None:
+    producer = Dispatcher(transport=InMemoryTransport(broker))
+    producer.route(Job, kind="command")
+    async with producer:
+        for n in range(count):
+            await producer.send(Job(n))
+
+
+async def test_cancelling_serve_stops_everything_once() -> None:
+    log: list[str] = []
+    release = asyncio.Event()
+    broker = InMemoryBroker()
+    await produce(broker, 3)
+    dp = worker_app(log, release, broker)
+    serving = asyncio.create_task(dp.serve(stop_signals=(), drain_timeout=0, wait=0.01))
+    await until(lambda: log.count("made") == 1 and len([x for x in log if x.startswith("start")]) == 3)
+    serving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await serving
+    assert dp.state is State.STOPPED
+    assert log.count("torn down") == 1
+    assert dp.transport is not None
+    assert dp.transport.closed == 1  # type: ignore[attr-defined]
+    assert [task for task in asyncio.all_tasks() if task.get_name().startswith("pybus")] == []
+    group = broker.group("default", next(iter(broker.streams)))
+    assert sorted(number for number, _ in group.again) == [1, 2, 3]  # given back
+    assert {deliveries for _, deliveries in group.again} == {0}  # not counted as deliveries
+
+
+async def test_serve_returns_when_the_dispatcher_is_stopped_from_code() -> None:
+    log: list[str] = []
+    release = asyncio.Event()
+    broker = InMemoryBroker()
+    await produce(broker, 2)
+    dp = worker_app(log, release, broker)
+    serving = asyncio.create_task(dp.serve(stop_signals=(signal.SIGTERM,), drain_timeout=5, wait=0.01))
+    await until(lambda: len([line for line in log if line.startswith("start")]) == 2)
+    stopping = asyncio.create_task(dp.stop())
+    await asyncio.sleep(0.01)
+    release.set()  # the drain lets both finish
+    assert await asyncio.wait_for(serving, 2) == 0
+    assert await stopping == 0
+    assert sorted(line for line in log if line.startswith("job")) == ["job 0", "job 1"]
+    assert log.count("torn down") == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+async def test_serve_notices_when_its_consumer_dies() -> None:
+    class Failing(InMemoryTransport):
+        async def receive(self, names: Sequence[str], *, max_count: int, wait: float) -> list[Envelope]:
+            raise KeyboardInterruptLike()
+
+    class KeyboardInterruptLike(BaseException):
+        pass
+
+    dp = Dispatcher(transport=Failing())
+    dp.route(Job)
+    dp.commands.bind(Job, lambda cmd: None)
+    with pytest.raises(TransportError, match="The consumer stopped on its own") as info:
+        await asyncio.wait_for(dp.serve(stop_signals=()), 5)
+    assert isinstance(info.value.__cause__, KeyboardInterruptLike)
+    assert dp.state is State.STOPPED
+
+
+async def test_a_read_cancelled_by_the_transport_itself_is_a_failed_read_not_the_end() -> None:
+    """A transport whose read raises CancelledError of its own (redis-py can) is reported
+    and read again: the consumer is not cancelled, only its read failed."""
+    errors = Errors()
+
+    class Flaky(InMemoryTransport):
+        reads = 0
+
+        async def receive(self, names: Sequence[str], *, max_count: int, wait: float) -> list[Envelope]:
+            self.reads += 1
+            if self.reads == 1:
+                raise asyncio.CancelledError()
+            return await super().receive(names, max_count=max_count, wait=wait)
+
+    broker = InMemoryBroker()
+    await produce(broker, 1)
+    handled: list[int] = []
+    dp = Dispatcher(transport=Flaky(broker), on_error=errors)
+    dp.route(Job)
+    dp.commands.bind(Job, lambda cmd: handled.append(cmd.n))
+    async with dp:
+        consumer = dp.consumer(wait=0.01)
+        consumer.pause_after_error = 0.01
+        reading = asyncio.create_task(consumer.run())
+        await until(lambda: handled == [0])
+    await reading
+    assert [type(error) for error, _ in errors] == [TransportError]
