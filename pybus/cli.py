@@ -79,7 +79,8 @@ def _import(module_name: str) -> Any:
         ) from exc
     except SyntaxError as exc:
         raise UsageError(
-            f"Importing {module_name!r} failed: {exc.filename}:{exc.lineno}: SyntaxError: {exc.msg}"
+            f"Importing {module_name!r} failed: {_relative(f'{exc.filename}:{exc.lineno}')}: "
+            f"SyntaxError: {exc.msg}"
         ) from exc
     except Exception as exc:
         raise UsageError(f"Importing {module_name!r} failed: {_cause(exc)}") from exc

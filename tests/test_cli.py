@@ -332,3 +332,48 @@ def test_worker_sizes_that_cannot_work_are_a_command_line_error() -> None:
         "pybus: error: prefetch=3 is more than concurrency=2: a consumer never holds more than its "
         "concurrency, so it cannot read more at once; lower prefetch or raise concurrency\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("def broken(:\n", "{failed}brokenapp.py:1: SyntaxError: "),
+        ("import nowhere_to_be_found\n", "{failed}it imports 'nowhere_to_be_found', which is not installed "
+         "(at brokenapp.py:1); install it, or check the import"),
+        ("x = 1\nraise RuntimeError('no config')\n", "{failed}RuntimeError: no config (at brokenapp.py:2)"),
+    ],
+    ids=["syntax-error", "missing-dependency", "raises"],
+)  # fmt: skip
+@pytest.mark.parametrize("command", ["worker", "routes", "dlq"])
+def test_an_app_module_that_fails_to_import_is_one_clear_line(
+    tmp_path: Path, source: str, expected: str, command: str
+) -> None:
+    (tmp_path / "brokenapp.py").write_text(source)
+    args = [str(SCRIPT), command, "brokenapp:dp", *(["list"] if command == "dlq" else [])]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr  # no traceback
+    assert lines[0].startswith("pybus: error: " + expected.format(failed="Importing 'brokenapp' failed: "))
+
+
+def test_a_dispatcher_factory_that_raises_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "factoryapp.py").write_text("def create():\n    raise KeyError('REDIS_URL')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UsageError) as info:
+        load_dispatcher("factoryapp:create")
+    assert str(info.value) == (
+        "Calling factoryapp:create to build the dispatcher failed: KeyError: 'REDIS_URL' (at factoryapp.py:2)"
+    )
+
+
+def test_worker_takes_max_deliveries_and_wait() -> None:
+    result = pybus("worker", "examples.redis_worker:create_worker", "--max-deliveries", "0")
+    assert result.returncode == 2
+    assert result.stderr == "pybus: error: max_deliveries must be a whole number >= 1, not 0\n"
+    result = pybus("worker", "examples.redis_worker:create_worker", "--wait", "0")
+    assert result.returncode == 2
+    assert result.stderr == "pybus: error: wait must be a number of seconds > 0, not 0.0\n"
