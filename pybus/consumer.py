@@ -36,7 +36,7 @@ from pybus.errors import (
 from pybus.handlers import positive_seconds
 from pybus.lanes import LaneTask, current_lane, start_in
 from pybus.transport import Envelope, Transport
-from pybus.workers import Supervisor
+from pybus.workers import Supervisor, wake_first
 
 #: The envelope being handled in this context: routed sends made while handling
 #: it carry its correlation id, and its message id as their causation id.
@@ -178,13 +178,8 @@ class Consumer:
                 return
             self._held += len(envelopes)
             self._ready.extend(envelopes)
-            idle = self._idle_lanes
             for _ in envelopes:
-                while idle:
-                    waiter = idle.popleft()
-                    if not waiter.done():
-                        waiter.set_result(None)
-                        break
+                wake_first(self._idle_lanes)
 
     async def _sleep(self, loop: asyncio.AbstractEventLoop, seconds: float | None) -> None:
         """Wait until woken (room, or stop()) or `seconds` passed."""

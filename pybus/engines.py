@@ -38,7 +38,31 @@ if TYPE_CHECKING:
 _NO_PLANS: tuple[CallPlan, ...] = ()
 
 
-class EventEngine:
+class _Engine:
+    """What both engines share: the observer switch and the closing of the fast paths."""
+
+    observer: Observer | None
+    closed: bool
+    workers: WorkerPool
+    _fast: dict[object, Any]
+    _fast_all: dict[object, Any]
+
+    def observe(self, observer: Observer | None) -> None:
+        """Report to `observer` from now on (None: stop), taking the general paths meanwhile."""
+        self.observer = observer
+        self.workers.observer = observer
+        self._fast = self._fast_all if observer is None and not self.closed else {}
+
+    def close(self) -> None:
+        """Refuse every call from now on with `DispatcherClosed` (the dispatcher stopped).
+
+        The fast path's table is emptied, so the check costs the fast path nothing.
+        """
+        self.closed = True
+        self._fast = {}
+
+
+class EventEngine(_Engine):
     """Runs every handler of an event and the cascade of follow-up events.
 
     Handlers of one event run one after the other in registration order
@@ -149,20 +173,6 @@ class EventEngine:
         """The call plans that `publish(message)` runs, in order."""
         plans = self._plans.get(message.__class__)
         return self._resolve(message) if plans is None else plans
-
-    def observe(self, observer: Observer | None) -> None:
-        """Report to `observer` from now on (None: stop), taking the general paths meanwhile."""
-        self.observer = observer
-        self.workers.observer = observer
-        self._fast = self._fast_all if observer is None and not self.closed else {}
-
-    def close(self) -> None:
-        """Refuse every publish from now on with `DispatcherClosed` (the dispatcher stopped).
-
-        The fast path's table is emptied, so the check costs the fast path nothing.
-        """
-        self.closed = True
-        self._fast = {}
 
     def describe(self, event: object) -> str:
         """The handlers `publish(event)` runs, for error reports."""
@@ -397,7 +407,7 @@ class EventEngine:
                 failures.append(error)
 
 
-class RequestEngine:
+class RequestEngine(_Engine):
     """Runs the one handler of a command or query and returns its result.
 
     The handler's exception reaches the caller unchanged. Follow-up events are
@@ -435,20 +445,6 @@ class RequestEngine:
             capacity=settings.queue_size,
             describe=self.describe,
         )
-
-    def observe(self, observer: Observer | None) -> None:
-        """Report to `observer` from now on (None: stop), taking the general path meanwhile."""
-        self.observer = observer
-        self.workers.observer = observer
-        self._fast = self._fast_all if observer is None and not self.closed else {}
-
-    def close(self) -> None:
-        """Refuse every call from now on with `DispatcherClosed` (the dispatcher stopped).
-
-        The fast path's table is emptied, so the check costs the fast path nothing.
-        """
-        self.closed = True
-        self._fast = {}
 
     def replace(self, key: object, plan: CallPlan | None) -> CallPlan | None:
         """Run `plan` for `key` from now on (None: no handler); return what ran before.

@@ -194,6 +194,15 @@ async def _awaited(awaitable: Any) -> None:
     await awaitable
 
 
+def wake_first(waiters: deque[asyncio.Future[None]]) -> None:
+    """Wake the first waiter still waiting (an idle lane), dropping those that gave up."""
+    while waiters:
+        waiter = waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(None)
+            return
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -339,12 +348,8 @@ class WorkerPool:
                 return  # runs when the message before it with this key is done
             self._backlogs[key] = deque()
         self._ready.append(item)
-        idle = self._idle_lanes
-        while idle:
-            waiter = idle.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+        if self._idle_lanes:
+            wake_first(self._idle_lanes)
 
     def _start_lanes(self, message: object) -> None:
         loop = self._supervisor.bind(f"send {self.kind} {key_name(message_key(message))}")
@@ -478,12 +483,7 @@ class WorkerPool:
             return  # the pool was stopped and its backlogs dropped
         if backlog:
             self._ready.append(backlog.popleft())
-            idle = self._idle_lanes
-            while idle:
-                waiter = idle.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    return
+            wake_first(self._idle_lanes)
         else:
             del self._backlogs[key]
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from pybus import CascadeDepthExceeded, Dispatcher, HandlerNotFound
+from pybus import CascadeDepthExceeded, Dispatcher, Factory, HandlerNotFound
 
 
 class Boom(Exception):
@@ -499,32 +500,31 @@ async def test_a_cycle_through_execute_and_publish_ends_with_one_readable_error(
     assert len(getattr(info.value, "__notes__", [])) == 2
 
 
+class CollectsPong:
+    """Collects a Pong for the Ping it handles; `session` is a Factory whose teardown fails."""
+
+    def __init__(self, session: str = "") -> None:
+        self.events: list[Pong] = []
+
+    async def handle(self, message: Ping) -> None:
+        self.events.append(Pong(message.n))
+
+    def add_event(self, event: Pong) -> None:
+        self.events.append(event)
+
+    def dump_events(self) -> list[Pong]:
+        return self.events
+
+
+def failing_commit() -> Iterator[str]:
+    yield "session"
+    raise Boom("commit failed")
+
+
 async def test_collected_events_are_not_published_when_a_factory_teardown_fails() -> None:
-    from collections.abc import Iterator
-
-    from pybus import Factory
-
     published: list[Pong] = []
-
-    def session() -> Iterator[str]:
-        yield "session"
-        raise Boom("commit failed")
-
-    class Handler:
-        def __init__(self, session: str) -> None:
-            self.events: list[Pong] = []
-
-        async def handle(self, cmd: Ping) -> None:
-            self.events.append(Pong(cmd.n))
-
-        def add_event(self, event: Pong) -> None:
-            self.events.append(event)
-
-        def dump_events(self) -> list[Pong]:
-            return self.events
-
     dp = Dispatcher()
-    dp.commands.bind(Ping, Handler, session=Factory(session))
+    dp.commands.bind(Ping, CollectsPong, session=Factory(failing_commit))
     dp.events.bind(Pong, published.append)
     dp.start()
     with pytest.raises(Boom, match="commit failed"):
@@ -539,21 +539,8 @@ async def test_collected_events_are_not_published_when_a_middleware_fails_after_
         await call_next(message)
         raise Boom("after the handler")
 
-    class Handler:
-        def __init__(self) -> None:
-            self.events: list[Pong] = []
-
-        async def handle(self, cmd: Ping) -> None:
-            self.events.append(Pong(cmd.n))
-
-        def add_event(self, event: Pong) -> None:
-            self.events.append(event)
-
-        def dump_events(self) -> list[Pong]:
-            return self.events
-
     dp = Dispatcher()
-    dp.commands.bind(Ping, Handler, middleware=[fails_after])
+    dp.commands.bind(Ping, CollectsPong, middleware=[fails_after])
     dp.events.bind(Pong, published.append)
     dp.start()
     with pytest.raises(Boom):
@@ -562,34 +549,13 @@ async def test_collected_events_are_not_published_when_a_middleware_fails_after_
 
 
 async def test_collected_events_of_a_failing_event_handler_are_not_published_with_the_others() -> None:
-    from collections.abc import Iterator
-
-    from pybus import Factory
-
     published: list[Pong] = []
-
-    def session() -> Iterator[str]:
-        yield "session"
-        raise Boom("commit failed")
-
-    class Collecting:
-        def __init__(self, session: str) -> None:
-            self.events: list[Pong] = []
-
-        async def handle(self, event: Ping) -> None:
-            self.events.append(Pong(event.n))
-
-        def add_event(self, event: Pong) -> None:
-            self.events.append(event)
-
-        def dump_events(self) -> list[Pong]:
-            return self.events
 
     async def fine(event: Ping) -> Pong:
         return Pong(-event.n)
 
     dp = Dispatcher()
-    dp.events.bind(Ping, Collecting, session=Factory(session))
+    dp.events.bind(Ping, CollectsPong, session=Factory(failing_commit))
     dp.events.bind(Ping, fine)
     dp.events.bind(Pong, published.append)
     dp.start()

@@ -106,12 +106,30 @@ class Resource:
     pass
 
 
-class DispatcherMachine(RuleBasedStateMachine):
-    """One dispatcher, driven from a loop this machine owns, step by step."""
+class LoopMachine(RuleBasedStateMachine):
+    """A machine that owns an event loop and runs it a few turns at a time."""
 
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
+
+    def advance(self, turns: int) -> None:
+        async def turn() -> None:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+
+        self.loop.run_until_complete(turn())
+
+    @rule(turns=st.integers(1, 10))
+    def run_the_loop(self, turns: int) -> None:
+        self.advance(turns)
+
+
+class DispatcherMachine(LoopMachine):
+    """One dispatcher, driven from a loop this machine owns, step by step."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.made = 0
         self.torn_down = 0
         self.gate = asyncio.Event()
@@ -200,13 +218,6 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.tasks.append(task)
         return task
 
-    def advance(self, turns: int) -> None:
-        async def turn() -> None:
-            for _ in range(turns):
-                await asyncio.sleep(0)
-
-        self.loop.run_until_complete(turn())
-
     # -- rules ---------------------------------------------------------------------------
 
     @initialize(started=st.sampled_from([True, True, True, True, False]))
@@ -275,10 +286,6 @@ class DispatcherMachine(RuleBasedStateMachine):
 
         self.spawn(call())
         self.advance(2)
-
-    @rule(turns=st.integers(1, 10))
-    def run_the_loop(self, turns: int) -> None:
-        self.advance(turns)
 
     @rule()
     def release_blocked(self) -> None:
@@ -379,14 +386,13 @@ def test_a_dispatcher_keeps_its_invariants_under_any_interleaving() -> None:
 # -- through the in-memory transport ------------------------------------------------------
 
 
-class TransportMachine(RuleBasedStateMachine):
+class TransportMachine(LoopMachine):
     """A producer and restartable workers sharing an in-memory broker."""
 
     MAX_DELIVERIES = 3
 
     def __init__(self) -> None:
         super().__init__()
-        self.loop = asyncio.new_event_loop()
         self.broker = InMemoryBroker()
         self.gate = asyncio.Event()
         self.seq = 0
@@ -425,13 +431,6 @@ class TransportMachine(RuleBasedStateMachine):
 
         return dp
 
-    def advance(self, turns: int) -> None:
-        async def turn() -> None:
-            for _ in range(turns):
-                await asyncio.sleep(0)
-
-        self.loop.run_until_complete(turn())
-
     @rule(behaviour=st.sampled_from(("ok", "ok", "fail", "cancel-self", "block")))
     def send(self, behaviour: str) -> None:
         self.seq += 1
@@ -465,10 +464,6 @@ class TransportMachine(RuleBasedStateMachine):
         self.loop.run_until_complete(asyncio.wait([self.serving], timeout=5))
         assert self.serving.done(), "serve() did not return"
         self.worker, self.serving = None, None
-
-    @rule(turns=st.integers(1, 10))
-    def run_the_loop(self, turns: int) -> None:
-        self.advance(turns)
 
     @rule()
     def release_blocked(self) -> None:
