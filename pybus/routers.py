@@ -83,6 +83,8 @@ class _Router:
         self._settings = Settings()
         self._forwarder: Forwarder | None = None
         self._send_call = f"dp.{ROUTERS[kind]}.send()"  # named in errors
+        # Message classes whose sends `engine.check` accepted (the maps are frozen by then).
+        self._sendable: set[type] = set()
         self._send_nowait_call = f"dp.{ROUTERS[kind]}.send_nowait()"
 
     @overload
@@ -346,7 +348,10 @@ class _Router:
         engine = self.engine
         if engine is None:
             engine = self._started_engine(message)  # raises
-        engine.check(message, self._send_call)
+        if message.__class__ not in self._sendable:
+            engine.check(message, self._send_call)
+            if not isinstance(message, str):
+                self._sendable.add(message.__class__)  # checked once per class
         workers = engine.workers
         if not workers.put_if_room(message, key):
             await workers.send(message, key)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,30 @@ async def bare_queue(count: int) -> float:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     return count / elapsed
+
+
+async def task_per_message(count: int) -> float:
+    """What pybus's lanes replace: a task per message, each in a copy of the sender's context
+    (`asyncio.create_task(coro, context=ctx)`), at most CAPACITY at a time."""
+    loop = asyncio.get_running_loop()
+    room = asyncio.Semaphore(CAPACITY)
+    done = asyncio.Event()
+    finished = 0
+
+    def finish(task: asyncio.Task[None]) -> None:
+        nonlocal finished
+        room.release()
+        finished += 1
+        if finished == count:
+            done.set()
+
+    start = time.perf_counter()
+    for i in range(count):
+        await room.acquire()
+        task = loop.create_task(on_tick(Tick(i)), context=contextvars.copy_context())
+        task.add_done_callback(finish)
+    await done.wait()
+    return count / (time.perf_counter() - start)
 
 
 async def pybus_send(count: int, workers: int, keys: int = 0) -> float:
@@ -99,6 +124,7 @@ async def main(count: int, rounds: int, memory_count: int) -> None:
         ("pybus send, 1 worker", await best(lambda: pybus_send(count, 1))),
         ("pybus send, 4 workers", await best(lambda: pybus_send(count, 4))),
         ("pybus send, 4 workers, 100 keys", await best(lambda: pybus_send(count, 4, keys=100))),
+        ("a task per message (not pybus)", await best(lambda: task_per_message(count))),
     ]
     print(f"{count:,} messages, best of {rounds} rounds")
     print(f"{'case':<34} {'msg/s':>12} {'ns/msg':>8} {'vs bare':>8}")
