@@ -290,10 +290,11 @@ class WorkerPool:
         try:
             room = await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.result():
-                self._reserved -= 1  # room was handed to this sender: pass it on
-                self._make_room()
-            else:
+            if waiter.done() and not waiter.cancelled():
+                if waiter.result():
+                    self._reserved -= 1  # room was handed to this sender: pass it on
+                    self._make_room()
+            elif waiter in self._senders:  # still in line (a lane may have dropped it already)
                 self._senders.remove(waiter)
             self._update_limit()
             raise

@@ -894,3 +894,25 @@ async def test_concurrent_event_handlers_sending_into_their_own_full_queue_compl
         await dp.events.send(Tick(0))
         await asyncio.wait_for(dp.join(), 2)
     assert sorted(done) == [1, 2, 3]
+
+
+async def test_a_waiting_sender_cancelled_as_the_dispatcher_stops_raises_only_its_cancellation() -> None:
+    dp = Dispatcher(workers=1, queue_size=1)
+    gate = asyncio.Event()
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        await gate.wait()
+
+    dp.start()
+    await dp.commands.send(Job(0))
+    await asyncio.sleep(0)
+    await dp.commands.send(Job(1))
+    waiting = asyncio.create_task(dp.commands.send(Job(2)))
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(dp.stop(timeout=0))
+    await asyncio.sleep(0)  # the stop refused the waiting sender...
+    waiting.cancel()  # ...which is cancelled before it could see it
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await stopping == 2
