@@ -53,7 +53,7 @@ def load_dispatcher(path: str) -> Dispatcher:
     if callable(target) and not isinstance(target, Dispatcher):
         try:
             target = target()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise UsageError(f"Calling {path} to build the dispatcher failed: {_cause(exc)}") from exc
     if not isinstance(target, Dispatcher):
         raise UsageError(
@@ -82,17 +82,27 @@ def _import(module_name: str) -> Any:
             f"Importing {module_name!r} failed: {_relative(f'{exc.filename}:{exc.lineno}')}: "
             f"SyntaxError: {exc.msg}"
         ) from exc
+    except SystemExit as exc:
+        raise UsageError(
+            f"Importing {module_name!r} failed: it called sys.exit({exc.code!r}) ({_where(exc)})"
+        ) from exc
     except Exception as exc:
         raise UsageError(f"Importing {module_name!r} failed: {_cause(exc)}") from exc
 
 
 def _cause(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc} ({_where(exc)})"
+    text = " ".join(str(exc).split())  # one line, whatever the message holds
+    return f"{type(exc).__name__}: {text} ({_where(exc)})"
 
 
 def _where(exc: BaseException) -> str:
-    """Where `exc` was raised, as file:line of the innermost frame outside importlib."""
-    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if "importlib" not in frame.filename]
+    """Where `exc` was raised: file:line of the innermost frame of the application's own
+    code (not importlib's, nor a frozen stdlib module's)."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if "importlib" not in frame.filename and not frame.filename.startswith("<")
+    ]
     if not frames:
         return "location unknown"
     return f"at {_relative(f'{frames[-1].filename}:{frames[-1].lineno}')}"

@@ -42,6 +42,9 @@ from pybus.workers import Supervisor, wake_first
 #: it carry its correlation id, and its message id as their causation id.
 current_envelope: ContextVar[Envelope | None] = ContextVar("pybus_envelope", default=None)
 
+#: The consumer whose handling runs in this context (and in the tasks it starts).
+_consuming: ContextVar[Consumer | None] = ContextVar("pybus_consuming", default=None)
+
 #: How a message of each kind is handled: the engines' deliver/handle methods.
 Handlers = Mapping[Kind, Callable[[Any], Awaitable[object]]]
 
@@ -129,10 +132,7 @@ class Consumer:
         self._context = contextvars.copy_context()
         try:
             if self.names:
-                for number in range(self.concurrency):
-                    lane = LaneTask(self._lane(), loop=loop, name=f"pybus-consumer-{number}")
-                    self._lanes.add(lane)
-                    lane.add_done_callback(self._lanes.discard)
+                self._add_lanes(loop)
                 await self._read(loop)
             else:  # no routed message has a handler here: nothing to read
                 while not self._stop_requested:
@@ -140,6 +140,12 @@ class Consumer:
             await self._drain_in_flight(loop)
         finally:
             await self._end()
+
+    def _add_lanes(self, loop: asyncio.AbstractEventLoop) -> None:
+        for number in range(len(self._lanes), self.concurrency):
+            lane = LaneTask(self._lane(), loop=loop, name=f"pybus-consumer-{number}")
+            self._lanes.add(lane)
+            lane.add_done_callback(self._lanes.discard)
 
     async def _read(self, loop: asyncio.AbstractEventLoop) -> None:
         reader = asyncio.current_task()
@@ -178,6 +184,8 @@ class Consumer:
                 return
             self._held += len(envelopes)
             self._ready.extend(envelopes)
+            if len(self._lanes) < self.concurrency:
+                self._add_lanes(loop)  # some ended, cancelled from outside
             for _ in envelopes:
                 wake_first(self._idle_lanes)
 
@@ -229,6 +237,7 @@ class Consumer:
     async def _process(self, envelope: Envelope) -> None:
         # Runs in a context of its own (a copy per envelope): nothing set here needs a reset.
         current_envelope.set(envelope)
+        _consuming.set(self)
         try:
             try:
                 message = self.codec.decode(envelope.name, envelope.body)
@@ -248,17 +257,18 @@ class Consumer:
                 error = exc  # the handling cancelled itself
             except Exception as exc:
                 error = exc
-            # A cancellation the handling asked for on its own task must not interrupt
-            # its ack, retry or dead letter; one from outside ends the lane.
+            # A cancellation asked for during the handling must not interrupt its ack,
+            # retry or dead letter: let it arrive first. One from outside ends the lane,
+            # once the outcome is recorded.
             lane = current_lane()
-            if lane is not None and lane.dirty and not await lane.settle():
-                await self._give_back(envelope)
-                raise asyncio.CancelledError
+            alive = lane is None or not lane.dirty or await lane.settle()
             if error is None:
                 self.handled += 1
                 await self.transport.ack(envelope)
             else:
                 await self._failed(envelope, message, error)
+            if not alive:
+                raise asyncio.CancelledError
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # an ack, retry or dead-letter the broker refused
@@ -266,17 +276,19 @@ class Consumer:
             await self._report(exc, envelope)
 
     async def _failed(self, envelope: Envelope, message: object, exc: BaseException) -> None:
+        # The broker learns the outcome first: what the error hook does cannot delay or
+        # interrupt it.
         self.failed += 1
         exc.add_note(f"delivery {envelope.attempt} of {envelope.name} (message id {envelope.message_id})")
-        await self._report(exc, message)
-        if envelope.attempt >= self.max_deliveries:
-            reason = f"failed {envelope.attempt} times; last error: {type(exc).__name__}: {exc}\n" + "".join(
-                traceback.format_exception(exc)
-            )
-            await self.transport.dead_letter(envelope, reason)
-            self.dead_lettered += 1
-        else:
-            await self.transport.retry(envelope, exc)
+        try:
+            if envelope.attempt >= self.max_deliveries:
+                reason = f"failed {envelope.attempt} times; last error: {type(exc).__name__}: {exc}\n"
+                await self.transport.dead_letter(envelope, reason + "".join(traceback.format_exception(exc)))
+                self.dead_lettered += 1
+            else:
+                await self.transport.retry(envelope, exc)
+        finally:
+            await self._report(exc, message)
 
     async def _give_back(self, envelope: Envelope) -> None:
         """Release an envelope that was not handled; if the transport refuses, it stays
@@ -327,8 +339,7 @@ class Consumer:
         cancelling the call does not interrupt the stop.
         """
         seconds = drain_seconds("drain_timeout", drain_timeout)
-        lane = current_lane()
-        if lane is not None and lane in self._lanes:
+        if _consuming.get() is self:
             raise WouldDeadlock("consumer.stop()")
         deadline = None
         if seconds is not None:

@@ -23,7 +23,9 @@ from pybus.errors import (
     Kind,
     TransportError,
     WouldDeadlock,
+    drain_seconds,
     key_name,
+    message_key,
     whole_number,
 )
 from pybus.handlers import Handler, callable_name, positive_seconds
@@ -104,9 +106,9 @@ class Dispatcher:
                 f"default_timeout must be None or seconds > 0, not {default_timeout!r}"
             )
         self.default_timeout = default_timeout
-        #: Resolves this dispatcher's providers; Singletons live here, not in the process.
-        self.resolver = Resolver()
         self._supervisor = Supervisor(on_error)
+        #: Resolves this dispatcher's providers; Singletons live here, not in the process.
+        self.resolver = Resolver(bind=self._supervisor.bind)
         self._events: EventRouter | None = None
         self._commands: RequestRouter | None = None
         self._queries: RequestRouter | None = None
@@ -224,6 +226,8 @@ class Dispatcher:
         the dispatcher is stopping or stopped raises `DispatcherClosed`."""
         if not self._lifecycle.check_startable():
             return
+        for router in self._routers().values():
+            router.check_applied()
         kinds: dict[object, Kind] = {}
         for kind, router in self._routers().items():
             kinds.update(dict.fromkeys(router.handlers, kind))
@@ -311,15 +315,14 @@ class Dispatcher:
         `timeout` that is not None or seconds >= 0, and `WouldDeadlock` when awaited
         from inside a background handling of this dispatcher (it would wait for itself).
         """
+        drain_seconds("timeout", timeout)
         if self._supervisor.inside():
             raise WouldDeadlock("dp.stop()")
-        before = self.state
-        unhandled = await self._lifecycle.stop(timeout)
-        if before is State.NEW:
+        if self.state is State.NEW:  # closed for good, before anything is awaited
             self._bind_calls(functools.partial(_refuse, DispatcherClosed))
             for router in self._routers().values():
                 router.close()
-        return unhandled
+        return await self._lifecycle.stop(timeout)
 
     async def serve(
         self,
@@ -338,11 +341,21 @@ class Dispatcher:
         `max_deliveries` and `wait`); on the signal it stops reading at once, lets
         handlings in flight finish within `drain_timeout`, and gives the rest back
         to the transport. Returns what `stop(drain_timeout)` returns. The only place
-        pybus installs signal handlers, and only while it runs. Stops the dispatcher
+        pybus installs signal handlers, and only while it runs: the ones it replaced
+        are put back (it refuses to replace a handler the event loop itself holds). Stops the dispatcher
         whatever ends it (a signal, `dp.stop()`, its own cancellation); if the
         consumer ends on its own, serve() stops the dispatcher and raises
         `TransportError`.
         """
+        drain_seconds("drain_timeout", drain_timeout)  # refused before anything starts
+        previous = {sig: signal.getsignal(sig) for sig in stop_signals}
+        for sig, handler in previous.items():
+            if getattr(handler, "__module__", "").startswith("asyncio"):
+                raise ImproperlyConfigured(
+                    f"serve() would replace the event loop's own handler for {sig.name}, which could "
+                    "not be restored afterwards; pass serve(stop_signals=()) and call dp.stop() from "
+                    "your handler"
+                )
         self.start()
         try:
             consumer = (
@@ -371,6 +384,8 @@ class Dispatcher:
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
+                if previous[sig] not in (signal.getsignal(sig), None):
+                    signal.signal(sig, previous[sig])  # the application's own handler, back
             self._lifecycle.unwatch(requested)
             unhandled = await self.stop(drain_timeout)
             if reading is not None:
@@ -469,6 +484,10 @@ class Dispatcher:
     def _engines(self, action: str) -> tuple[EventEngine, RequestEngine, RequestEngine]:
         events, commands, queries = self.events.engine, self.commands.engine, self.queries.engine
         if events is None or commands is None or queries is None:
+            if self.state is State.STOPPED:
+                raise DispatcherClosed(
+                    None, text=f"Cannot {action}: the dispatcher was stopped before it started"
+                )
             raise ImproperlyConfigured(f"Cannot {action} before dp.start(): start the dispatcher first")
         return events, commands, queries
 
@@ -552,9 +571,11 @@ class Dispatcher:
         for router in self._routers().values():
             if router.routes_message(message):
                 return router
-        for router in (self.commands, self.queries):
-            if router.engine is not None and router.engine.handles(message):
-                return router
+        kind = self.registered_kind(message_key(message))
+        if kind == "command":
+            return self.commands
+        if kind == "query":
+            return self.queries
         return self.events
 
 

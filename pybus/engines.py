@@ -22,12 +22,13 @@ from pybus.errors import (
     CascadeDepthExceeded,
     DispatcherClosed,
     HandlerNotFound,
+    ImproperlyConfigured,
     InvalidMessage,
     Kind,
     key_name,
     message_key,
 )
-from pybus.handlers import CallPlan, route_record, within
+from pybus.handlers import CallPlan, positive_seconds, route_record, within
 from pybus.settings import Settings
 from pybus.workers import Supervisor, WorkerPool
 
@@ -150,6 +151,8 @@ class EventEngine(_Engine):
         return plans
 
     def _resolve_class(self, cls: type) -> tuple[CallPlan, ...]:
+        if cls is type(None) or issubclass(cls, type):
+            return self._remember(cls, _NO_PLANS)  # None, or a class: not a message (InvalidMessage)
         if cls in self._routed:
             return self._remember(cls, self._forward)
         return self._remember(cls, self.local_plans(cls))
@@ -194,6 +197,7 @@ class EventEngine(_Engine):
         seconds the handling is cancelled and `TimeoutError` raised.
         """
         if timeout is not None:
+            _check_timeout("dp.publish()", timeout)
             await within(timeout, self.publish(event), _late("event", event, timeout))
             return
         invokes = self._fast.get(event.__class__)
@@ -354,6 +358,10 @@ class EventEngine(_Engine):
                 failures.append(_annotate(exc, plan, event))
                 if observer is not None:
                     observer.failed("event", event, plan.handler, exc)
+            except asyncio.CancelledError as exc:
+                if observer is not None:
+                    observer.failed("event", event, plan.handler, exc)
+                raise
             else:
                 if observer is not None:
                     observer.handled("event", event, plan.handler, result)
@@ -374,17 +382,21 @@ class EventEngine(_Engine):
         cancelled: list[asyncio.CancelledError] = []
 
         observer = self.observer
+        # The group cancels its tasks only when the task running it is cancelled (run()
+        # lets no exception out): any other CancelledError is a handler's own, raised or
+        # asked for with asyncio.current_task().cancel().
+        parent = asyncio.current_task()
 
         async def run(index: int, plan: CallPlan) -> None:
             try:
                 result = await call_plan(plan, event, outputs[index])
             except asyncio.CancelledError as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
+                if parent is not None and parent.cancelling():
                     raise  # the group is being cancelled
-                # The handler raised CancelledError itself: it propagates after the
-                # group, as it does when handlers run one after the other.
+                # It propagates after the group, as it does when handlers run one after the other.
                 cancelled.append(exc)
+                if observer is not None:
+                    observer.failed("event", event, plan.handler, exc)
             except Exception as exc:
                 errors[index] = _annotate(exc, plan, event)
                 if observer is not None:
@@ -496,6 +508,7 @@ class RequestEngine(_Engine):
         and `TimeoutError` raised.
         """
         if timeout is not None:
+            _check_timeout(_CALLS[self.kind], timeout)
             return await within(timeout, self.handle(message), _late(self.kind, message, timeout))
         invoke = self._fast.get(message.__class__)
         if invoke is None:
@@ -524,7 +537,7 @@ class RequestEngine(_Engine):
         followups: list[Any] = []
         try:
             result = await call_plan(plan, message, followups)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
             if observer is not None:
                 observer.failed(self.kind, message, plan.handler, exc)
             raise
@@ -562,6 +575,14 @@ def _late(kind: Kind, message: object, seconds: float) -> str:
 
 
 _CALLS: dict[Kind, str] = {"event": "dp.publish()", "command": "dp.execute()", "query": "dp.query()"}
+
+
+def _check_timeout(call: str, timeout: object) -> None:
+    if not positive_seconds(timeout):
+        raise ImproperlyConfigured(
+            f"{call.removesuffix('()')}(..., timeout={timeout!r}): timeout is None (no limit) or a "
+            "number of seconds > 0"
+        )
 
 
 def _check_message(call: str, message: object) -> None:

@@ -126,29 +126,30 @@ class LaneTask(asyncio.Task[None]):
         return self.cancelling() > self.own_cancels
 
     async def settle(self) -> bool:
-        """Between two handlings: deliver and forget the cancellations that the last
-        handling asked for on its own task, so that none reaches the next handling.
+        """Between two handlings: let every cancellation asked for during the last one
+        arrive, here where nothing runs, and forget it, so that none reaches the next one.
 
-        Returns False when a cancellation from outside is pending: the lane must end.
+        Returns False when one that arrived came from outside: the caller records the
+        last handling's outcome, then ends the lane. A count of cancellation requests
+        with nothing left to arrive (CPython 3.11's TaskGroup leaves one on its parent
+        task when a child fails while it exits) is forgotten too.
         """
+        outside = False
         while True:
             self.dirty = False
             pending, own = self.cancelling(), self.own_cancels
             self.own_cancels = 0
-            if pending > own:
-                return False
             if not pending:
-                return True
+                return not outside
             try:
-                # A cancellation requested while the task ran is delivered at its next
-                # await; let it arrive here, where nothing is running.
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # a requested cancellation not yet delivered arrives here
             except asyncio.CancelledError:
-                pass
-            for _ in range(pending):
+                if pending > own:
+                    outside = True
+            for _ in range(self.cancelling()):
                 self.uncancel()
             if not self.dirty:
-                return True
+                return not outside
 
 
 def current_lane() -> LaneTask | None:

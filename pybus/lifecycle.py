@@ -63,7 +63,9 @@ class Lifecycle:
         self._resolver = resolver
         self._transport = transport
         self._engines: Sequence[EventEngine | RequestEngine] = ()
-        self._task: asyncio.Task[int] | None = None
+        self._task: asyncio.Task[tuple[int, BaseException | None]] | None = None
+        self._waiting = 0  # stop() calls waiting for the shutdown
+        self._failure_raised = False
         self._timeout: float | None = None
         self._deadline: float | None = None
         self._drain: asyncio.Timeout | None = None
@@ -98,34 +100,52 @@ class Lifecycle:
         self._watchers.remove(watcher)
 
     async def stop(self, timeout: float | None) -> int:
-        """Begin the shutdown, or join the one under way; return its count of unhandled messages."""
+        """Begin the shutdown, or join the one under way; return its count of unhandled messages.
+
+        A Singleton teardown failure is raised to one caller (and logged if none is waiting).
+        """
         seconds = drain_seconds("timeout", timeout)
         if self.state is State.NEW:
             self.state = State.STOPPED  # stopped before it started: closed for good
-            await self._close_transport()
-            return 0
-        if self.state is State.STOPPED and self._task is None:
-            return 0
-        loop = self._supervisor.bind("stop the dispatcher")
-        deadline = None if seconds is None else loop.time() + seconds
-        if self._task is None:
+            loop = self._supervisor.bind("stop the dispatcher")
+            self._task = loop.create_task(self._close_unstarted(), name="pybus-shutdown")
+        elif self._task is None:
+            loop = self._supervisor.bind("stop the dispatcher")
             self.state = State.STOPPING
             self._timeout = seconds
-            self._deadline = deadline
+            self._deadline = None if seconds is None else loop.time() + seconds
             self._supervisor.close_to_outside()
             for watcher in self._watchers:
                 if not watcher.done():
                     watcher.set_result(None)
             self._task = loop.create_task(self._shut_down(), name="pybus-shutdown")
-        elif deadline is not None and (self._deadline is None or deadline < self._deadline):
-            self._deadline = deadline
-            if self._drain is not None:
-                self._drain.reschedule(deadline)
-            for consumer in self.consumers:
-                consumer.begin_stop(deadline)
-        return await asyncio.shield(self._task)
+        elif seconds is not None:
+            self._shorten(self._supervisor.bind("stop the dispatcher").time() + seconds, seconds)
+        self._waiting += 1
+        try:
+            unhandled, failure = await asyncio.shield(self._task)
+        finally:
+            self._waiting -= 1
+        if failure is not None and not self._failure_raised:
+            self._failure_raised = True
+            raise failure
+        return unhandled
 
-    async def _shut_down(self) -> int:
+    def _shorten(self, deadline: float, seconds: float) -> None:
+        if self._deadline is not None and deadline >= self._deadline:
+            return
+        self._deadline = deadline
+        self._timeout = seconds
+        if self._drain is not None:
+            self._drain.reschedule(deadline)
+        for consumer in self.consumers:
+            consumer.begin_stop(deadline)
+
+    async def _close_unstarted(self) -> tuple[int, BaseException | None]:
+        await self._close_transport()
+        return 0, None
+
+    async def _shut_down(self) -> tuple[int, BaseException | None]:
         try:
             for consumer in self.consumers:
                 consumer.begin_stop(self._deadline)
@@ -140,35 +160,48 @@ class Lifecycle:
             finally:
                 self._drain = None
         finally:  # also when the loop is ending and cancels this task
-            unhandled = await self._finish()
-        if unhandled:
-            logger.warning(
-                "pybus: stopped with %d message(s) not handled after a drain timeout of %s s",
-                unhandled,
-                self._timeout,
+            unhandled, failure = await self._finish()
+        if failure is not None and not self._waiting:  # nobody to raise it to
+            logger.error(
+                "pybus: tearing down the Singletons failed while the dispatcher stopped",
+                exc_info=(type(failure), failure, failure.__traceback__),
             )
-        return unhandled
+        return unhandled, failure
 
-    async def _finish(self) -> int:
+    async def _finish(self) -> tuple[int, BaseException | None]:
         supervisor = self._supervisor
         supervisor.closed = True  # from here on every send is refused
+        failure: BaseException | None = None
         try:
             now = asyncio.get_running_loop().time()
             for consumer in self.consumers:
                 consumer.begin_stop(now)
             for consumer in self.consumers:
                 await consumer.stopped()
+            for engine in self._engines:  # every pool stops taking work before any is awaited
+                engine.workers.begin_cancel()
             for engine in self._engines:
-                await engine.workers.cancel()
+                await engine.workers.cancelled()
             for engine in self._engines:
                 engine.close()
             await self._close_transport()
         finally:
-            self.state = State.STOPPED
-            await self._resolver.aclose()
-        return sum(engine.workers.unhandled for engine in self._engines) + sum(
-            consumer.released for consumer in self.consumers
-        )
+            unhandled = sum(engine.workers.unhandled for engine in self._engines) + sum(
+                consumer.released for consumer in self.consumers
+            )
+            if unhandled:
+                logger.warning(
+                    "pybus: stopped with %d message(s) not handled after a drain timeout of %s s",
+                    unhandled,
+                    self._timeout,
+                )
+            try:
+                await self._resolver.aclose()
+            except Exception as exc:
+                failure = exc
+            finally:
+                self.state = State.STOPPED
+        return unhandled, failure
 
     async def _close_transport(self) -> None:
         transport, self._transport = self._transport, None

@@ -140,7 +140,9 @@ class Resolver:
     directly, so a resolved Singleton costs one dict lookup.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, bind: Callable[[str], object] | None = None) -> None:
+        #: Checks that Singletons are made in the dispatcher's event loop (and binds it).
+        self._bind = bind
         self.singletons: dict[object, Any] = {}
         #: True once `aclose()` ran: no Singleton is made any more.
         self.closed = False
@@ -196,11 +198,14 @@ class Resolver:
 
     async def _create_singleton(self, provider: Provider, identity: object) -> Any:
         self._check_open(provider)
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        elif loop is not self._loop:
-            raise ForeignEventLoop(f"make {provider!r}")
+        if self._bind is not None:
+            self._bind(f"make {provider!r}")
+        else:
+            loop = asyncio.get_running_loop()
+            if self._loop is None:
+                self._loop = loop
+            elif loop is not self._loop:
+                raise ForeignEventLoop(f"make {provider!r}")
         lock = self._locks.get(identity)
         if lock is None:
             lock = self._locks[identity] = asyncio.Lock()
@@ -387,12 +392,17 @@ class _SingletonScope:
     async def aclose(self) -> None:
         self.closed = True
         failures: list[Exception] = []
+        cancelled: asyncio.CancelledError | None = None
         while self._exits:
             exit_ = self._exits.pop()
             try:
                 await exit_()
             except Exception as exc:
                 failures.append(exc)
+            except asyncio.CancelledError as exc:
+                cancelled = exc  # the loop is ending: still tear the others down, then end
+        if cancelled is not None:
+            raise cancelled
         if len(failures) == 1:
             raise failures[0]
         if failures:

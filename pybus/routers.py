@@ -76,6 +76,7 @@ class _Router:
         self.dispatcher = dispatcher
         self.kind: Kind = kind
         self._handlers: dict[object, list[Handler]] = {}
+        self._unapplied: dict[Callable[..., Any], object] = {}  # decorators of register(), by key
         self._frozen = False
         self._closed = False
         self._middleware: tuple[Middleware, ...] = ()
@@ -164,13 +165,36 @@ class _Router:
             )
 
         def decorator(handler: H) -> H:
+            self._unapplied.pop(decorator, None)
             bind_any(
                 self, key, handler, argname=argname, timeout=timeout, emits=emits,
                 middleware=middleware, **initkwargs,
             )  # fmt: skip
             return handler
 
+        # Checked at start(): `@register` written without the key above a class takes
+        # the class for the key and registers nothing (see check_applied).
+        self._unapplied[decorator] = key
         return decorator
+
+    def check_applied(self) -> None:
+        """Raise `ImproperlyConfigured` if a decorator made by `register` was never applied
+        (called by `start()`, before anything is frozen)."""
+        if not self._unapplied:
+            return
+        router = f"dp.{ROUTERS[self.kind]}"
+        key = next(iter(self._unapplied.values()))
+        name = key_name(key)
+        if isinstance(key, type) and callable(getattr(key, "handle", None)):
+            raise ImproperlyConfigured(
+                f"@{router}.register was written without the message key above the class {name}, "
+                f"which looks like a handler: nothing was registered; write @{router}.register(SomeMessage)"
+            )
+        raise ImproperlyConfigured(
+            f"{router}.register({name}) made a decorator that was never applied to a handler, so "
+            f"nothing was registered for {name}; write @{router}.register({name}) right above the "
+            f"handler, or call {router}.bind({name}, handler)"
+        )
 
     @overload
     def bind(

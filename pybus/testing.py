@@ -170,8 +170,10 @@ class TrackedSession:
                 _current.reset(self._token)
             _hub_of(self.dispatcher).remove(self)
         if exc is None and self.failed and not self.allow_errors:
-            errors = [record.error for record in self.failed if isinstance(record.error, Exception)]
-            raise ExceptionGroup(
+            errors = [record.error for record in self.failed if record.error is not None]
+            # A BaseExceptionGroup is an ExceptionGroup unless a handler failed with
+            # CancelledError (raised, or its own task cancelled).
+            raise BaseExceptionGroup(
                 f"{len(errors)} handler(s) failed during the tracked session; open it with "
                 "track(dp, allow_errors=True) to assert on failures instead",
                 errors,

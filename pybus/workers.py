@@ -170,6 +170,8 @@ class Supervisor:
             raise WouldDeadlock("dp.join()")
         if self.unfinished:
             self.bind("join the dispatcher")
+            for pool in self.pools:
+                pool.replace_lost_lanes()
         while self.unfinished:
             if self._idle is None or self._idle.is_set():
                 self._idle = asyncio.Event()
@@ -178,7 +180,9 @@ class Supervisor:
     async def report(self, error: BaseException, message: object, context: contextvars.Context) -> None:
         """Hand a failure to the error hook, in `context` (the failing message's own).
 
-        An async hook is awaited; a hook that fails is logged, never raised.
+        An async hook is awaited. A hook that fails, also with `CancelledError` (a
+        cancelled inner task, its own task cancelled), is logged, never raised; only a
+        cancellation of the worker from outside, or the shutdown's, propagates.
         """
         try:
             result = context.run(self.on_error, error, message)
@@ -186,6 +190,11 @@ class Supervisor:
                 rest = start_in(context, _awaited(result))
                 if rest is not None:
                     await rest
+        except asyncio.CancelledError:
+            lane = current_lane()
+            if self.closed or lane is None or lane.cancelled_from_outside():
+                raise
+            logger.exception("pybus: the on_error hook was cancelled while reporting %r", error)
         except Exception:
             logger.exception("pybus: the on_error hook failed while reporting %r", error)
 
@@ -247,7 +256,8 @@ class WorkerPool:
         self._limit = capacity
         self._idle_lanes: deque[asyncio.Future[None]] = deque()
         self._senders: deque[asyncio.Future[bool]] = deque()
-        self._lanes: set[LaneTask] = set()  # alive; the next send starts them again when empty
+        self._lanes: set[LaneTask] = set()
+        self._live = 0  # lanes running; a send (or join) replaces those that ended
         self._loop: asyncio.AbstractEventLoop | None = None  # where the lanes run
         self._thread = -1  # the thread of that loop
         self._stopping = False
@@ -277,10 +287,11 @@ class WorkerPool:
         supervisor = self._supervisor
         if supervisor.closing:
             supervisor.check_open(self.kind, message)
-        if (not self._senders and self._queued + self._reserved < self.capacity) or supervisor.inside():
+        if (not self._senders and not self._reserved and self._queued < self.capacity) or supervisor.inside():
             self._put(message, key)
             return
-        if get_ident() != self._thread or not self._lanes:
+        self._check_key(key)  # before waiting: the key will not be better after
+        if get_ident() != self._thread or self._live < self._workers:
             self._start_lanes(message)  # checks the loop (a full queue whose lanes ended: restarts them)
         loop = self._loop
         assert loop is not None  # lanes run in it
@@ -304,10 +315,8 @@ class WorkerPool:
                 raise DispatcherClosed(self.kind, message)
             supervisor.check_open(self.kind, message)  # the dispatcher may have begun to stop since
             self._put(message, key)
-        except BaseException:
-            self._make_room()  # the room this sender was given goes to the next one
-            raise
-        self._update_limit()
+        finally:
+            self._make_room()  # free room goes to the next sender in line, never to a newcomer
 
     def send_nowait(self, message: object, key: object = None) -> None:
         """Queue `message` or raise `QueueFull` at once."""
@@ -316,9 +325,17 @@ class WorkerPool:
             return
         supervisor = self._supervisor
         supervisor.check_open(self.kind, message)
-        if not supervisor.inside() and (self._senders or self._queued + self._reserved >= self.capacity):
-            raise QueueFull(self.kind, self.capacity)
+        self._check_key(key)
+        if not supervisor.inside() and (self._senders or self._reserved or self._queued >= self.capacity):
+            raise QueueFull(self.kind, self.capacity)  # room that senders wait for is theirs
         self._put(message, key)
+
+    def _check_key(self, key: object) -> None:
+        if key is not None:
+            try:
+                hash(key)
+            except TypeError:
+                raise InvalidMessage(f"dp.{ROUTERS[self.kind]}.send()", key, key=True) from None
 
     def _put(self, message: object, key: object, only_if_room: bool = False) -> bool:
         """Queue `message`; with `only_if_room`, only when that needs no waiting and no
@@ -330,7 +347,7 @@ class WorkerPool:
         # (one loop runs in a thread at a time: in the lanes' thread, the lanes' loop is
         # the running one if it runs at all), and asks whether that loop runs only to
         # wake an idle lane (a loop left without dp.stop() holds lanes that never run).
-        if get_ident() != self._thread or not self._lanes:
+        if get_ident() != self._thread or self._live < self._workers:
             self._start_lanes(message)
         elif self._idle_lanes and not self._loop.is_running():  # type: ignore[union-attr]
             raise ForeignEventLoop(f"send {self.kind} {key_name(message_key(message))}")
@@ -357,17 +374,32 @@ class WorkerPool:
         return True
 
     def _start_lanes(self, message: object) -> None:
-        loop = self._supervisor.bind(f"send {self.kind} {key_name(message_key(message))}")
+        """Start the lanes (at the first send), or replace lanes that ended (cancelled from outside)."""
+        what = f"send {self.kind} {key_name(message_key(message))}"
+        loop = self._supervisor.bind(what)
         if self._stopping:
             raise DispatcherClosed(self.kind, message)
+        if not loop.is_running():  # pragma: no cover - bind() found it running
+            raise ForeignEventLoop(what)
         self._loop = loop
         self._thread = get_ident()
-        if not loop.is_running():  # pragma: no cover - bind() found it running
-            raise ForeignEventLoop(f"send {self.kind} {key_name(message_key(message))}")
-        for number in range(len(self._lanes), self._workers):
+        self._add_lanes(loop)
+
+    def replace_lost_lanes(self) -> None:
+        """Start lanes again where some ended while messages wait (for `join()`)."""
+        if self._queued and self._live < self._workers and not self._stopping and self._loop is not None:
+            self._add_lanes(self._loop)
+
+    def _add_lanes(self, loop: asyncio.AbstractEventLoop) -> None:
+        for number in range(self._live, self._workers):
             lane = LaneTask(self._work(), loop=loop, name=f"pybus-{self.kind}-worker-{number}")
             self._lanes.add(lane)
-            lane.add_done_callback(self._lanes.discard)
+            lane.add_done_callback(self._lane_ended)
+        self._live = self._workers
+
+    def _lane_ended(self, lane: asyncio.Task[None]) -> None:
+        self._lanes.discard(lane)
+        self._live -= 1
 
     # -- room for waiting senders ---------------------------------------------------------
 
@@ -382,10 +414,12 @@ class WorkerPool:
         self._update_limit()
 
     def _update_limit(self) -> None:
-        if self._senders or self._supervisor.closing or self._stopping:
+        # While anyone waits for room or holds room handed to it, every send takes the
+        # slow path and lines up: a newcomer never overtakes them.
+        if self._senders or self._reserved or self._supervisor.closing or self._stopping:
             self._limit = 0
         else:
-            self._limit = self.capacity - self._reserved
+            self._limit = self.capacity
 
     def refuse_waiting(self) -> None:
         """Tell the senders waiting for room that the dispatcher takes nothing more from them."""
@@ -454,6 +488,7 @@ class WorkerPool:
                     await supervisor.report(error, message, context)
                 finally:
                     self._done(message, context, key)
+                alive = alive and (not lane.dirty or await lane.settle())  # the hook's own cancel()
             if not alive:
                 return  # cancelled from outside as the handling ended
 
@@ -492,11 +527,12 @@ class WorkerPool:
         else:
             del self._backlogs[key]
 
-    async def cancel(self) -> None:
-        """Stop: drop what is queued, cancel the handlings in flight, wait for the lanes to end.
+    def begin_cancel(self) -> None:
+        """Stop: drop what is queued and cancel the handlings in flight, now.
 
         What is dropped or cancelled is counted in `unhandled`. A handler that
-        swallows its cancellation still ends its lane: the lane takes no other message.
+        swallows its cancellation still ends its lane: the lane takes no other
+        message. `cancelled()` waits for the lanes to end.
         """
         self._stopping = True
         self.refuse_waiting()
@@ -511,9 +547,11 @@ class WorkerPool:
             for message, context, _ in dropped:
                 context.run(self.observer.dequeued, self.kind, message)
         self._supervisor.finished(len(dropped))
-        lanes = list(self._lanes)
-        for lane in lanes:
+        for lane in self._lanes:
             lane.cancel()
-        if lanes:
+
+    async def cancelled(self) -> None:
+        """Wait until every lane has ended (after `begin_cancel`)."""
+        if self._lanes:
             # wait(), not `await lane`: a cancellation of the caller itself still propagates.
-            await asyncio.wait(lanes)
+            await asyncio.wait(list(self._lanes))

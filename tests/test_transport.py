@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -441,8 +442,10 @@ class ReadAheadScene:
         @dp.events.register(OrderPaid)
         async def handle(event: OrderPaid) -> None:
             if event.order_id == 0 and not self.stopping and self.consumer is not None:
-                # A signal arrives while the first batch is being started.
-                self.stopping.append(asyncio.create_task(self.consumer.stop(drain_timeout=5)))
+                # A signal arrives while the first batch is being started (from outside the
+                # handling: a task it started would be inside it, and refused, see test_lifecycle).
+                stop = self.consumer.stop(drain_timeout=5)
+                self.stopping.append(asyncio.create_task(stop, context=contextvars.Context()))
             await self.gate.wait()
             self.handled.append(event.order_id)
             envelope = current_envelope.get()
