@@ -1,42 +1,33 @@
 """A transport over Redis Streams with consumer groups (Redis 7.0+), at least once.
 
-One stream per message name (`{prefix}{name}`); one consumer group per service.
-How each rule of `pybus.transport` is kept on Redis (see docs/transports.md):
+One stream per message name (`{prefix}{name}`), one consumer group per service; the
+entry format and the scripts are in `pybus.redis_wire`. How each rule of
+`pybus.transport` is kept on Redis (see docs/transports.md):
 
-- receive: this consumer's own pending entries first, after a start (`XREADGROUP ... <id>`),
-  so a restarted consumer never strands its work; then entries idle longer than
-  `claim_idle` (`XPENDING ... IDLE` and `XCLAIM` in one script, every
-  `claim_interval`, no lock: the script is atomic); then new entries
-  (`XREADGROUP ... >`, blocking at most until the next claim is due).
-- holding: this process knows every entry it holds by entry id (handed out, waiting
-  for another attempt, claimed and not yet handed out, acked and not yet sent) and
-  never hands one out twice; a background task resets their idle time
-  (`XCLAIM ... JUSTID`, which counts no delivery) every `claim_idle / 4`, so no
-  other live consumer claims work in progress.
-- ack: `XACK` after the handling succeeded, batched: one script call per stream
-  records the message ids of successful handlings as done (a sorted set per group,
-  scored by time) and acks the entries. A received entry whose message id is done,
-  or is being handled here under another entry, is acked without being handled and
-  without being recorded: a message sent twice takes effect once within
-  `dedupe_window`, and a skipped copy never hides a failure of the first one.
-- entries hold three fields: `i`, the message id, `h`, the header (kind, name,
-  message id, correlation and causation ids) as a JSON array, and `b`, the body
-  (and `g`, the group, when a dead letter is requeued for one group); an entry of
-  another shape is handed on as undecodable and dead-lettered.
+- receive: this consumer's own pending entries first, after a start, so a restarted
+  consumer never strands its work; then entries idle longer than `claim_idle`
+  (`XPENDING ... IDLE` and `XCLAIM` in one atomic script, every `claim_interval`, no
+  lock); then new entries (`XREADGROUP ... >`, blocking no later than the next claim).
+- holding: this process knows each entry it holds by entry id and never hands one out
+  twice; a background task resets their idle time (`XCLAIM ... JUSTID`, which counts
+  no delivery) every `claim_idle / 4`, so no live consumer's work is claimed.
+- ack: `XACK` after the handling succeeded, batched, with the message ids of successful
+  handlings recorded as done (a sorted set per group). A copy of a message done, or in
+  hand here under another entry, is acked unhandled and unrecorded: a message sent
+  twice takes effect once within `dedupe_window`, and no copy hides another's failure.
 - retry: the entry stays here and comes again at once, its delivery count one higher.
 - release: `XCLAIM ... RETRYCOUNT <attempt - 1> IDLE <a day> JUSTID`: the next delivery,
   here or by any consumer's next claim, has the same attempt.
 - dead_letter: `XADD` to `{prefix}dead` and `XACK`, in one `MULTI/EXEC`
-  (see `pybus.redis_dead_letters` to list, requeue and purge them).
-- send: `XADD`, the sends of one turn of the event loop in one script call; the
-  client's own retries are off (a retried XADD can write an entry twice), so a
-  send either returns the entry id or raises `TransportError` within `timeout`,
-  whose `maybe_written` tells whether the entry may exist.
-- retention: with `max_len`, streams are trimmed with `XTRIM MINID` below the
-  oldest entry any group still has pending or has not read, never above it, in
-  the background every 100 sends (a failure is logged, never raised by a send).
+  (`pybus.redis_dead_letters` lists, requeues and purges them).
+- send: `XADD`, the sends of one turn of the event loop in one script call, without the
+  client's own retries (a retried XADD can write an entry twice): it returns the entry
+  id or raises `TransportError` within `timeout`, whose `maybe_written` says whether
+  the entry may exist.
+- retention: with `max_len`, `XTRIM MINID` below the oldest entry any group still has
+  pending or has not read, in the background every 100 sends (a failure is logged).
 
-redis-py is imported here only; install `pybus[redis]`.
+redis-py is imported by the `pybus.redis_*` modules only; install `pybus[redis]`.
 """
 
 from __future__ import annotations
@@ -49,8 +40,8 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, overload
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
@@ -238,16 +229,7 @@ class RedisTransport(Transport):
         if self.max_len is None:
             return
         try:
-            newest = await self.client.xrevrange(key, "+", "-", count=self.max_len)
-            if len(newest) < self.max_len:
-                return
-            floor = newest[-1][0]
-            for group in await self.client.xinfo_groups(key):
-                floor = min(floor, group["last-delivered-id"], key=wire.entry_order)
-                if group["pending"]:
-                    summary = await self.client.xpending(key, group["name"])
-                    floor = min(floor, summary["min"], key=wire.entry_order)
-            await self.client.xtrim(key, minid=floor, approximate=False)
+            await wire.trim(self.client, key, self.max_len)
         except RedisError as exc:
             raise TransportError(f"Could not trim {key}: {exc}") from exc
 
@@ -256,20 +238,7 @@ class RedisTransport(Transport):
     async def check_durability(self) -> list[str]:
         """Warn (on the `pybus` logger) when the server is configured to lose acknowledged
         entries; return the warnings. Run once, at the first read."""
-        warnings = []
-        config = await self.client.config_get("appendonly")
-        if config.get(b"appendonly", config.get("appendonly")) in (b"no", "no"):
-            warnings.append(
-                "Redis runs with appendonly no: entries written since the last snapshot are lost "
-                "if redis-server dies; set appendonly yes (appendfsync everysec) for durable delivery"
-            )
-        policy = await self.client.config_get("maxmemory-policy")
-        value = policy.get(b"maxmemory-policy", policy.get("maxmemory-policy"))
-        if value not in (b"noeviction", "noeviction", None):
-            warnings.append(
-                f"Redis evicts keys under memory pressure (maxmemory-policy {value!r}): a whole stream "
-                "can disappear; use noeviction for streams"
-            )
+        warnings = await wire.durability_warnings(self.client)
         for text in warnings:
             logger.warning("pybus: %s", text)
         return warnings
@@ -303,13 +272,18 @@ class RedisTransport(Transport):
     async def _receive(self, keys: list[str], max_count: int, wait: float) -> list[Envelope]:
         await self._prepare(keys)
         deadline = time.monotonic() + wait
+        take = (SHA["take"], 1 + len(keys), self._done_key, *keys, self.group, self.consumer, max_count)
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         while True:
+            if task is not None and task.cancelling() > cancels:
+                raise asyncio.CancelledError  # swallowed below us (see the blocking read)
             fresh = await self._take(keys, max_count)
             if fresh:
                 return fresh
             # The acks, a first non-blocking read and its de-duplication check share a
             # round trip; block only if that read was empty.
-            reply, done = await self._flush_acks(read=(keys, max_count))
+            reply, done = await self._flush_acks(functools.partial(_queue_take, take))
             found = [self._accept(entry, 1) for entry in wire.entries(reply, with_deleted=True)]
             fresh = self._hand_out([(env, seen) for env, seen in zip(found, done, strict=True) if env])
             if fresh:
@@ -323,7 +297,13 @@ class RedisTransport(Transport):
             reply = await self.client.xreadgroup(
                 self.group, self.consumer, streams, count=max_count, block=block_ms
             )
-            fresh = await self._skip_done([self._accept(entry, 1) for entry in wire.entries(reply or [])])
+            found = [self._accept(entry, 1) for entry in wire.entries(reply or [])]
+            if task is not None and task.cancelling() > cancels:
+                # redis-py can swallow a cancellation that lands as a blocking read ends:
+                # honour it; what the read took waits to be handed out or given back.
+                self._claimed.extend(envelope for envelope in found if envelope is not None)
+                raise asyncio.CancelledError
+            fresh = await self._skip_done(found)
             if fresh:
                 return fresh
 
@@ -343,9 +323,6 @@ class RedisTransport(Transport):
             await self._claim(claimable)
         while self._claimed and len(taken) < max_count:
             taken.append(self._claimed.popleft())
-        if not taken:
-            return []
-        await self._flush_acks()
         return await self._skip_done(taken)
 
     async def _read_own(self, key: str) -> None:
@@ -412,13 +389,19 @@ class RedisTransport(Transport):
             return None
         return envelope
 
-    async def _skip_done(self, envelopes: Iterable[Envelope | None]) -> list[Envelope]:
-        """Check the message ids against those handled, in one round trip; see `_hand_out`."""
+    async def _skip_done(self, envelopes: list[Envelope | None]) -> list[Envelope]:
+        """Send the buffered acks and check the message ids against those handled, in one
+        round trip; see `_hand_out`. If that fails (or is cancelled), the envelopes wait
+        in `_claimed`: handed out by the next read, or given back by `aclose()`."""
         found = [envelope for envelope in envelopes if envelope is not None]
         if not found:
             return []
         ids = [envelope.message_id for envelope in found]
-        (scores,) = await self._execute(lambda pipe: pipe.zmscore(self._done_key, ids))
+        try:
+            scores = await self._flush_acks(lambda pipe: pipe.zmscore(self._done_key, ids))
+        except BaseException:
+            self._claimed.extendleft(reversed(found))
+            raise
         return self._hand_out([(env, score is not None) for env, score in zip(found, scores, strict=True)])
 
     def _hand_out(self, checked: list[tuple[Envelope, object]]) -> list[Envelope]:
@@ -497,39 +480,28 @@ class RedisTransport(Transport):
         """Send the acks buffered so far."""
         await self._flush_acks()
 
-    @overload
-    async def _flush_acks(self, read: None = None) -> None: ...
-    @overload
-    async def _flush_acks(self, read: tuple[list[str], int]) -> tuple[list[Any], list[int]]: ...
-    async def _flush_acks(
-        self, read: tuple[list[str], int] | None = None
-    ) -> tuple[list[Any], list[int]] | None:
-        """Send the buffered acks; with `read` (keys, count), also read new entries
-        without blocking and check them for duplicates in the same round trip, and
-        return the reply and the done flags (see `redis_wire.TAKE`)."""
+    async def _flush_acks(self, then: Callable[[Any], object] | None = None) -> Any:
+        """Send the buffered acks, and what `then` queues after them in the same round
+        trip (it sees the acks' marks); return the reply to the last of those."""
         acks, self._acks = self._acks, []
-        if not acks and read is None:
+        if not acks and then is None:
             return None
 
         def queue(pipe: Any) -> None:
             self._queue_acks(pipe, acks)
-            if read is not None:
-                keys, count = read
-                pipe.evalsha(
-                    SHA["take"], 1 + len(keys), self._done_key, *keys, self.group, self.consumer, count
-                )
+            if then is not None:
+                then(pipe)
 
         try:
             replies = await self._execute(queue)
-        except RedisError as exc:
+        except BaseException as exc:
             self._acks[:0] = acks  # keep them: acked on the next flush
-            raise TransportError(f"Could not ack {len(acks)} message(s): {exc}") from exc
+            if isinstance(exc, RedisError):
+                raise TransportError(f"Could not ack {len(acks)} message(s): {exc}") from exc
+            raise
         for envelope, _ in acks:
             self._forget(envelope)
-        if read is None:
-            return None
-        reply, done = replies[-1]
-        return reply, done
+        return replies[-1] if then is not None else None
 
     def _queue_acks(self, pipe: Any, acks: list[tuple[Envelope, bool]]) -> None:
         by_stream: dict[str, tuple[list[str], list[bytes]]] = {}
@@ -630,6 +602,10 @@ class RedisTransport(Transport):
 
 def _describe(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _queue_take(take: tuple[Any, ...], pipe: Any) -> None:
+    pipe.evalsha(*take)
 
 
 def _queue_add(keys: list[str], args: list[str | bytes], pipe: Any) -> None:

@@ -1,4 +1,5 @@
-"""What the Redis Streams transport keeps in Redis and runs there.
+"""What the Redis Streams transport keeps in Redis and runs there, and how it reads
+the server's state (trimming, durability).
 
 An entry of a message stream holds `i`, the message id (first, so a script can read
 it), `h`, the header (kind, name, message id, correlation and causation ids) as a
@@ -203,6 +204,40 @@ async def execute(
                 pipe.script_load(script)
             await pipe.execute()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def trim(client: Any, key: str, max_len: int) -> None:
+    """Trim `key` to about `max_len` entries with `XTRIM MINID`, never past the oldest
+    entry a group has pending or has not read (Redis 7.0 cannot trim around them)."""
+    newest = await client.xrevrange(key, "+", "-", count=max_len)
+    if len(newest) < max_len:
+        return
+    floor = newest[-1][0]
+    for group in await client.xinfo_groups(key):
+        floor = min(floor, group["last-delivered-id"], key=entry_order)
+        if group["pending"]:
+            summary = await client.xpending(key, group["name"])
+            floor = min(floor, summary["min"], key=entry_order)
+    await client.xtrim(key, minid=floor, approximate=False)
+
+
+async def durability_warnings(client: Any) -> list[str]:
+    """What in the server's configuration can lose acknowledged entries."""
+    warnings = []
+    config = await client.config_get("appendonly")
+    if config.get(b"appendonly", config.get("appendonly")) in (b"no", "no"):
+        warnings.append(
+            "Redis runs with appendonly no: entries written since the last snapshot are lost "
+            "if redis-server dies; set appendonly yes (appendfsync everysec) for durable delivery"
+        )
+    policy = await client.config_get("maxmemory-policy")
+    value = policy.get(b"maxmemory-policy", policy.get("maxmemory-policy"))
+    if value not in (b"noeviction", "noeviction", None):
+        warnings.append(
+            f"Redis evicts keys under memory pressure (maxmemory-policy {value!r}): a whole stream "
+            "can disappear; use noeviction for streams"
+        )
+    return warnings
 
 
 def entry_fields(envelope: Envelope) -> dict[str, str | bytes]:

@@ -438,3 +438,42 @@ async def test_an_idle_consumer_blocked_in_a_long_read_reclaims_within_the_bound
     assert sorted(seen) == list(range(50))
     # The documented bound; entries go idle when their holder stops refreshing them.
     assert took <= claim_idle + claim_interval + 1.0, took
+
+
+async def test_a_restarted_consumer_reads_many_own_pending_entries_once_each(redis_url: str) -> None:
+    await publish(redis_url, 1_200)
+    first = RedisTransport(redis_url, group="billing", consumer="w1", claim_idle=60)
+    assert len(await first.receive([default_name(Paid)], max_count=1_200, wait=1.0)) == 1_200
+    await first.aclose()  # dies holding them all
+    handled: list[int] = []
+
+    async def in_hand_a_while(event: Paid) -> None:
+        await asyncio.sleep(0.005)  # still in hand when the next few are read
+        handled.append(event.n)
+
+    restarted = worker(redis_url, in_hand_a_while, claim_idle=60)
+    async with consuming(restarted, concurrency=16, prefetch=4) as consumer:  # reads a few at a time
+        await until(lambda: consumer.handled == 1_200)
+    assert sorted(handled) == list(range(1_200))  # each once: none read again while in hand
+    client = raw(redis_url)
+    assert (await client.xpending(KEY, "billing"))["pending"] == 0
+    await client.aclose()
+
+
+async def test_a_retry_never_takes_back_an_entry_another_consumer_claimed(redis_url: str) -> None:
+    await publish(redis_url, 1)
+    slow = RedisTransport(redis_url, group="billing", consumer="slow", claim_idle=60)
+    (envelope,) = await slow.receive([default_name(Paid)], max_count=1, wait=1.0)
+    client = raw(redis_url)
+    entry_id = envelope.receipt[1]  # type: ignore[index]
+    # Another consumer claimed it meanwhile (as it would from a consumer stalled past claim_idle).
+    await client.xclaim(KEY, "billing", "other", min_idle_time=0, message_ids=[entry_id])
+    await slow.retry(envelope, Boom("failed here"))
+    assert await slow.receive([default_name(Paid)], max_count=1, wait=0) == []  # not handed out again
+    ((_, owner, _, deliveries),) = [
+        (item["message_id"], item["consumer"], 0, item["times_delivered"])
+        for item in await client.xpending_range(KEY, "billing", min="-", max="+", count=10)
+    ]
+    assert (owner, deliveries) == (b"other", 2)  # still the other consumer's; no delivery added
+    await slow.aclose()
+    await client.aclose()
