@@ -35,6 +35,15 @@ def raw(url: str) -> Any:
     return aioredis.Redis.from_url(url)
 
 
+async def pending(url: str) -> int:
+    """How many entries the billing group has pending."""
+    client = raw(url)
+    try:
+        return int((await client.xpending(KEY, "billing"))["pending"])
+    finally:
+        await client.aclose()
+
+
 class Boom(Exception):
     pass
 
@@ -80,9 +89,7 @@ async def test_round_trip_and_ack(redis_url: str) -> None:
     async with consuming(worker(redis_url, lambda event: seen.append(event.n))) as consumer:
         await until(lambda: consumer.handled == 100)
     assert sorted(seen) == list(range(100))
-    client = raw(redis_url)
-    assert (await client.xpending(KEY, "billing"))["pending"] == 0
-    await client.aclose()
+    assert await pending(redis_url) == 0
 
 
 async def test_g2_a_restarted_consumer_handles_its_own_pending_entries_first(redis_url: str) -> None:
@@ -390,9 +397,7 @@ async def test_a_message_that_always_fails_is_handled_exactly_max_deliveries_tim
     async with RedisDeadLetters(redis_url) as dead:
         letters = await dead.letters()
     assert [letter.envelope.attempt for letter in letters] == [5, 5]
-    client = raw(redis_url)
-    assert (await client.xpending(KEY, "billing"))["pending"] == 0  # nothing left to deliver
-    await client.aclose()
+    assert await pending(redis_url) == 0  # nothing left to deliver
 
 
 async def test_two_live_consumers_never_take_each_others_work_in_progress(redis_url: str) -> None:
@@ -455,9 +460,7 @@ async def test_a_restarted_consumer_reads_many_own_pending_entries_once_each(red
     async with consuming(restarted, concurrency=16, prefetch=4) as consumer:  # reads a few at a time
         await until(lambda: consumer.handled == 1_200)
     assert sorted(handled) == list(range(1_200))  # each once: none read again while in hand
-    client = raw(redis_url)
-    assert (await client.xpending(KEY, "billing"))["pending"] == 0
-    await client.aclose()
+    assert await pending(redis_url) == 0
 
 
 async def test_a_retry_never_takes_back_an_entry_another_consumer_claimed(redis_url: str) -> None:
