@@ -310,9 +310,6 @@ class RedisTransport(Transport):
     async def _take(self, keys: list[str], max_count: int) -> list[Envelope]:
         """What can be handed out without waiting: entries to try again, this consumer's own
         pending entries after a start, and entries claimed from consumers that stopped."""
-        taken: list[Envelope | None] = []
-        while self._again and len(taken) < max_count:
-            taken.append(self._again.popleft())
         for key in keys:
             if key in self._own_from and len(self._claimed) < _BACKLOG:
                 await self._read_own(key)
@@ -321,6 +318,9 @@ class RedisTransport(Transport):
         claimable = [key for key in keys if key not in self._own_from]
         if claimable and time.monotonic() >= self._next_claim and len(self._claimed) < _BACKLOG:
             await self._claim(claimable)
+        taken: list[Envelope | None] = []
+        while self._again and len(taken) < max_count:
+            taken.append(self._again.popleft())
         while self._claimed and len(taken) < max_count:
             taken.append(self._claimed.popleft())
         return await self._skip_done(taken)
@@ -434,7 +434,9 @@ class RedisTransport(Transport):
             if not by_key:
                 break
             try:
-                lost = await self._hold([(key, ids, "", "") for key, ids in by_key.items()])
+                # An entry given back meanwhile (idle a day) is not refreshed: it stays claimable.
+                kept = str(_RELEASED_IDLE_MS // 2)
+                lost = await self._hold([(key, ids, "", "") for key, ids in by_key.items()], kept)
             except RedisError as exc:
                 logger.warning(
                     "pybus: could not refresh the %d entries held by %s (%s: %s); past claim_idle another "
@@ -449,13 +451,14 @@ class RedisTransport(Transport):
                         waiting.remove(envelope)  # not handed out: the other consumer has it
                         self._forget(envelope)
 
-    async def _hold(self, calls: list[tuple[str, list[bytes], str, str]]) -> list[Receipt]:
-        """Run `redis_wire.HOLD` for each (key, entry ids, retry count or "", idle ms or "") in one round
-        trip; return the entries that are no longer pending for this consumer."""
+    async def _hold(self, calls: list[tuple[str, list[bytes], str, str]], limit: str = "") -> list[Receipt]:
+        """Run `redis_wire.HOLD` for each (key, entry ids, retry count or "", idle ms or "") in
+        one round trip; return the entries that are no longer this consumer's to keep."""
 
         def queue(pipe: Any) -> None:
             for key, ids, count, idle in calls:
-                pipe.evalsha(SHA["hold"], 1, key, self.group, self.consumer, count, idle, b"\n".join(ids))
+                args = (self.group, self.consumer, count, idle, b"\n".join(ids), limit)
+                pipe.evalsha(SHA["hold"], 1, key, *args)
 
         replies = await self._execute(queue)
         return [

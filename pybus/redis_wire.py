@@ -132,12 +132,18 @@ return {claimed, attempts}
 # Keeps the entries ARGV[5] (one per line) of stream KEYS[1] that are still pending for
 # consumer ARGV[2] of group ARGV[1]: XCLAIM ... JUSTID resets their idle time (or sets
 # it to ARGV[4] ms) and counts no delivery; with ARGV[3], their delivery count becomes
-# that. Entries acked or claimed by another consumer meanwhile are left alone and returned.
+# that. Entries acked or claimed by another consumer meanwhile, and with ARGV[6] those
+# idle that long or longer (given back, so not to be kept), are left alone and returned.
 HOLD = """
 local mine, lost = {}, {}
+local limit = tonumber(ARGV[6])
 for id in string.gmatch(ARGV[5], "[^\\n]+") do
     local found = redis.call("XPENDING", KEYS[1], ARGV[1], id, id, 1)
-    if found[1] and found[1][2] == ARGV[2] then mine[#mine + 1] = id else lost[#lost + 1] = id end
+    if found[1] and found[1][2] == ARGV[2] and not (limit and found[1][3] >= limit) then
+        mine[#mine + 1] = id
+    else
+        lost[#lost + 1] = id
+    end
 end
 local options = {"JUSTID"}
 if ARGV[3] ~= "" then
