@@ -9,7 +9,10 @@ then produce jobs:
     REDIS_URL=redis://localhost:6379/0 uv run python examples/redis_worker.py 1000
 
 Each job records its effect in the Redis hash `effects` (job number -> times
-handled), so you can see that every job took effect once. Needs pybus[redis].
+handled), so you can see that every job took effect once. A job with negative
+`seconds` fails (see it with `pybus dlq examples.redis_worker:create_worker list`).
+PYBUS_JOB_DELAY makes every job of that worker take that many seconds more, to try
+out a worker that dies with work in hand. Needs pybus[redis].
 """
 
 from __future__ import annotations
@@ -55,10 +58,14 @@ def create_worker() -> Dispatcher:
     dp = Dispatcher(transport=transport)
     dp.route(Job)
 
+    delay = float(os.environ.get("PYBUS_JOB_DELAY", "0"))
+
     @dp.events.register(Job, effects=Singleton(effects_client))
     async def do_job(job: Job, effects: Any) -> None:
-        if job.seconds:
-            await asyncio.sleep(job.seconds)
+        if job.seconds < 0:
+            raise ValueError(f"job {job.n} cannot take {job.seconds} seconds")
+        if job.seconds + delay:
+            await asyncio.sleep(job.seconds + delay)
         await effects.hincrby("effects", str(job.n), 1)
 
     return dp

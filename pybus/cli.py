@@ -298,28 +298,32 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _dlq(args: argparse.Namespace) -> int:
     transport = load_dispatcher(args.app).transport
-    dead_letters = getattr(transport, "dead_letters", None)
-    if transport is None or dead_letters is None:
+    try:
+        from pybus.redis_dead_letters import RedisDeadLetters
+        from pybus.redis_streams import RedisTransport
+    except ImportError as exc:  # without pybus[redis], no transport here keeps dead letters
+        raise UsageError(f"{args.app} has no transport that keeps dead letters ({exc})") from exc
+    if not isinstance(transport, RedisTransport):
         raise UsageError(f"{args.app} has no transport that keeps dead letters (RedisTransport does)")
-    return asyncio.run(_dlq_run(transport, args))
+    return asyncio.run(_dlq_run(transport, RedisDeadLetters.of(transport), args))
 
 
-async def _dlq_run(transport: Any, args: argparse.Namespace) -> int:
+async def _dlq_run(transport: Any, dead: Any, args: argparse.Namespace) -> int:
     try:
         if args.action == "list":
-            for dead_id, letter in await transport.dead_letters(count=args.count):
+            for letter in await dead.letters(count=args.count):
                 envelope = letter.envelope
-                first_line = letter.reason.splitlines()[0] if letter.reason else ""
                 attempts, message_id = f"attempts={envelope.attempt}", f"id={envelope.message_id}"
-                print("  ".join((dead_id, envelope.name, attempts, message_id, first_line)))
+                print("  ".join((letter.id, envelope.name, attempts, message_id, letter.error)))
         elif args.action == "requeue":
             for dead_id in args.ids:
-                print(f"{dead_id} -> {await transport.requeue(dead_id)}")
+                print(f"{dead_id} -> {await dead.requeue(dead_id)}")
         else:
-            print(f"purged {await transport.purge()} dead letter(s)")
+            print(f"purged {await dead.purge()} dead letter(s)")
     except PyBusError as exc:
         raise UsageError(str(exc)) from exc
     finally:
+        await dead.aclose()
         await transport.aclose()
     return 0
 

@@ -281,7 +281,16 @@ class ProviderError(PyBusError):
 
 
 class TransportError(PyBusError):
-    """The broker could not be reached or refused a command; the cause is chained."""
+    """The broker could not be reached or refused a command; the cause is chained.
+
+    `maybe_written` is True when a send failed after its command may have reached
+    the broker: the message may exist and be delivered. It is False when nothing
+    was written (and for every error that is not about a send).
+    """
+
+    def __init__(self, *args: object, maybe_written: bool = False) -> None:
+        super().__init__(*args)
+        self.maybe_written = maybe_written
 
 
 class DecodeError(PyBusError):

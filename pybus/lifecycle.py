@@ -161,7 +161,8 @@ class Lifecycle:
                 self._drain = None
         finally:  # also when the loop is ending and cancels this task
             unhandled, failure = await self._finish()
-        if failure is not None and not self._waiting:  # nobody to raise it to
+        if failure is not None and not self._waiting:  # nobody to raise it to: log it, once
+            self._failure_raised = True
             logger.error(
                 "pybus: tearing down the Singletons failed while the dispatcher stopped",
                 exc_info=(type(failure), failure, failure.__traceback__),

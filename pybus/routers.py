@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from pybus.engines import EventEngine, RequestEngine
 from pybus.errors import (
@@ -42,7 +42,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def bind_any(router: _Router, key: object, handler: object, **options: Any) -> Handler:
+def bind_any(router: _Router[Any], key: object, handler: object, **options: Any) -> Handler:
     """`router.bind(...)` without the overloads that type-check user calls (for pybus's own calls)."""
     bind: Callable[..., Handler] = router.bind
     return bind(key, handler, **options)
@@ -69,7 +69,10 @@ class HandlerDecorator(Protocol[M]):
     def __call__(self, handler: SupportsHandle, /) -> SupportsHandle: ...
 
 
-class _Router:
+E = TypeVar("E", EventEngine, RequestEngine)
+
+
+class _Router(Generic[E]):
     """Registration shared by both routers; subclasses decide how many handlers a key has."""
 
     def __init__(self, dispatcher: Dispatcher, kind: Kind) -> None:
@@ -349,7 +352,9 @@ class _Router:
     def middleware_for(self, handler: Handler) -> tuple[Middleware, ...]:
         """The middleware around a registration, outermost first: the dispatcher's,
         this router's, then its own."""
-        outer = self._settings.middleware if self._frozen else self.dispatcher.middleware
+        outer: tuple[Middleware, ...] = (
+            self._settings.middleware if self._frozen else self.dispatcher.middleware
+        )
         return (*outer, *self._middleware, *handler.middleware)
 
     def _freeze(self, settings: Settings, forwarder: Forwarder | None) -> None:
@@ -397,9 +402,9 @@ class _Router:
         return forwarder is not None and message_key(message) in forwarder.keys
 
     #: Built by `freeze()`.
-    engine: EventEngine | RequestEngine | None = None
+    engine: E | None = None
 
-    def _started_engine(self, message: object) -> EventEngine | RequestEngine:
+    def _started_engine(self, message: object) -> E:
         engine = self.engine
         if engine is None:
             if self._closed:
@@ -421,11 +426,10 @@ class _Router:
         return key in self._handlers
 
 
-class EventRouter(_Router):
+class EventRouter(_Router[EventEngine]):
     """Registers event handlers: any number per key, matched along the class MRO."""
 
     engine_cls: ClassVar[type[EventEngine]] = EventEngine
-    engine: EventEngine | None = None
 
     def _add(self, handler: Handler) -> None:
         found = self._handlers.setdefault(handler.key, [])
@@ -452,11 +456,10 @@ class EventRouter(_Router):
         return self.engine
 
 
-class RequestRouter(_Router):
+class RequestRouter(_Router[RequestEngine]):
     """Registers command or query handlers: exactly one per key, matched by exact key."""
 
     engine_cls: ClassVar[type[RequestEngine]] = RequestEngine
-    engine: RequestEngine | None = None
 
     def _add(self, handler: Handler) -> None:
         found = self._handlers.get(handler.key)

@@ -377,3 +377,25 @@ def test_worker_takes_max_deliveries_and_wait() -> None:
     result = pybus("worker", "examples.redis_worker:create_worker", "--wait", "0")
     assert result.returncode == 2
     assert result.stderr == "pybus: error: wait must be a number of seconds > 0, not 0.0\n"
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("import os\nurl = os.environ['PYBUS_NOT_SET_ANYWHERE']\n",
+         "KeyError: 'PYBUS_NOT_SET_ANYWHERE' (at brokenapp.py:2)"),
+        ("import sys\nsys.exit('configure me first')\n",
+         "it called sys.exit('configure me first') (at brokenapp.py:2)"),
+        ("raise ValueError('line one\\nline two')\n", "ValueError: line one line two (at brokenapp.py:1)"),
+    ],
+    ids=["frozen-stdlib-frame", "sys-exit", "multi-line-message"],
+)  # fmt: skip
+def test_import_failures_name_the_applications_own_line_on_one_line(
+    tmp_path: Path, source: str, expected: str
+) -> None:
+    (tmp_path / "brokenapp.py").write_text(source)
+    result = subprocess.run(
+        [str(SCRIPT), "routes", "brokenapp:dp"], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"pybus: error: Importing 'brokenapp' failed: {expected}\n"

@@ -602,3 +602,57 @@ async def test_a_class_or_none_given_as_a_message_is_named(call: str, given: obj
         await dp.commands.send(Ping)
     with pytest.raises(InvalidMessage, match=r"dp.events.send\(\) got the class Pong"):
         await dp.events.send(Pong)
+
+
+async def test_a_concurrent_handler_that_cancels_its_own_task_fails_like_a_sequential_one() -> None:
+    dp = Dispatcher(concurrent_events=True)
+    followed: list[Pong] = []
+
+    @dp.events.register(Ping)
+    async def cancels_itself(event: Ping) -> Pong:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(0)
+        return Pong(event.n)  # never reached
+
+    @dp.events.register(Ping)
+    async def other(event: Ping) -> None:
+        pass
+
+    dp.events.bind(Pong, followed.append)
+    dp.start()
+    with pytest.raises(asyncio.CancelledError):
+        await dp.publish(Ping(1))
+    assert followed == []
+
+
+async def test_a_catch_all_event_handler_does_not_make_a_class_or_none_a_message() -> None:
+    from pybus import InvalidMessage
+
+    seen: list[object] = []
+    dp = Dispatcher()
+    dp.events.bind(object, seen.append)
+    dp.start()
+    for given in (Ping, None):
+        with pytest.raises(InvalidMessage):
+            await dp.publish(given)
+        with pytest.raises(InvalidMessage):
+            await dp.events.send(given)
+    await dp.publish(Ping(1))
+    assert seen == [Ping(1)]
+    await dp.stop()
+
+
+@pytest.mark.parametrize("timeout", ["1", -1, 0, True])
+async def test_a_bad_call_timeout_is_refused_clearly(timeout: object) -> None:
+    from pybus import ImproperlyConfigured
+
+    dp = Dispatcher()
+    dp.commands.bind(Ping, lambda cmd: None)
+    dp.events.bind(Pong, lambda event: None)
+    dp.start()
+    with pytest.raises(ImproperlyConfigured, match=r"dp.execute\(\.\.\., timeout=.*\): timeout is None"):
+        await dp.execute(Ping(1), timeout=timeout)  # type: ignore[call-overload]
+    with pytest.raises(ImproperlyConfigured, match=r"dp.publish\(\.\.\., timeout="):
+        await dp.publish(Pong(1), timeout=timeout)  # type: ignore[arg-type]

@@ -270,3 +270,89 @@ def test_a_dispatcher_used_in_a_second_event_loop_says_so() -> None:
     with pytest.raises(ForeignEventLoop, match="Cannot send command Job: this dispatcher runs"):
         asyncio.run(send(1))
     assert handled == [0]
+
+
+async def test_a_late_cancel_of_a_finished_handling_ends_one_lane_and_join_replaces_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler that leaves a timer to cancel its task after it finished (not
+    asyncio.timeout()) cancels whatever its lane runs then: that handling is counted as not
+    handled, and the pool does not stall: join() starts a lane again."""
+    done: list[int] = []
+
+    async def handler(job: Job) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if job.n == 0:
+            asyncio.get_running_loop().call_later(0.05, task.cancel)  # never cleared
+            return
+        await asyncio.sleep(0.2 if job.n == 1 else 0)
+        done.append(job.n)
+
+    dp = Dispatcher(workers=1)
+    dp.commands.bind(Job, handler)
+    dp.start()
+    for n in range(3):
+        await dp.commands.send(Job(n))
+    await asyncio.sleep(0.3)
+    await asyncio.wait_for(dp.join(), 2)
+    assert done == [2]
+    assert "a command worker was cancelled from outside while handling Job(n=1)" in caplog.text
+    assert await dp.stop() == 1
+
+
+async def test_a_taskgroup_that_leaves_a_cancel_count_on_its_parent_does_not_end_the_lane() -> None:
+    """On CPython 3.11 a TaskGroup whose child fails while it exits never uncancels its
+    parent; the count it leaves must neither end the lane nor give the envelope back."""
+    errors = Errors()
+    handled: list[int] = []
+
+    async def fail() -> None:
+        raise Boom
+
+    async def handler(job: Job) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(fail())
+        except* Boom:
+            pass
+        handled.append(job.n)
+
+    async with consumed(handler, errors) as send:
+        for n in range(3):
+            await send(Job(n))
+        await until(lambda: sorted(handled) == [0, 1, 2])
+    assert errors == []
+    assert sorted(handled) == [0, 1, 2]  # each once: none given back and handled again
+
+
+class Boom(Exception):
+    pass
+
+
+async def test_consumer_stop_awaited_by_a_task_its_handling_started_is_refused_not_a_hang() -> None:
+    from pybus import WouldDeadlock
+
+    refused: list[str] = []
+    broker = InMemoryBroker()
+    sender = Dispatcher(transport=InMemoryTransport(broker))
+    sender.route(Job, kind="command")
+    worker = Dispatcher(transport=InMemoryTransport(broker))
+    worker.route(Job)
+
+    @worker.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(consumer.stop())
+        except* WouldDeadlock as caught:
+            refused.append(str(caught.exceptions[0]))
+
+    async with sender, worker:
+        consumer = worker.consumer(wait=0.01)
+        reading = asyncio.create_task(consumer.run())
+        await sender.send(Job(1))
+        await until(lambda: bool(refused))
+        assert await asyncio.wait_for(consumer.stop(), 2) == 0
+        await reading
+    assert refused[0].startswith("consumer.stop() cannot be awaited from inside a background handling")

@@ -458,3 +458,168 @@ async def test_a_read_cancelled_by_the_transport_itself_is_a_failed_read_not_the
         await until(lambda: handled == [0])
     await reading
     assert [type(error) for error, _ in errors] == [TransportError]
+
+
+# -- found by the adversarial review ---------------------------------------------------------
+
+
+def test_singletons_are_torn_down_even_when_the_loop_ends_during_the_teardown() -> None:
+    torn: list[str] = []
+
+    async def make_a() -> AsyncIterator[str]:
+        yield "a"
+        torn.append("a")
+
+    async def make_b() -> AsyncIterator[str]:
+        yield "b"
+        torn.append("b begins")
+        await asyncio.sleep(0.5)  # the loop ends meanwhile
+        torn.append("b")
+
+    async def main() -> None:
+        dp = Dispatcher()
+
+        @dp.commands.register(Job, a=Singleton(make_a), b=Singleton(make_b))
+        async def job(cmd: Job, a: str, b: str) -> None:
+            pass
+
+        dp.start()
+        await dp.execute(Job(0))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(dp.stop(), 0.05)
+        # returns: asyncio.run cancels what is left, the shutdown task included
+
+    asyncio.run(main())
+    assert torn == ["b begins", "a"]
+
+
+async def test_a_teardown_failure_after_a_cancelled_stop_is_logged_not_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def failing() -> AsyncIterator[str]:
+        yield "value"
+        await asyncio.sleep(0.05)
+        raise RuntimeError("teardown failed")
+
+    dp = Dispatcher()
+
+    @dp.commands.register(Job, value=Singleton(failing))
+    async def job(cmd: Job, value: str) -> None:
+        pass
+
+    dp.start()
+    await dp.execute(Job(0))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(dp.stop(), 0.01)  # nobody waits for the shutdown any more
+    await asyncio.sleep(0.1)
+    assert "pybus: tearing down the Singletons failed while the dispatcher stopped" in caplog.text
+    assert "RuntimeError: teardown failed" in caplog.text
+    assert await dp.stop() == 0  # and a later stop() returns the count
+
+
+async def test_a_teardown_failure_is_raised_to_one_stop_and_the_count_to_the_others() -> None:
+    def failing() -> Iterator[str]:
+        yield "value"
+        raise RuntimeError("teardown failed")
+
+    dp = Dispatcher()
+    dp.commands.bind(Job, lambda cmd, value: None, value=Singleton(failing))
+    dp.start()
+    await dp.execute(Job(0))
+    with pytest.raises(RuntimeError, match="teardown failed"):
+        await dp.stop()
+    assert await dp.stop() == 0
+
+
+async def test_an_interrupted_stop_before_start_still_closes_everything() -> None:
+    class SlowToClose(Closing):
+        async def aclose(self) -> None:
+            await asyncio.sleep(0.1)
+            await super().aclose()
+
+    transport = SlowToClose()
+    dp = Dispatcher(transport=transport)
+    dp.commands.bind(Job, lambda cmd: None)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(dp.stop(), 0.01)
+    with pytest.raises(DispatcherClosed):
+        await dp.execute(Job(0))  # closed at once, not only once the transport closed
+    with pytest.raises(DispatcherClosed):
+        dp.queries.bind(Ask, lambda query: None)
+    assert await dp.stop() == 0  # waits for the same close
+    assert transport.closed == 1
+
+
+async def test_serve_refuses_a_bad_drain_timeout_before_it_starts_anything() -> None:
+    dp = Dispatcher(transport=InMemoryTransport())
+    dp.route(Job)
+    dp.commands.bind(Job, lambda cmd: None)
+    with pytest.raises(ImproperlyConfigured, match=r"drain_timeout must be None \(no limit\) or a number"):
+        await dp.serve(stop_signals=(), drain_timeout=-1)
+    assert state_of(dp) is State.NEW
+    assert [task for task in asyncio.all_tasks() if task.get_name().startswith("pybus")] == []
+
+
+async def test_serve_puts_back_the_signal_handler_it_replaced() -> None:
+    def mine(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGUSR1, mine)
+    try:
+        dp = Dispatcher()
+        serving = asyncio.create_task(dp.serve(stop_signals=(signal.SIGUSR1,)))
+        await asyncio.sleep(0.01)
+        signal.raise_signal(signal.SIGUSR1)  # caught by serve()
+        assert await asyncio.wait_for(serving, 2) == 0
+        assert signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+async def test_serve_refuses_to_replace_a_handler_the_loop_holds() -> None:
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR2, lambda: None)
+    try:
+        dp = Dispatcher()
+        with pytest.raises(ImproperlyConfigured, match=r"pass serve\(stop_signals=\(\)\) and call dp.stop"):
+            await dp.serve(stop_signals=(signal.SIGUSR2,))
+        assert state_of(dp) is State.NEW
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR2)
+
+
+async def test_a_stopped_before_start_dispatcher_says_so_to_consumer_override_and_track() -> None:
+    from pybus.testing import track
+
+    dp = Dispatcher(transport=InMemoryTransport())
+    dp.route(Job)
+    dp.commands.bind(Job, lambda cmd: None)
+    await dp.stop()
+    with pytest.raises(
+        DispatcherClosed, match="Cannot consume from the transport: the dispatcher was stopped"
+    ):
+        dp.consumer()
+    with pytest.raises(DispatcherClosed, match="the dispatcher was stopped before it started"):
+        with dp.override_handler(Job, lambda cmd: None):
+            pass
+    with pytest.raises(DispatcherClosed, match="the dispatcher was stopped before it started"):
+        async with track(dp):
+            pass
+
+
+def test_a_singleton_made_in_one_loop_binds_the_dispatcher_to_it() -> None:
+    from pybus import ForeignEventLoop
+
+    def make() -> str:
+        return "connection"
+
+    dp = Dispatcher()
+    dp.commands.bind(Job, lambda cmd, conn: None, conn=Singleton(make))
+    dp.start()
+    asyncio.run(dp.execute(Job(0)))  # the Singleton is made in this loop
+
+    async def elsewhere() -> None:
+        await dp.commands.send(Job(1))
+
+    with pytest.raises(ForeignEventLoop):
+        asyncio.run(elsewhere())

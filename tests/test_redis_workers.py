@@ -34,18 +34,27 @@ def server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
 
 
 def start_worker(
-    url: str, consumer: str, *, concurrency: int = 8, drain: float = 5, claim_idle: float = 1
+    url: str,
+    consumer: str,
+    *,
+    concurrency: int = 8,
+    prefetch: int | None = None,
+    drain: float = 5,
+    claim_idle: float = 1,
+    claim_interval: float = 0.25,
+    job_delay: float = 0,
 ) -> Any:
     env = {
         **os.environ,
         "REDIS_URL": url,
         "PYBUS_CONSUMER": consumer,
         "PYBUS_CLAIM_IDLE": str(claim_idle),
-        "PYBUS_CLAIM_INTERVAL": "0.25",
+        "PYBUS_CLAIM_INTERVAL": str(claim_interval),
+        "PYBUS_JOB_DELAY": str(job_delay),
     }
+    sizes = ["--concurrency", str(concurrency)] + ([] if prefetch is None else ["--prefetch", str(prefetch)])
     return subprocess.Popen(
-        [str(SCRIPT), "worker", "examples.redis_worker:create_worker",
-         "--concurrency", str(concurrency), "--drain-timeout", str(drain)],
+        [str(SCRIPT), "worker", "examples.redis_worker:create_worker", *sizes, "--drain-timeout", str(drain)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -66,6 +75,10 @@ def pending_of(url: str, consumer: str) -> int:
             if entry["name"].decode() == consumer:
                 return int(entry["pending"])
         return 0
+    except redis.ResponseError as exc:
+        if "NOGROUP" not in str(exc):
+            raise
+        return 0  # no group yet: no worker has started reading
     finally:
         client.close()
 
@@ -132,6 +145,34 @@ def test_g1_a_killed_worker_loses_nothing(server: tuple[str, Any]) -> None:
     finally:
         stop(killed)
         stop(survivor)
+
+
+def test_a_worker_reading_one_at_a_time_reclaims_all_of_a_killed_workers_entries_within_the_bound(
+    server: tuple[str, Any],
+) -> None:
+    url, _ = server
+    asyncio.run(produce_with(url, 200, seconds=0))
+    claim_idle, claim_interval = 1.0, 0.25
+    # A slow worker: it holds 64 jobs (its concurrency) and finishes none of them.
+    killed = start_worker(url, "killed", concurrency=64, claim_idle=claim_idle, job_delay=60)
+    survivor = None
+    try:
+        wait_for(lambda: pending_of(url, "killed") == 64, 30, "the slow worker to hold 64 jobs")
+        survivor = start_worker(url, "survivor", concurrency=1, prefetch=1, claim_idle=claim_idle)
+        wait_for(lambda: len(effects(url)) >= 20, 30, "the survivor to make progress")
+        killed.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        killed.communicate(timeout=10)
+        reclaimed_at = wait_for(lambda: pending_of(url, "killed") == 0, 30, "the killed worker's entries")
+        took = reclaimed_at - killed_at
+        print(f"64 entries reclaimed {took:.2f} s after the kill")
+        assert took <= claim_idle + claim_interval + 1, took  # the documented bound
+        wait_for(lambda: len(effects(url)) == 200, 60, "every job to take effect")
+        assert effects(url) == dict.fromkeys(range(200), 1)  # the killed worker had finished none
+    finally:
+        stop(killed)
+        if survivor is not None:
+            stop(survivor)
 
 
 def test_g5_a_stalled_redis_loses_nothing_and_work_resumes(server: tuple[str, Any]) -> None:

@@ -262,3 +262,26 @@ def test_a_keyword_only_message_parameter_suggests_argname() -> None:
         "(a keyword-only parameter is never given the message by position)"
     )
     dp.commands.bind(CreateUser, create, argname="cmd")  # the suggestion works
+
+
+def test_register_without_the_key_above_a_class_is_refused_at_start() -> None:
+    dp = Dispatcher()
+
+    @dp.commands.register
+    class CreateUserHandler:
+        async def handle(self, cmd: CreateUser) -> None: ...
+
+    with pytest.raises(ImproperlyConfigured) as info:
+        dp.start()
+    assert str(info.value) == (
+        "@dp.commands.register was written without the message key above the class "
+        "CreateUserHandler, which looks like a handler: nothing was registered; write "
+        "@dp.commands.register(SomeMessage)"
+    )
+
+
+def test_a_register_decorator_never_applied_is_refused_at_start() -> None:
+    dp = Dispatcher()
+    dp.events.register(UserCreated)  # the decorator is made and dropped
+    with pytest.raises(ImproperlyConfigured, match=r"dp.events.register\(UserCreated\) made a decorator"):
+        dp.start()

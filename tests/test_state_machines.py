@@ -321,7 +321,7 @@ class DispatcherMachine(LoopMachine):
         self.gate = asyncio.Event()
 
     @precondition(lambda self: self.seq >= 10)  # let some work happen first
-    @rule(timeout=st.sampled_from([None, 0, 0.001]))
+    @rule(timeout=st.sampled_from([None, 0]))  # no wall-clock timing: a seed replays the same run
     def stop(self, timeout: float | None) -> None:
         self.spawn(self.dp.stop(timeout))
         self.advance(2)

@@ -367,3 +367,24 @@ def test_the_plugin_is_registered_for_pytest(tmp_path: object) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+async def test_a_background_handler_failing_with_cancelled_error_is_a_recorded_failure() -> None:
+    dp = Dispatcher(on_error=lambda error, message: None)
+
+    @dp.events.register(Child)
+    async def cancels_itself(event: Child) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(0)
+
+    dp.start()
+    async with track(dp, allow_errors=True) as session:
+        await dp.events.send(Child(1))
+    assert session.failed.single(Child) == Child(1)
+    assert isinstance(session.failed[0].error, asyncio.CancelledError)
+    with pytest.raises(BaseExceptionGroup):
+        async with track(dp):
+            await dp.events.send(Child(2))
+    await dp.stop()

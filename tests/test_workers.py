@@ -916,3 +916,131 @@ async def test_a_waiting_sender_cancelled_as_the_dispatcher_stops_raises_only_it
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert await stopping == 2
+
+
+# -- found by the adversarial review ---------------------------------------------------------
+
+
+async def test_a_newcomer_never_overtakes_a_sender_that_was_handed_room() -> None:
+    """Room handed to a waiting sender is held for it: a sender arriving meanwhile lines up
+    behind it, also for the same ordering key."""
+    started: list[int] = []
+    accepted: list[int] = []
+    dp = Dispatcher(workers=2, queue_size=2)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        started.append(cmd.n)
+
+    dp.start()
+
+    async def send(n: int) -> None:
+        await dp.commands.send(Job(n), key="a")
+        accepted.append(n)
+
+    sends = [asyncio.create_task(send(n)) for n in (1, 2, 3)]  # 3 waits for room
+    await asyncio.sleep(0)
+    sends.append(asyncio.create_task(send(4)))  # arrives while 3 waits, or holds room
+    await asyncio.gather(*sends)
+    await dp.join()
+    assert accepted == [1, 2, 3, 4]
+    assert started == [1, 2, 3, 4]
+    await dp.stop()
+
+
+async def test_an_error_hook_that_raises_cancelled_error_is_logged_and_the_worker_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def hook(error: BaseException, message: object) -> None:
+        inner = asyncio.create_task(asyncio.sleep(1))
+        inner.cancel()
+        await inner  # raises CancelledError out of the hook
+
+    dp = Dispatcher(workers=1, on_error=hook)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        if cmd.n == 0:
+            raise Boom
+
+    dp.start()
+    for n in range(3):
+        await dp.commands.send(Job(n))
+    await asyncio.wait_for(dp.join(), 2)
+    stats = dp.statistics().commands
+    assert (stats.handled, stats.failed) == (2, 1)
+    assert "pybus: the on_error hook was cancelled while reporting Boom()" in caplog.text
+    assert await asyncio.wait_for(dp.stop(), 2) == 0
+
+
+async def test_every_pool_stops_taking_work_before_any_is_awaited() -> None:
+    """Past the deadline, a pool whose handler is slow to cancel does not let another pool
+    start what it still has queued."""
+    dp = Dispatcher(workers=1)
+
+    @dp.events.register(Tick)
+    async def slow_to_cancel(event: Tick) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.2)  # a graceful cleanup
+            raise
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        await asyncio.sleep(0.01)
+
+    dp.start()
+    await dp.events.send(Tick(0))
+    for n in range(50):
+        await dp.commands.send(Job(n))
+    await asyncio.sleep(0.03)
+    before = dp.statistics().commands.handled
+    unhandled = await dp.stop(timeout=0)
+    after = dp.statistics().commands.handled
+    assert after <= before + 1  # the one in flight may finish; nothing queued starts
+    assert unhandled == 1 + 50 - after
+
+
+async def test_an_unhashable_key_is_refused_at_once_also_on_a_full_queue() -> None:
+    from pybus import InvalidMessage
+
+    dp = Dispatcher(workers=1, queue_size=1)
+    gate = asyncio.Event()
+    dp.commands.bind(Job, lambda cmd: gate.wait())
+    dp.start()
+    await dp.commands.send(Job(0))
+    await asyncio.sleep(0)
+    await dp.commands.send(Job(1))  # full
+    with pytest.raises(InvalidMessage):
+        await asyncio.wait_for(dp.commands.send(Job(2), key={"a": 1}), 1)  # not after waiting
+    with pytest.raises(InvalidMessage):
+        dp.commands.send_nowait(Job(2), key=[1])  # not QueueFull
+    gate.set()
+    assert await dp.stop() == 0
+
+
+async def test_dp_send_before_start_names_the_kind_the_key_is_registered_under() -> None:
+    from pybus import DispatcherNotStarted
+
+    dp = Dispatcher()
+    dp.commands.bind(Job, lambda cmd: None)
+    with pytest.raises(DispatcherNotStarted, match="Cannot handle command Job"):
+        await dp.send(Job(1))
+    await dp.stop()
+    with pytest.raises(DispatcherClosed, match="Cannot take command Job"):
+        await dp.send(Job(1))
+
+
+async def test_the_warning_names_the_drain_timeout_a_later_stop_set(caplog: pytest.LogCaptureFixture) -> None:
+    dp = Dispatcher()
+    dp.commands.bind(Job, lambda cmd: asyncio.sleep(10))
+    dp.start()
+    await dp.commands.send(Job(0))
+    await asyncio.sleep(0)
+    first = asyncio.create_task(dp.stop())
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING, logger="pybus"):
+        assert await dp.stop(timeout=0) == 1
+    await first
+    assert "not handled after a drain timeout of 0.0 s" in caplog.text
