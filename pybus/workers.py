@@ -523,7 +523,8 @@ class WorkerPool:
             return  # the pool was stopped and its backlogs dropped
         if backlog:
             self._ready.append(backlog.popleft())
-            wake_first(self._idle_lanes)
+            if self._idle_lanes:
+                wake_first(self._idle_lanes)
         else:
             del self._backlogs[key]
 
