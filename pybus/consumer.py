@@ -34,16 +34,13 @@ from pybus.errors import (
     whole_number,
 )
 from pybus.handlers import positive_seconds
-from pybus.lanes import LaneTask, current_lane, start_in
+from pybus.lanes import LaneTask, current_lane, running_in, start_in
 from pybus.transport import Envelope, Transport
 from pybus.workers import Supervisor, wake_first
 
 #: The envelope being handled in this context: routed sends made while handling
 #: it carry its correlation id, and its message id as their causation id.
 current_envelope: ContextVar[Envelope | None] = ContextVar("pybus_envelope", default=None)
-
-#: The consumer whose handling runs in this context (and in the tasks it starts).
-_consuming: ContextVar[Consumer | None] = ContextVar("pybus_consuming", default=None)
 
 #: How a message of each kind is handled: the engines' deliver/handle methods.
 Handlers = Mapping[Kind, Callable[[Any], Awaitable[object]]]
@@ -77,6 +74,8 @@ class Consumer:
         self.codec = codec
         self.names = list(names)
         self._handlers = handlers
+        #: The dispatcher's supervisor: its error hook, and what `running_in` leads to.
+        self.supervisor = supervisor
         self._supervisor = supervisor
         concurrency = whole_number("concurrency", concurrency, 1)
         prefetch = whole_number("prefetch", max(1, concurrency // 2) if prefetch is None else prefetch, 1)
@@ -150,14 +149,12 @@ class Consumer:
     async def _read(self, loop: asyncio.AbstractEventLoop) -> None:
         reader = asyncio.current_task()
         while not self._stop_requested:
-            free = self.concurrency - self._held
-            if free < self._refill:
-                await self._sleep(loop, None)  # woken when half the slots are free, or by stop()
-                continue
-            receiving = loop.create_task(
-                self.transport.receive(self.names, max_count=min(free, self.prefetch), wait=self.wait)
-            )
-            self._receiving = receiving
+            receiving = self._receiving
+            if receiving is None:
+                if self.concurrency - self._held < self._refill:
+                    await self._sleep(loop, None)  # woken when half the slots are free, or by stop()
+                    continue
+                receiving = self._read_ahead(loop)
             try:
                 envelopes = await receiving
             except asyncio.CancelledError:
@@ -184,10 +181,23 @@ class Consumer:
                 return
             self._held += len(envelopes)
             self._ready.extend(envelopes)
+            if envelopes and self.concurrency - self._held >= self._refill:
+                # Room for another batch: its read is scheduled before any lane runs, so
+                # the broker works on it while this batch is handled.
+                self._read_ahead(loop)
             if len(self._lanes) < self.concurrency:
                 self._add_lanes(loop)  # some ended, cancelled from outside
-            for _ in envelopes:
+            if self._idle_lanes:
+                # One lane is woken; a lane whose handling waits wakes the next (see _lane):
+                # handlings that never wait are done by one lane, back to back, and those
+                # that wait spread over as many lanes as they need.
                 wake_first(self._idle_lanes)
+
+    def _read_ahead(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[list[Envelope]]:
+        count = min(self.concurrency - self._held, self.prefetch)
+        receiving = loop.create_task(self.transport.receive(self.names, max_count=count, wait=self.wait))
+        self._receiving = receiving
+        return receiving
 
     async def _sleep(self, loop: asyncio.AbstractEventLoop, seconds: float | None) -> None:
         """Wait until woken (room, or stop()) or `seconds` passed."""
@@ -209,35 +219,50 @@ class Consumer:
         assert lane is not None  # started as a LaneTask by run()
         ready = self._ready
         loop = lane.get_loop()
+        in_a_row = 0  # handlings done without the lane yielding to the loop
         while True:
             while not ready:
                 if self._stop_requested:
                     return
                 waiter = loop.create_future()
                 self._idle_lanes.append(waiter)
+                in_a_row = 0
                 await waiter  # a cancellation here ends the lane: nothing is in hand
+            if in_a_row >= 16:
+                # Handlings that never wait would keep the loop to themselves: let it deliver
+                # the read ahead's reply (and run other tasks) now and then.
+                in_a_row = 0
+                await asyncio.sleep(0)
+                continue
             if self._stop_requested:
                 return  # what is still ready was never started: run() gives it back
             envelope = ready.popleft()
             self._busy += 1
             try:
-                rest = start_in(self._context.copy(), self._process(envelope), self._supervisor)
-                if rest is not None:
+                # running_in is this consumer: it is inside the dispatcher (its supervisor),
+                # and consumer.stop() can tell its own handlings.
+                rest = start_in(self._context.copy(), self._process(envelope, lane), self)
+                if rest is None:
+                    in_a_row += 1
+                else:
+                    in_a_row = 0
+                    if ready and self._idle_lanes:
+                        wake_first(self._idle_lanes)  # this one waits: another lane takes the next
                     await rest
             finally:
                 self._busy -= 1
                 self._held -= 1
-                if self.concurrency - self._held >= self._refill:
+                if self._reader_wakeup is not None and self.concurrency - self._held >= self._refill:
                     self._wake_reader()  # the reader waits for half the slots, not each one
                 if not self._busy and self._all_done is not None and not self._all_done.done():
                     self._all_done.set_result(None)
             if lane.dirty and not await lane.settle():
                 return
 
-    async def _process(self, envelope: Envelope) -> None:
-        # Runs in a context of its own (a copy per envelope): nothing set here needs a reset.
+    async def _process(self, envelope: Envelope, lane: LaneTask) -> None:
+        # Runs in `lane`, in a context of its own (a copy per envelope): nothing set here
+        # needs a reset.
         current_envelope.set(envelope)
-        _consuming.set(self)
         try:
             try:
                 message = self.codec.decode(envelope.name, envelope.body)
@@ -250,8 +275,7 @@ class Consumer:
             try:
                 await self._handlers[envelope.kind](message)
             except asyncio.CancelledError as exc:
-                lane = current_lane()
-                if self._state == "stopping" or (lane is not None and lane.cancelled_from_outside()):
+                if self._state == "stopping" or lane.cancelled_from_outside():
                     await self._give_back(envelope)  # stopped mid-handling: not a failed delivery
                     raise
                 error = exc  # the handling cancelled itself
@@ -260,8 +284,7 @@ class Consumer:
             # A cancellation asked for during the handling must not interrupt its ack,
             # retry or dead letter: let it arrive first. One from outside ends the lane,
             # once the outcome is recorded.
-            lane = current_lane()
-            alive = lane is None or not lane.dirty or await lane.settle()
+            alive = not lane.dirty or await lane.settle()
             if error is None:
                 self.handled += 1
                 await self.transport.ack(envelope)
@@ -339,7 +362,7 @@ class Consumer:
         cancelling the call does not interrupt the stop.
         """
         seconds = drain_seconds("drain_timeout", drain_timeout)
-        if _consuming.get() is self:
+        if running_in.get() is self:  # a handling of this consumer, or a task it started
             raise WouldDeadlock("consumer.stop()")
         deadline = None
         if seconds is not None:

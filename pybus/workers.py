@@ -129,8 +129,10 @@ class Supervisor:
         self._idle: asyncio.Event | None = None
 
     def inside(self) -> bool:
-        """True when the calling code is part of a background handling of this dispatcher."""
-        return running_in.get() is self
+        """True when the calling code is part of a background handling of this dispatcher
+        (run by one of its worker pools, or by one of its consumers)."""
+        owner = running_in.get()
+        return owner is self or (owner is not None and getattr(owner, "supervisor", None) is self)
 
     def check_open(self, kind: Kind, message: object) -> None:
         """Raise `DispatcherClosed` if `message` may not be accepted now."""
