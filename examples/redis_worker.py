@@ -36,6 +36,12 @@ class Job(Event):
     seconds: float = 0.0
 
 
+#: The name jobs travel under. Without it the name would be `module.QualifiedName`,
+#: which is `__main__.Job` when this file runs as a script and
+#: `examples.redis_worker.Job` in the worker that imports it: they would never meet.
+ROUTE = "examples.jobs"
+
+
 def redis_url() -> str:
     return os.environ.get("REDIS_URL", "redis://localhost:6379/0")
 
@@ -56,7 +62,7 @@ def create_worker() -> Dispatcher:
         claim_interval=float(os.environ.get("PYBUS_CLAIM_INTERVAL", "1")),
     )
     dp = Dispatcher(transport=transport)
-    dp.route(Job)
+    dp.route(Job, name=ROUTE)
 
     delay = float(os.environ.get("PYBUS_JOB_DELAY", "0"))
 
@@ -73,7 +79,7 @@ def create_worker() -> Dispatcher:
 
 async def produce(count: int, seconds: float = 0.0) -> None:
     dp = Dispatcher(transport=RedisTransport(redis_url(), group="producer"))
-    dp.route(Job)
+    dp.route(Job, name=ROUTE)
     async with dp:
         for n in range(count):
             await dp.publish(Job(n, seconds))

@@ -23,7 +23,7 @@ from pybus.transport import Envelope
 from tests.consuming import consuming, until
 from tests.test_redis_workers import ROOT, SCRIPT, effects, produce_with, start_worker, stop, wait_for
 
-JOBS = "pybus:examples.redis_worker.Job"
+JOBS = "pybus:examples.jobs"
 
 
 def pybus_dlq(url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -114,7 +114,7 @@ def test_dlq_list_shows_the_error_and_keeps_the_traceback(redis_url: str) -> Non
     (line,) = listed.stdout.splitlines()
     dead_id, name, attempts, _, error = line.split("  ", 4)
     assert (name, attempts, error) == (
-        "examples.redis_worker.Job",
+        "examples.jobs",
         "attempts=5",
         "ValueError: job 20 cannot take -1.0 seconds",
     )
@@ -129,9 +129,11 @@ def test_dlq_list_shows_the_error_and_keeps_the_traceback(redis_url: str) -> Non
 
 
 async def send_jobs(url: str, *jobs: object) -> None:
+    from examples.redis_worker import ROUTE
+
     dp = Dispatcher(transport=RedisTransport(url, group="producer"))
     for job in jobs:
-        dp.route(type(job))
+        dp.route(type(job), name=ROUTE)
     async with dp:
         for job in jobs:
             await dp.publish(job)
@@ -141,13 +143,13 @@ async def send_jobs(url: str, *jobs: object) -> None:
 
 def test_dlq_requeue_finds_a_dead_letter_past_the_first_ten_thousand(redis_url: str) -> None:
     url = redis_url
-    envelope = Envelope("event", "examples.redis_worker.Job", b'{"n": 1}', "m-last", "m-last")
+    envelope = Envelope("event", "examples.jobs", b'{"n": 1}', "m-last", "m-last")
     client: Any = redis.Redis.from_url(url)
     client.xgroup_create(JOBS, "jobs", id="0", mkstream=True)
     for start in range(0, 10_050, 1_000):
         with client.pipeline(transaction=False) as pipe:
             for n in range(start, min(start + 1_000, 10_050)):
-                filler = Envelope("event", "examples.redis_worker.Job", b'{"n": 0}', f"m{n}", f"m{n}")
+                filler = Envelope("event", "examples.jobs", b'{"n": 0}', f"m{n}", f"m{n}")
                 fields = {**entry_fields(filler), "reason": "old", "attempt": "5", "stream": JOBS}
                 pipe.xadd("pybus:dead", {**fields, "entry_id": "1-1", "group": "jobs"})
             pipe.execute()

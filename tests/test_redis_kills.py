@@ -18,7 +18,7 @@ import redis
 from tests.test_redis_workers import effects, produce_with, start_worker, stop, wait_for
 
 JOBS, CONCURRENCY, ACK_BATCH, KILLS = 2_000, 8, 16, 5
-KEY = "pybus:examples.redis_worker.Job"
+KEY = "pybus:examples.jobs"
 
 
 def pending(url: str) -> int:

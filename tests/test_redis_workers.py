@@ -71,7 +71,7 @@ def effects(url: str) -> dict[int, int]:
 def pending_of(url: str, consumer: str) -> int:
     client = redis.Redis.from_url(url)
     try:
-        for entry in client.xinfo_consumers("pybus:examples.redis_worker.Job", "jobs"):
+        for entry in client.xinfo_consumers("pybus:examples.jobs", "jobs"):
             if entry["name"].decode() == consumer:
                 return int(entry["pending"])
         return 0
@@ -207,9 +207,9 @@ async def produce_with(url: str, count: int, seconds: float) -> None:
 def test_dlq_command_lists_requeues_and_purges(server: tuple[str, Any]) -> None:
     url, _ = server
     client: Any = redis.Redis.from_url(url)
-    header = b'["event", "examples.redis_worker.Job", "m1", "m1", null]'
+    header = b'["event", "examples.jobs", "m1", "m1", null]'
     fields = {"h": header, "b": b"{broken"}  # a pybus entry whose body does not decode
-    client.xadd("pybus:examples.redis_worker.Job", fields)
+    client.xadd("pybus:examples.jobs", fields)
     client.close()
     env = {**os.environ, "REDIS_URL": url}
 
@@ -228,7 +228,7 @@ def test_dlq_command_lists_requeues_and_purges(server: tuple[str, Any]) -> None:
     assert listed.returncode == 0, listed.stderr
     (line,) = listed.stdout.splitlines()
     dead_id = line.split()[0]
-    assert "examples.redis_worker.Job  attempts=1  id=m1  Cannot decode a message named" in line
+    assert "examples.jobs  attempts=1  id=m1  Cannot decode a message named" in line
     requeued = pybus_dlq("requeue", dead_id)
     assert requeued.returncode == 0, requeued.stderr
     assert requeued.stdout.startswith(f"{dead_id} -> ")
@@ -243,3 +243,22 @@ def test_dlq_command_lists_requeues_and_purges(server: tuple[str, Any]) -> None:
         assert unreachable.returncode == 2, unreachable.stderr
         assert "dead letters in pybus:dead" in unreachable.stderr
         assert "Traceback" not in unreachable.stderr
+
+
+def test_the_example_producer_run_as_a_script_writes_where_the_worker_reads(
+    server: tuple[str, Any],
+) -> None:
+    """Run as a script, the producer's Job lives in __main__: without the route's explicit
+    name its jobs would go to pybus:__main__.Job, which the worker never reads."""
+    url, _ = server
+    result = subprocess.run(
+        [sys.executable, "examples/redis_worker.py", "3"],
+        cwd=ROOT, env={**os.environ, "REDIS_URL": url}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    client = redis.Redis.from_url(url)
+    try:
+        assert client.xlen("pybus:examples.jobs") == 3
+        assert client.exists("pybus:__main__.Job") == 0
+    finally:
+        client.close()
