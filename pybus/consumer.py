@@ -54,7 +54,9 @@ class Consumer:
     again as soon as half its slots are free, so that reading and handling overlap.
     Counters: `handled`, `failed` (handlings that raised; the envelope was
     retried or dead-lettered), `dead_lettered` (after `max_deliveries`, or not
-    decodable) and `released` (given back unhandled when the consumer stopped).
+    decodable), `released` (given back unhandled when the consumer stopped) and
+    `unreleased` (not handled, and the transport refused to take them back: they
+    stay pending in the broker, which delivers them again later).
     """
 
     def __init__(
@@ -111,6 +113,8 @@ class Consumer:
         self.failed = 0
         self.dead_lettered = 0
         self.released = 0
+        self.unreleased = 0  # not handled, and the transport refused them back: still pending there
+        self._ending: asyncio.Task[None] | None = None
 
     # -- running -------------------------------------------------------------------
 
@@ -138,7 +142,10 @@ class Consumer:
                     await self._sleep(loop, None)
             await self._drain_in_flight(loop)
         finally:
-            await self._end()
+            # The ending runs in a task of its own: cancelling run() again while it ends
+            # interrupts only run()'s wait for it, never the giving back.
+            ending = self._ending = loop.create_task(self._end(), name="pybus-consumer-end")
+            await asyncio.wait([ending])
 
     def _add_lanes(self, loop: asyncio.AbstractEventLoop) -> None:
         for number in range(len(self._lanes), self.concurrency):
@@ -319,6 +326,7 @@ class Consumer:
         try:
             await self.transport.release(envelope)
         except Exception as exc:
+            self.unreleased += 1
             await self._report(exc, envelope)
         else:
             self.released += 1
@@ -348,18 +356,20 @@ class Consumer:
                 self._drain.reschedule(deadline)
 
     async def stopped(self) -> int:
-        """Wait until `run()` has finished; return how many envelopes were given back."""
+        """Wait until the consumer has ended; return how many envelopes it held and did
+        not handle (given back, or refused by the transport and left pending there)."""
         if self._finished is None:
-            return self.released
+            return self.released + self.unreleased
         return await asyncio.shield(self._finished)
 
     async def stop(self, drain_timeout: float | None = None) -> int:
         """Stop reading, let handlings in flight finish (at most `drain_timeout` s),
         cancel the rest, which go back to the transport, and send the acks.
 
-        Returns how many envelopes were given back. Calling it again, or while
-        it runs, waits for the same stop (a shorter `drain_timeout` shortens it);
-        cancelling the call does not interrupt the stop.
+        Returns how many envelopes it held and did not handle: given back, or (if
+        the transport refused) left pending in the broker. Calling it again, or
+        while it runs, waits for the same stop (a shorter `drain_timeout` shortens
+        it); cancelling the call does not interrupt the stop.
         """
         seconds = drain_seconds("drain_timeout", drain_timeout)
         if running_in.get() is self:  # a handling of this consumer, or a task it started
@@ -386,29 +396,32 @@ class Consumer:
 
     async def _end(self) -> None:
         """Whatever ended the reading: cancel what still runs, give back what never
-        started, send the buffered acks."""
+        started, send the buffered acks. `stopped()` returns once it ends, however."""
         self._stop_requested = True
         self._state = "stopping"
         unstarted = list(self._ready)
         self._ready.clear()
         self._held -= len(unstarted)
+        lanes = list(self._lanes)
+        for lane in lanes:  # at once, before anything is awaited
+            lane.cancel()
         receiving, self._receiving = self._receiving, None
         if receiving is not None:  # run() was cancelled in the middle of a read
             receiving.cancel()
-            await asyncio.wait([receiving])
-            if not receiving.cancelled() and receiving.exception() is None:
-                unstarted.extend(receiving.result())
-        lanes = list(self._lanes)
-        for lane in lanes:
-            lane.cancel()
-        if lanes:
-            await asyncio.wait(lanes)
-        for envelope in unstarted:
-            await self._give_back(envelope)
         try:
-            await self.transport.flush()
-        except Exception as exc:
-            await self._report(exc, None)
-        self._state = "stopped"
-        if self._finished is not None and not self._finished.done():
-            self._finished.set_result(self.released)
+            if receiving is not None:
+                await asyncio.wait([receiving])
+                if not receiving.cancelled() and receiving.exception() is None:
+                    unstarted.extend(receiving.result())
+            if lanes:
+                await asyncio.wait(lanes)
+            for envelope in unstarted:
+                await self._give_back(envelope)
+            try:
+                await self.transport.flush()
+            except Exception as exc:
+                await self._report(exc, None)
+        finally:
+            self._state = "stopped"
+            if self._finished is not None and not self._finished.done():
+                self._finished.set_result(self.released + self.unreleased)

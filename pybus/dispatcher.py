@@ -201,7 +201,8 @@ class Dispatcher:
         Publishing or sending a routed message (a follow-up event included)
         writes it to the transport; `execute` and `query` stay in-process.
         `name` is what it travels under (default: `module.QualifiedName`);
-        `kind` defaults to the kind `key` is registered under, else "event".
+        `kind` defaults to the kind `key` is registered under, else to what its class
+        says (a subclass of `Command` or `Query`), else "event".
         Raises `DispatcherFrozen` after `start()`.
         """
         if self.state is not State.NEW:
@@ -373,23 +374,34 @@ class Dispatcher:
         installed: list[signal.Signals] = []
         reading: asyncio.Task[None] | None = None
         died = False
+
+        def on_signal() -> None:
+            if requested.done():
+                self._lifecycle.hurry()  # a second signal: no more drain, give back at once
+            else:
+                requested.set_result(None)
+
         try:
             for sig in stop_signals:
-                loop.add_signal_handler(sig, _resolve, requested)
+                loop.add_signal_handler(sig, on_signal)
                 installed.append(sig)
             if consumer is not None:
                 reading = loop.create_task(consumer.run(), name="pybus-consumer")
             await asyncio.wait([requested, *([reading] if reading else [])], return_when=FIRST_COMPLETED)
             died = reading is not None and reading.done() and not requested.done()
         finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-                if previous[sig] not in (signal.getsignal(sig), None):
-                    signal.signal(sig, previous[sig])  # the application's own handler, back
-            self._lifecycle.unwatch(requested)
-            unhandled = await self.stop(drain_timeout)
-            if reading is not None:
-                await asyncio.wait([reading])
+            try:
+                # The handlers stay while it stops: a second signal ends the drain at once
+                # (what is still running is given back) instead of killing the process.
+                unhandled = await self.stop(drain_timeout)
+                if reading is not None:
+                    await asyncio.wait([reading])
+            finally:
+                for sig in installed:
+                    loop.remove_signal_handler(sig)
+                    if previous[sig] not in (signal.getsignal(sig), None):
+                        signal.signal(sig, previous[sig])  # the application's own handler, back
+                self._lifecycle.unwatch(requested)
         if died and reading is not None:
             cause = reading.exception() if not reading.cancelled() else asyncio.CancelledError()
             raise TransportError(
@@ -577,11 +589,6 @@ class Dispatcher:
         if kind == "query":
             return self.queries
         return self.events
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _except(kinds: Mapping[object, Kind], kind: Kind) -> dict[object, Kind]:

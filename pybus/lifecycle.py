@@ -65,6 +65,7 @@ class Lifecycle:
         self._engines: Sequence[EventEngine | RequestEngine] = ()
         self._task: asyncio.Task[tuple[int, BaseException | None]] | None = None
         self._waiting = 0  # stop() calls waiting for the shutdown
+
         self._failure_raised = False
         self._timeout: float | None = None
         self._deadline: float | None = None
@@ -131,6 +132,11 @@ class Lifecycle:
             raise failure
         return unhandled
 
+    def hurry(self) -> None:
+        """End the drain now (a second stop signal): what still runs is cancelled and given back."""
+        if self.state is State.STOPPING:
+            self._shorten(asyncio.get_running_loop().time(), 0.0)
+
     def _shorten(self, deadline: float, seconds: float) -> None:
         if self._deadline is not None and deadline >= self._deadline:
             return
@@ -188,14 +194,10 @@ class Lifecycle:
             await self._close_transport()
         finally:
             unhandled = sum(engine.workers.unhandled for engine in self._engines) + sum(
-                consumer.released for consumer in self.consumers
+                consumer.released + consumer.unreleased for consumer in self.consumers
             )
             if unhandled:
-                logger.warning(
-                    "pybus: stopped with %d message(s) not handled after a drain timeout of %s s",
-                    unhandled,
-                    self._timeout,
-                )
+                logger.warning("pybus: stopped with %d message(s) not handled %s", unhandled, self._why())
             try:
                 await self._resolver.aclose()
             except Exception as exc:
@@ -203,6 +205,15 @@ class Lifecycle:
             finally:
                 self.state = State.STOPPED
         return unhandled, failure
+
+    def _why(self) -> str:
+        """How the drain ended, for the warning."""
+        loop = asyncio.get_running_loop()
+        if self._deadline is not None and loop.time() >= self._deadline:
+            return f"after a drain timeout of {self._timeout} s"
+        if self._task is not None and self._task.cancelling():
+            return "(the shutdown was cancelled before its drain ended: the loop is ending)"
+        return "(cancelled from outside before the shutdown, or given back by a consumer)"
 
     async def _close_transport(self) -> None:
         transport, self._transport = self._transport, None

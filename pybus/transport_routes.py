@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from pybus.codec import JsonCodec, default_name
 from pybus.consumer import Consumer, current_envelope
 from pybus.errors import ImproperlyConfigured, Kind
+from pybus.messages import Command, Query
 from pybus.transport import Envelope, Transport
 from pybus.workers import Supervisor
 
@@ -32,6 +33,19 @@ class Forwarder:
 
     keys: frozenset[object]
     forward: Callable[[object], Awaitable[None]]
+
+
+def route_kind(key: object, kinds: Mapping[object, Kind]) -> Kind:
+    """The kind a route without `kind=` travels as: the kind its key is registered under
+    here, else what its class says (a `Command[R]` or `Query[R]`), else "event"."""
+    registered = kinds.get(key)
+    if registered is not None:
+        return registered
+    if isinstance(key, type) and issubclass(key, Command):
+        return "command"
+    if isinstance(key, type) and issubclass(key, Query):
+        return "query"
+    return "event"
 
 
 class Routing:
@@ -55,8 +69,8 @@ class Routing:
     def forwarders(self, kinds: Mapping[object, Kind]) -> dict[Kind, Forwarder]:
         """The forwarder of each kind that has routed keys (built once, at `start()`).
 
-        `kinds` maps the registered keys to their kind; a route without a handler
-        here takes the kind given to `route()`, else "event".
+        `kinds` maps the registered keys to their kind; a route takes the kind given
+        to `route()`, else `route_kind`.
         """
         if not self.routes:
             return {}
@@ -69,7 +83,7 @@ class Routing:
         found: dict[Kind, Forwarder] = {}
         for kind in ("event", "command", "query"):
             keys = frozenset(
-                key for key, (_, given) in self.routes.items() if (given or kinds.get(key, "event")) == kind
+                key for key, (_, given) in self.routes.items() if (given or route_kind(key, kinds)) == kind
             )
             if keys:
                 found[kind] = Forwarder(keys, functools.partial(self.forward, kind))

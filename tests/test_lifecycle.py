@@ -623,3 +623,42 @@ def test_a_singleton_made_in_one_loop_binds_the_dispatcher_to_it() -> None:
 
     with pytest.raises(ForeignEventLoop):
         asyncio.run(elsewhere())
+
+
+async def test_cancelling_a_consumer_twice_still_gives_back_what_it_held() -> None:
+    log: list[str] = []
+    release = asyncio.Event()
+    broker = InMemoryBroker()
+    await produce(broker, 4)
+    dp = worker_app(log, release, broker)
+    dp.start()
+    consumer = dp.consumer(concurrency=4, wait=0.01)
+    running = asyncio.create_task(consumer.run())
+    await until(lambda: len([line for line in log if line.startswith("start")]) == 4)
+    running.cancel()
+    await asyncio.sleep(0)
+    running.cancel()  # again, while it ends (a TaskGroup, then Ctrl-C)
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert await asyncio.wait_for(dp.stop(), 2) == 4
+    assert consumer.released == 4
+    group = broker.group("default", next(iter(broker.streams)))
+    assert sorted(number for number, _ in group.again) == [1, 2, 3, 4]
+
+
+async def test_a_second_signal_ends_the_drain_at_once_and_gives_back_what_runs() -> None:
+    log: list[str] = []
+    release = asyncio.Event()  # never set: the handling would drain for ever
+    broker = InMemoryBroker()
+    await produce(broker, 1)
+    dp = worker_app(log, release, broker)
+    serving = asyncio.create_task(dp.serve(stop_signals=(signal.SIGUSR1,), wait=0.01))
+    await until(lambda: "start 0" in log)
+    signal.raise_signal(signal.SIGUSR1)  # stop: drain without a limit
+    await asyncio.sleep(0.05)
+    assert not serving.done()
+    signal.raise_signal(signal.SIGUSR1)  # again: no more drain
+    assert await asyncio.wait_for(serving, 2) == 1
+    group = broker.group("default", next(iter(broker.streams)))
+    assert [(number, deliveries) for number, deliveries in group.again] == [(1, 0)]  # given back
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL

@@ -498,7 +498,10 @@ async def test_a_read_ahead_that_cannot_be_given_back_goes_to_the_error_hook() -
 
     scene = ReadAheadScene(Refusing)
     await scene.run()  # the consumer still stops cleanly
-    assert scene.given_back == 0
+    assert scene.consumer is not None
+    assert scene.consumer.released == 0
+    # Not handled, and refused back: counted as such, and still pending in the broker.
+    assert scene.given_back == scene.consumer.unreleased == 40 - len(scene.handled)
     reported = [(str(error), message) for error, message in scene.errors]
     stream = scene.broker.streams[default_name(OrderPaid)]
     expected = [stream[number - 1] for number in scene.not_started()]
@@ -602,3 +605,21 @@ async def test_routed_follow_ups_written_while_the_consumer_drains_reach_the_tra
         default_name(OrderShipped)
     ]
     assert broker.group("warehouse", default_name(ShipOrder)).pending == {}  # acked
+
+
+async def test_a_routed_command_class_travels_as_a_command_without_kind() -> None:
+    """A producer with no handler for ShipOrder (a Command) routes it as a command; the
+    consumer, which registers it as a command, handles it (before, it was written as an
+    event and failed every delivery with HandlerNotFound)."""
+    broker = InMemoryBroker()
+    shipped: list[int] = []
+    shop = Dispatcher(transport=InMemoryTransport(broker))
+    shop.route(ShipOrder)
+    async with shop:
+        await shop.send(ShipOrder(3))
+    warehouse = Dispatcher(transport=InMemoryTransport(broker, group="warehouse"))
+    warehouse.route(ShipOrder)
+    warehouse.commands.bind(ShipOrder, lambda cmd: shipped.append(cmd.order_id))
+    async with consuming(warehouse) as consumer:
+        await until(lambda: shipped == [3])
+    assert consumer.failed == 0
