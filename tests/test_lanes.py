@@ -35,6 +35,12 @@ class Errors(list[tuple[BaseException, object]]):
 Handler = Callable[[Job], Awaitable[None]]
 
 
+def cancel_own_task() -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()
+
+
 @asynccontextmanager
 async def background(handler: Handler, errors: Errors) -> AsyncIterator[Callable[[Job], Awaitable[None]]]:
     """A dispatcher with one worker running `handler`; yields a function that sends a job."""
@@ -99,9 +105,7 @@ async def test_a_handler_that_cancels_its_own_task_fails_and_the_lane_lives_on(
 
     async def handler(job: Job) -> None:
         if job.n == 0:
-            task = asyncio.current_task()
-            assert task is not None
-            task.cancel()
+            cancel_own_task()
             await asyncio.sleep(0)  # the cancellation arrives here
         done.append(job.n)
 
@@ -123,9 +127,7 @@ async def test_a_cancel_requested_but_never_awaited_does_not_reach_the_next_hand
 
     async def handler(job: Job) -> None:
         if job.n == 0:
-            task = asyncio.current_task()
-            assert task is not None
-            task.cancel()
+            cancel_own_task()
             done.append(job.n)
             return
         await asyncio.sleep(0.001)
