@@ -18,8 +18,9 @@ entry format and the scripts are in `pybus.redis_wire`. How each rule of
 - retry: the entry stays here and comes again at once, its delivery count one higher.
 - release: `XCLAIM ... RETRYCOUNT <attempt - 1> IDLE <a day> JUSTID`: the next delivery,
   here or by any consumer's next claim, has the same attempt.
-- dead_letter: `XADD` to `{prefix}dead` and `XACK`, in one `MULTI/EXEC`
-  (`pybus.redis_dead_letters` lists, requeues and purges them).
+- dead_letter: `XADD` to `{prefix}dead` (with the error on one line, read from the
+  reason once) and `XACK`, in one `MULTI/EXEC` (`pybus.redis_dead_letters` lists,
+  requeues and purges them).
 - send: `XADD`, the sends of one turn of the event loop in one script call, without the
   client's own retries (a retried XADD can write an entry twice): it returns the entry
   id or raises `TransportError` within `timeout`, whose `maybe_written` says whether
@@ -47,6 +48,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from pybus import redis_wire as wire
 from pybus.errors import TransportError
+from pybus.redis_dead_letters import error_line
 from pybus.redis_wire import SHA, Entry, Receipt
 from pybus.transport import Envelope, Transport
 
@@ -572,7 +574,12 @@ class RedisTransport(Transport):
         key, entry_id = wire.receipt(envelope)
         fields: dict[str, Any] = dict(wire.entry_fields(envelope))
         fields.update(
-            reason=reason, attempt=str(envelope.attempt), stream=key, entry_id=entry_id, group=self.group
+            reason=reason,
+            error=error_line(reason),
+            attempt=str(envelope.attempt),
+            stream=key,
+            entry_id=entry_id,
+            group=self.group,
         )
         try:
             async with self.client.pipeline(transaction=True) as pipe:
