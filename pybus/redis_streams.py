@@ -13,6 +13,8 @@ entry format and the scripts are in `pybus.redis_wire`. How each rule of
   outcome runs in a task of its own and to its end, whatever happens to its caller,
   and what it brings is recorded here; only the `XREAD` wait, which takes nothing, is
   cut short. So nothing this consumer received or claimed is left pending untracked.
+- a stream or group gone (Redis restarted without its data): the read that meets
+  `NOGROUP` raises once, and the next one creates them again.
 - holding: this process knows each entry it holds by entry id and never hands one out
   twice; a background task resets their idle time (`XCLAIM ... JUSTID`, which counts
   no delivery) every `claim_idle / 4`, so no live consumer's work is claimed.
@@ -52,7 +54,7 @@ from typing import Any
 from redis.exceptions import RedisError, ResponseError
 
 from pybus import redis_wire as wire
-from pybus.errors import TransportError
+from pybus.errors import ImproperlyConfigured, TransportError
 from pybus.redis_dead_letters import error_line
 from pybus.redis_wire import SHA, Entry, Receipt
 from pybus.transport import Envelope, Transport
@@ -99,7 +101,8 @@ class RedisTransport(Transport):
     consumer killed between a handling and its ack leaves at most about that many
     plus its concurrency to be handled again. Call `aclose()` when done: it sends
     the acks and gives back, without counting a delivery, what was received and
-    not handed out (also what a cancelled read took).
+    not handed out (also what a cancelled read took). Raises `ImproperlyConfigured`
+    for a `max_len` below 1.
     """
 
     def __init__(
@@ -116,6 +119,10 @@ class RedisTransport(Transport):
         timeout: float = 5.0,
         ack_batch: int = 16,
     ) -> None:
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+            raise ImproperlyConfigured(
+                f"max_len must be None (no trimming) or a whole number of entries >= 1, not {max_len!r}"
+            )
         self.url = url
         self.group = group
         self.ack_batch = ack_batch
@@ -306,6 +313,15 @@ class RedisTransport(Transport):
             reading.add_done_callback(self._keep_abandoned)
             raise
         except RedisError as exc:
+            if "NOGROUP" in str(exc):
+                # The stream or the group is gone (Redis restarted without its data, or they
+                # were deleted): the next read creates them again.
+                self._groups_ready.difference_update(keys)
+                raise TransportError(
+                    f"Could not read from Redis: {_describe(exc)}; the stream or its consumer group "
+                    f"{self.group!r} no longer exists (Redis lost its data, or they were deleted): "
+                    "they are created again at the next read"
+                ) from exc
             raise TransportError(f"Could not read from Redis: {_describe(exc)}") from exc
 
     def _keep_abandoned(self, reading: asyncio.Task[list[Envelope]]) -> None:
@@ -545,7 +561,7 @@ class RedisTransport(Transport):
             replies = await self._execute(queue)
         except BaseException as exc:
             self._acks[:0] = acks  # keep them: acked on the next flush
-            if isinstance(exc, RedisError):
+            if isinstance(exc, RedisError) and then is None:  # else the caller tells what failed
                 raise TransportError(f"Could not ack {len(acks)} message(s): {exc}") from exc
             raise
         for envelope, _ in acks:

@@ -185,13 +185,27 @@ def connect(url: str, *, timeout: float, connect_timeout: float) -> Any:
     an entry twice, a retried requeue would find its letter gone. Typed loosely: reply
     types depend on decode_responses (off: replies are bytes).
 
+    Its pool checks a connection before handing it out, and connects again, before
+    anything is written, when the server has closed it (a restart of redis-server): a
+    command is never sent into a dead connection, where it would fail after being
+    written and leave unknown whether Redis ran it. redis-py skips that check while
+    maintenance notifications (a Redis Cloud feature, RESP3 only) are "auto", its
+    default since 7.0: they are turned off.
     """
+    options: dict[str, Any] = {}
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+    except ImportError:  # redis-py < 7: no such notifications, the check is always made
+        pass
+    else:
+        options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
     return aioredis.Redis.from_url(
         url,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         socket_timeout=timeout,
         socket_connect_timeout=connect_timeout,
+        **options,
     )
 
 

@@ -1,18 +1,29 @@
 """The Redis Streams transport when things are cut short, against a real redis-server:
-reads and outcomes cancelled in the middle of a round trip."""
+reads and outcomes cancelled in the middle of a round trip, a redis-server restarted
+without its data, settings that cannot work."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
+
+from pybus import Dispatcher, ImproperlyConfigured
 from pybus.codec import default_name
 from pybus.consumer import current_envelope
 from pybus.redis_streams import RedisTransport
 from pybus.redis_wire import entry_fields
 from pybus.transport import Envelope
 from tests.consuming import until
+from tests.redis_server import free_port, require_redis_server
 from tests.test_redis_streams import KEY, Boom, Paid, publish, raw, worker
 
 NAMES = [default_name(Paid)]
@@ -160,3 +171,115 @@ async def test_graceful_stops_at_random_moments_never_count_a_delivery(redis_url
     client = raw(redis_url)
     assert (await client.xpending(KEY, "billing"))["pending"] == 0
     await client.aclose()
+
+
+# -- redis-server restarted without its data ----------------------------------------------------
+
+
+def start_server(binary: str, port: int, folder: str) -> subprocess.Popen[bytes]:
+    """A redis-server without persistence on `port`, once it answers."""
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", folder],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return process
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.02)
+
+
+@asynccontextmanager
+async def restartable_server() -> AsyncIterator[tuple[str, Any]]:
+    """A redis-server without persistence; yields its URL and a coroutine function that
+    kills it and starts a new one, empty, on the same port."""
+    binary = require_redis_server()
+    port = free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        processes = [start_server(binary, port, folder)]
+
+        async def restart() -> None:
+            processes[-1].kill()
+            processes[-1].wait()
+            await asyncio.sleep(0.3)  # the clients' connections see it close
+            processes.append(start_server(binary, port, folder))
+
+        try:
+            yield f"redis://127.0.0.1:{port}/0", restart
+        finally:
+            for process in processes:
+                process.kill()
+                process.wait()
+
+
+async def test_after_redis_restarts_without_its_data_a_worker_consumes_again() -> None:
+    """The stream and the group are gone: the worker's read fails once with NOGROUP (the
+    error hook hears of it), creates them again, and handles what is sent next."""
+    async with restartable_server() as (url, restart):
+        seen: list[int] = []
+        errors: list[str] = []
+        transport = RedisTransport(url, group="billing", consumer="w1", timeout=1.0)
+        dp = Dispatcher(transport=transport, on_error=lambda error, message: errors.append(str(error)))
+        dp.route(Paid)
+        dp.events.bind(Paid, lambda event: seen.append(event.n))
+        producer = RedisTransport(url, group="shop", timeout=1.0)
+        serving = asyncio.create_task(dp.serve(stop_signals=(), wait=0.2))
+        await producer.send(Envelope("event", NAMES[0], b'{"n":0}', "m0", "m0"))
+        await until(lambda: seen == [0])
+        await producer.aclose()
+        await restart()
+        producer = RedisTransport(url, group="shop", timeout=1.0)  # sending after a restart: see below
+        for n in (1, 2, 3):
+            await producer.send(Envelope("event", NAMES[0], b'{"n":%d}' % n, f"m{n}", f"m{n}"))
+        await until(lambda: sorted(seen) == [0, 1, 2, 3], timeout=10)
+        await dp.stop(5)
+        await serving
+        await producer.aclose()
+    gone = [error for error in errors if "NOGROUP" in error]
+    assert len(gone) <= 1, errors
+    assert all("they are created again at the next read" in error for error in gone)
+
+
+async def test_a_send_right_after_a_restart_succeeds() -> None:
+    """Each pooled connection the server closed is replaced before anything is written to it."""
+    async with restartable_server() as (url, restart):
+        producer = RedisTransport(url, timeout=1.0)
+        envelopes = [Envelope("event", "x", b"", f"m{n}", f"m{n}") for n in range(3)]
+        await asyncio.gather(*(producer.send(envelope) for envelope in envelopes))
+        await restart()
+        for envelope in envelopes:  # one at a time: each on a connection the server closed
+            assert await producer.send(envelope)
+        await producer.aclose()
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_len", [0, -1, 1.5, True, "100"])
+def test_max_len_below_one_is_refused_at_construction(max_len: Any) -> None:
+    with pytest.raises(ImproperlyConfigured) as refused:
+        RedisTransport("redis://localhost:1/0", max_len=max_len)
+    assert str(refused.value) == (
+        f"max_len must be None (no trimming) or a whole number of entries >= 1, not {max_len!r}"
+    )
+
+
+async def test_max_len_of_one_trims_to_one_entry_without_a_trim_error(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    producer = RedisTransport(redis_url, max_len=1)
+    for n in range(100):  # the 100th send trims
+        await producer.send(Envelope("event", "x", b"", f"m{n}", f"m{n}"))
+    await producer.aclose()
+    client = raw(redis_url)
+    assert await client.xlen("pybus:x") == 1
+    await client.aclose()
+    assert [record for record in caplog.records if "trim" in record.getMessage()] == []
