@@ -6,12 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -23,7 +17,6 @@ from pybus.redis_streams import RedisTransport
 from pybus.redis_wire import entry_fields
 from pybus.transport import Envelope
 from tests.consuming import until
-from tests.redis_server import free_port, require_redis_server
 from tests.test_redis_streams import KEY, Boom, Paid, publish, raw, worker
 
 NAMES = [default_name(Paid)]
@@ -176,88 +169,48 @@ async def test_graceful_stops_at_random_moments_never_count_a_delivery(redis_url
 # -- redis-server restarted without its data ----------------------------------------------------
 
 
-def start_server(binary: str, port: int, folder: str) -> subprocess.Popen[bytes]:
-    """A redis-server without persistence on `port`, once it answers."""
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", folder],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    return process
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.02)
+async def lose_everything(url: str) -> None:
+    """What the clients of a redis-server restarted without its data see: every connection
+    closed by the server, no keys, no scripts."""
+    client = raw(url)
+    await client.flushall()
+    await client.script_flush()
+    await client.execute_command("CLIENT", "KILL", "TYPE", "normal")  # all but this one
+    await client.aclose()
+    await asyncio.sleep(0.1)  # the clients' event loops see their connections close
 
 
-@asynccontextmanager
-async def restartable_server() -> AsyncIterator[tuple[str, Any]]:
-    """A redis-server without persistence; yields its URL and a coroutine function that
-    kills it and starts a new one, empty, on the same port."""
-    binary = require_redis_server()
-    port = free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        processes = [start_server(binary, port, folder)]
-
-        async def restart() -> None:
-            processes[-1].kill()
-            processes[-1].wait()
-            await asyncio.sleep(0.3)  # the clients' connections see it close
-            processes.append(start_server(binary, port, folder))
-
-        try:
-            yield f"redis://127.0.0.1:{port}/0", restart
-        finally:
-            for process in processes:
-                process.kill()
-                process.wait()
-
-
-async def test_after_redis_restarts_without_its_data_a_worker_consumes_again() -> None:
+async def test_after_redis_restarts_without_its_data_a_worker_consumes_again(redis_url: str) -> None:
     """The stream and the group are gone: the worker's read fails once with NOGROUP (the
     error hook hears of it), creates them again, and handles what is sent next."""
-    async with restartable_server() as (url, restart):
-        seen: list[int] = []
-        errors: list[str] = []
-        transport = RedisTransport(url, group="billing", consumer="w1", timeout=1.0)
-        dp = Dispatcher(transport=transport, on_error=lambda error, message: errors.append(str(error)))
-        dp.route(Paid)
-        dp.events.bind(Paid, lambda event: seen.append(event.n))
-        producer = RedisTransport(url, group="shop", timeout=1.0)
-        serving = asyncio.create_task(dp.serve(stop_signals=(), wait=0.2))
-        await producer.send(Envelope("event", NAMES[0], b'{"n":0}', "m0", "m0"))
-        await until(lambda: seen == [0])
-        await producer.aclose()
-        await restart()
-        producer = RedisTransport(url, group="shop", timeout=1.0)  # sending after a restart: see below
-        for n in (1, 2, 3):
-            await producer.send(Envelope("event", NAMES[0], b'{"n":%d}' % n, f"m{n}", f"m{n}"))
-        await until(lambda: sorted(seen) == [0, 1, 2, 3], timeout=10)
-        await dp.stop(5)
-        await serving
-        await producer.aclose()
+    seen: list[int] = []
+    errors: list[str] = []
+    transport = RedisTransport(redis_url, group="billing", consumer="w1", timeout=1.0)
+    dp = Dispatcher(transport=transport, on_error=lambda error, message: errors.append(str(error)))
+    dp.route(Paid)
+    dp.events.bind(Paid, lambda event: seen.append(event.n))
+    serving = asyncio.create_task(dp.serve(stop_signals=(), wait=0.2))
+    await publish(redis_url, 1)
+    await until(lambda: seen == [0])
+    await lose_everything(redis_url)
+    await publish(redis_url, 3, start=1)  # a new producer: sending after a restart is tested below
+    await until(lambda: sorted(seen) == [0, 1, 2, 3], timeout=10)
+    await dp.stop(5)
+    await serving
     gone = [error for error in errors if "NOGROUP" in error]
     assert len(gone) <= 1, errors
     assert all("they are created again at the next read" in error for error in gone)
 
 
-async def test_a_send_right_after_a_restart_succeeds() -> None:
+async def test_a_send_right_after_a_restart_succeeds(redis_url: str) -> None:
     """Each pooled connection the server closed is replaced before anything is written to it."""
-    async with restartable_server() as (url, restart):
-        producer = RedisTransport(url, timeout=1.0)
-        envelopes = [Envelope("event", "x", b"", f"m{n}", f"m{n}") for n in range(3)]
-        await asyncio.gather(*(producer.send(envelope) for envelope in envelopes))
-        await restart()
-        for envelope in envelopes:  # one at a time: each on a connection the server closed
-            assert await producer.send(envelope)
-        await producer.aclose()
+    producer = RedisTransport(redis_url, timeout=1.0)
+    envelopes = [Envelope("event", "x", b"", f"m{n}", f"m{n}") for n in range(3)]
+    await asyncio.gather(*(producer.send(envelope) for envelope in envelopes))
+    await lose_everything(redis_url)
+    for envelope in envelopes:  # one at a time: each on a connection the server closed
+        assert await producer.send(envelope)
+    await producer.aclose()
 
 
 # -- settings -----------------------------------------------------------------------------------
