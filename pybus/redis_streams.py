@@ -80,11 +80,13 @@ def _default_consumer() -> str:
 
 
 class _Read:
-    """A read in progress: whether its caller is gone, whether it waits for new entries."""
+    """A read in progress: its answer to the caller, whether the caller is gone, whether it
+    waits for new entries."""
 
-    __slots__ = ("abandoned", "waiting")
+    __slots__ = ("abandoned", "reply", "waiting")
 
-    def __init__(self) -> None:
+    def __init__(self, reply: asyncio.Future[list[Envelope]]) -> None:
+        self.reply = reply
         self.abandoned = False
         self.waiting = False
 
@@ -145,7 +147,7 @@ class RedisTransport(Transport):
         self._acks: list[tuple[Envelope, bool]] = []  # (envelope, whether it was handled)
         self._next_claim = 0.0
         self._keeper: asyncio.Task[None] | None = None
-        self._reading: asyncio.Task[list[Envelope]] | None = None  # the last receive's own task
+        self._reading: asyncio.Task[None] | None = None  # the last receive's own task
         self._steps: set[asyncio.Task[None]] = set()  # outcomes (retry, release, dead letter) in flight
         self._sends = 0
         self._checked = False
@@ -301,16 +303,19 @@ class RedisTransport(Transport):
         previous = self._reading
         if previous is not None and not previous.done():
             await asyncio.wait([previous])  # an abandoned read ends at its next step
-        state = _Read()
-        reading = asyncio.get_running_loop().create_task(self._receive(keys, max_count, wait, state))
-        self._reading = reading
+        loop = asyncio.get_running_loop()
+        state = _Read(loop.create_future())
+        reading = self._reading = loop.create_task(self._read(keys, max_count, wait, state))
         try:
-            return await asyncio.shield(reading)
+            # The task answers through this future itself: the caller wakes at the next turn
+            # of the loop (a done callback, as asyncio.shield uses, would take two).
+            return await state.reply
         except asyncio.CancelledError:
             state.abandoned = True
             if state.waiting:
                 reading.cancel()  # waiting for new entries, which takes nothing
-            reading.add_done_callback(self._keep_abandoned)
+            elif state.reply.done() and not state.reply.cancelled():
+                self._keep(state.reply)  # answered as the cancellation came
             raise
         except RedisError as exc:
             if "NOGROUP" in str(exc):
@@ -324,11 +329,39 @@ class RedisTransport(Transport):
                 ) from exc
             raise TransportError(f"Could not read from Redis: {_describe(exc)}") from exc
 
-    def _keep_abandoned(self, reading: asyncio.Task[list[Envelope]]) -> None:
-        """What a read whose caller was cancelled took waits to be handed out or given back."""
-        if reading.cancelled():
+    async def _read(self, keys: list[str], max_count: int, wait: float, state: _Read) -> None:
+        """Run `_receive` and answer `state.reply`; when the caller is gone, what it took
+        waits in `_claimed`."""
+        try:
+            found = await self._receive(keys, max_count, wait, state)
+        except asyncio.CancelledError:
+            # Cancelled while it waited for new entries (nothing taken), its caller gone; or
+            # by someone else (the loop closing): the caller is told so.
+            state.reply.cancel()
+            raise
+        except Exception as exc:
+            if not state.reply.done():
+                state.reply.set_exception(exc)
+            else:  # the caller is gone: nobody else would hear of it
+                logger.warning(
+                    "pybus: a read from Redis whose caller was cancelled failed (%s); what it may have "
+                    "taken stays pending and is claimed again after claim_idle",
+                    _describe(exc),
+                )
             return
-        error = reading.exception()
+        except BaseException as exc:
+            if not state.reply.done():
+                state.reply.set_exception(exc)
+            raise
+        if state.reply.done():
+            self._claimed.extendleft(reversed(found))
+        else:
+            state.reply.set_result(found)
+
+    def _keep(self, reply: asyncio.Future[list[Envelope]]) -> None:
+        """What a read whose caller was cancelled as it answered took waits to be handed out
+        or given back."""
+        error = reply.exception()
         if error is not None:
             logger.warning(
                 "pybus: a read from Redis whose caller was cancelled failed (%s); what it may have taken "
@@ -336,7 +369,7 @@ class RedisTransport(Transport):
                 _describe(error),
             )
             return
-        self._claimed.extendleft(reversed(reading.result()))
+        self._claimed.extendleft(reversed(reply.result()))
 
     async def _receive(self, keys: list[str], max_count: int, wait: float, state: _Read) -> list[Envelope]:
         await self._prepare(keys)
