@@ -3,8 +3,8 @@
 `RedisTransport.dead_letter` keeps each one as an entry of the stream `{prefix}dead`
 (one stream for every group): the message's own fields (`i`, `h`, `b`), `reason`
 (what the consumer gave: for a failed handling, the attempts, the error and its
-full traceback), `attempt`, the `stream` and `entry_id` it came from, and the
-`group` that gave up on it.
+full traceback), `error` (the error on one line, see `error_line`), `attempt`,
+the `stream` and `entry_id` it came from, and the `group` that gave up on it.
 
     async with RedisDeadLetters.of(transport) as dead:
         for letter in await dead.letters():
@@ -47,44 +47,106 @@ return id
 """
 
 _ENTRY_ID = re.compile(r"\d+-\d+")
+# The first line the consumer writes for a failed handling; its exception's message follows.
+_FAILED = re.compile(r"failed \d+ times; last error: ([^\s:]+): ")
 _TRACEBACK = "Traceback (most recent call last):"
-_GROUP_TRACEBACK = f"  + Exception Group {_TRACEBACK}"
-_MEMBER = re.compile(r"\s*\+[-+]*-* ?(\d+ )?-+")  # "+-+---- 1 ----", "+---- 2 ----", "+--------"
+_GROUP = f"Exception Group {_TRACEBACK}"
+_CHAINED = (
+    "The above exception was the direct cause of the following exception:",
+    "During handling of the above exception, another exception occurred:",
+)
+# What pybus notes on an event handler's error (pybus.engines): not part of its message.
+_PYBUS_NOTE = re.compile(
+    r"raised by .+ handling event \S+|\d+ other handler\(s\) failed at the same level: .*"
+    r"|delivery \d+ of \S+ \(message id .*\)"
+)
 
 
 def error_line(reason: str) -> str:
-    """The error's type and message in a dead letter's reason (`ValueError: bad amount`):
-    the exception line of the outermost traceback in it; for an exception group, those of
-    its members, joined with "; "; with no traceback, the reason's first line."""
+    """The error's type and message in a dead letter's reason, on one line (`ValueError: bad
+    amount`; a message of several lines has its line breaks shown as `\n`).
+
+    For a failed handling (the reason starts `failed N times; last error: <Type>:
+    <message>` and the traceback follows): that type and message, told apart from the
+    traceback by the copy of the message that ends it, so no text in the message can be
+    taken for the traceback; for an exception group (an event's handlers failed), its
+    members' errors joined with "; ". For another reason: the exception line(s) of the
+    traceback in it, if any (the outermost exception's, notes left out); else its first
+    line.
+    """
+    failed = _FAILED.match(reason)
+    if failed is not None:
+        message, drawn = _message(reason[failed.end() :])
+        last = _last_part(drawn.splitlines())
+        if last[:1] == [f"  + {_GROUP}"]:
+            members = _members(last[1:], 2)
+            if members:
+                return "; ".join(members)
+        return _one_line(f"{failed.group(1)}: {message}".removesuffix(": "))
     lines = reason.splitlines()
-    return "; ".join(_errors(lines, "")) or next((line for line in lines if line.strip()), "")
-
-
-def _errors(lines: list[str], margin: str) -> list[str]:
-    """The exception lines of the outermost exception of a traceback drawn at `margin`."""
-    header = None
     for index, line in enumerate(lines):
-        text = line.removeprefix(margin)
-        if not line.startswith(margin) or (text[:1].isspace() and not text.startswith(_GROUP_TRACEBACK)):
-            continue  # a line of a nested traceback
-        if text.endswith(_GROUP_TRACEBACK):
-            header = (index, True)
-        elif text.endswith(_TRACEBACK):
-            header = (index, False)
-    rest = lines if header is None else lines[header[0] + 1 :]
-    if header is None or not header[1]:
-        own = (line.removeprefix(margin) for line in rest if line.startswith(margin))
-        return [text for text in own if text and not text[:1].isspace()][:1]
-    members: list[str] = []
+        if line in (_TRACEBACK, f"  + {_GROUP}"):
+            last = _last_part(lines[index:])
+            found = _members(last[1:], 2) if last[:1] == [f"  + {_GROUP}"] else _member(last)
+            if found:
+                return "; ".join(found)
+            break
+    return next((line for line in lines if line.strip()), "")
+
+
+def _message(text: str) -> tuple[str, str]:
+    """(message, traceback) of "<message>\n<traceback>", where the traceback ends with the
+    exception's line, ": <message>", and its notes: the longest message that fits."""
+    ends = [index for index, char in enumerate(text) if char == "\n"]
+    for end in reversed(ends):
+        message = text[:end]
+        if f": {message}\n" in text[end + 1 :]:
+            return message, text[end + 1 :]
+    end = text.find("\n")
+    return (text, "") if end < 0 else (text[:end], text[end + 1 :])
+
+
+def _last_part(lines: list[str]) -> list[str]:
+    """The outermost exception's part of a traceback drawn with its causes or contexts."""
+    for index in range(len(lines) - 2, 0, -1):
+        if lines[index] in _CHAINED and not lines[index - 1] and not lines[index + 1]:
+            return lines[index + 2 :]
+    return lines
+
+
+def _members(lines: list[str], column: int) -> list[str]:
+    """The errors of the members of an exception group drawn at `column` (its own lines
+    and the first member's marker there; the members' lines two further, after "| ")."""
+    inner, sections = " " * (column + 2), []
     section: list[str] | None = None
-    for line in [*rest, ""]:
-        if _MEMBER.fullmatch(line) or (section is not None and not line.strip()):
-            if section:
-                members.extend(_errors(section, margin + "    | "))
-            section = [] if line.strip() else None
-        elif section is not None:
-            section.append(line)
-    return members or _errors(rest, margin + "  | ")
+    for line in lines:
+        if line.startswith(" " * column + "+-+") or re.fullmatch(rf"{inner}\+-+( \d+ -+)?", line):
+            section = []
+            sections.append(section)
+        elif section is not None and line.startswith(inner):
+            text = line.removeprefix(inner)
+            section.append(text.removeprefix("| ") if text.startswith("|") else text)
+    return [error for section in sections if section for error in _member(section)]
+
+
+def _member(lines: list[str]) -> list[str]:
+    """The errors of one member of a group, drawn at column 0 (a group of its own: its members')."""
+    last = _last_part(lines)
+    if last[:1] == [_GROUP]:
+        return _members(last[1:], 0)
+    if last[:1] == [_TRACEBACK]:
+        last = last[1:]
+        while last and last[0].startswith("  "):  # the frames
+            last = last[1:]
+    while last and (not last[-1].strip() or _PYBUS_NOTE.fullmatch(last[-1])):
+        last = last[:-1]
+    if not last or (last[0].startswith("and ") and last[0].endswith(" more exceptions")):
+        return []
+    return [_one_line("\n".join(last))]
+
+
+def _one_line(text: str) -> str:
+    return text.strip().replace("\r\n", "\n").replace("\n", "\\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +162,13 @@ class RedisDeadLetter:
     envelope: Envelope
     reason: str
     group: str
+    stored_error: str | None = None
 
     @property
     def error(self) -> str:
-        """The error's type and message, on one line (see `error_line`)."""
-        return error_line(self.reason)
+        """The error's type and message, on one line: as stored when it was dead-lettered
+        (see `error_line`), or read from `reason` for a letter stored without it."""
+        return self.stored_error if self.stored_error is not None else error_line(self.reason)
 
 
 class RedisDeadLetters:
@@ -186,7 +250,14 @@ class RedisDeadLetters:
             stream, self.prefix, fields.get(b"entry_id", entry_id), fields, attempt
         )
         reason = fields.get(b"reason", b"").decode(errors="replace")
-        return RedisDeadLetter(entry_id.decode(), envelope, reason, fields.get(b"group", b"").decode())
+        error = fields.get(b"error")
+        return RedisDeadLetter(
+            entry_id.decode(),
+            envelope,
+            reason,
+            fields.get(b"group", b"").decode(),
+            None if error is None else error.decode(errors="replace"),
+        )
 
     async def aclose(self) -> None:
         """Close the connection."""

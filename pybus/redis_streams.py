@@ -7,7 +7,14 @@ entry format and the scripts are in `pybus.redis_wire`. How each rule of
 - receive: this consumer's own pending entries first, after a start, so a restarted
   consumer never strands its work; then entries idle longer than `claim_idle`
   (`XPENDING ... IDLE` and `XCLAIM` in one atomic script, every `claim_interval`, no
-  lock); then new entries (`XREADGROUP ... >`, blocking no later than the next claim).
+  lock); then new entries (`XREADGROUP ... >`, never blocking; when there are none,
+  `XREAD BLOCK`, outside the group, waits for one, no later than the next claim).
+- cancellation: every round trip that takes entries (delivery counted) or records an
+  outcome runs in a task of its own and to its end, whatever happens to its caller,
+  and what it brings is recorded here; only the `XREAD` wait, which takes nothing, is
+  cut short. So nothing this consumer received or claimed is left pending untracked.
+- a stream or group gone (Redis restarted without its data): the read that meets
+  `NOGROUP` raises once, and the next one creates them again.
 - holding: this process knows each entry it holds by entry id and never hands one out
   twice; a background task resets their idle time (`XCLAIM ... JUSTID`, which counts
   no delivery) every `claim_idle / 4`, so no live consumer's work is claimed.
@@ -18,8 +25,9 @@ entry format and the scripts are in `pybus.redis_wire`. How each rule of
 - retry: the entry stays here and comes again at once, its delivery count one higher.
 - release: `XCLAIM ... RETRYCOUNT <attempt - 1> IDLE <a day> JUSTID`: the next delivery,
   here or by any consumer's next claim, has the same attempt.
-- dead_letter: `XADD` to `{prefix}dead` and `XACK`, in one `MULTI/EXEC`
-  (`pybus.redis_dead_letters` lists, requeues and purges them).
+- dead_letter: `XADD` to `{prefix}dead` (with the error on one line, read from the
+  reason once) and `XACK`, in one `MULTI/EXEC` (`pybus.redis_dead_letters` lists,
+  requeues and purges them).
 - send: `XADD`, the sends of one turn of the event loop in one script call, without the
   client's own retries (a retried XADD can write an entry twice): it returns the entry
   id or raises `TransportError` within `timeout`, whose `maybe_written` says whether
@@ -40,13 +48,14 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
 from pybus import redis_wire as wire
-from pybus.errors import TransportError
+from pybus.errors import ImproperlyConfigured, TransportError
+from pybus.redis_dead_letters import error_line
 from pybus.redis_wire import SHA, Entry, Receipt
 from pybus.transport import Envelope, Transport
 
@@ -70,6 +79,18 @@ def _default_consumer() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+class _Read:
+    """A read in progress: its answer to the caller, whether the caller is gone, whether it
+    waits for new entries."""
+
+    __slots__ = ("abandoned", "reply", "waiting")
+
+    def __init__(self, reply: asyncio.Future[list[Envelope]]) -> None:
+        self.reply = reply
+        self.abandoned = False
+        self.waiting = False
+
+
 class _Unsent(Exception):
     """A write failed before anything was sent (no connection): nothing was written."""
 
@@ -82,7 +103,8 @@ class RedisTransport(Transport):
     consumer killed between a handling and its ack leaves at most about that many
     plus its concurrency to be handled again. Call `aclose()` when done: it sends
     the acks and gives back, without counting a delivery, what was received and
-    not handed out.
+    not handed out (also what a cancelled read took). Raises `ImproperlyConfigured`
+    for a `max_len` below 1.
     """
 
     def __init__(
@@ -99,6 +121,10 @@ class RedisTransport(Transport):
         timeout: float = 5.0,
         ack_batch: int = 16,
     ) -> None:
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+            raise ImproperlyConfigured(
+                f"max_len must be None (no trimming) or a whole number of entries >= 1, not {max_len!r}"
+            )
         self.url = url
         self.group = group
         self.ack_batch = ack_batch
@@ -121,6 +147,8 @@ class RedisTransport(Transport):
         self._acks: list[tuple[Envelope, bool]] = []  # (envelope, whether it was handled)
         self._next_claim = 0.0
         self._keeper: asyncio.Task[None] | None = None
+        self._reading: asyncio.Task[None] | None = None  # the last receive's own task
+        self._steps: set[asyncio.Task[None]] = set()  # outcomes (retry, release, dead letter) in flight
         self._sends = 0
         self._checked = False
         self._outbox: list[tuple[str, dict[str, Any], asyncio.Future[str]]] = []
@@ -263,49 +291,116 @@ class RedisTransport(Transport):
 
     async def receive(self, names: Sequence[str], *, max_count: int, wait: float) -> list[Envelope]:
         """Up to `max_count` envelopes, never one this process already holds; blocks at most
-        `wait` seconds, and never past the next claim."""
+        `wait` seconds, and never past the next claim.
+
+        The reading runs in a task of its own, which a cancellation of the caller does
+        not interrupt in the middle of a round trip that takes entries (Redis would have
+        counted their delivery): what it takes then waits here, to be handed out by the
+        next read or given back by `aclose()`. Only the wait for new entries, which
+        takes nothing, is cut short. Raises `TransportError` when Redis cannot be
+        reached or refuses."""
+        keys = [self._key(name) for name in names]
+        previous = self._reading
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])  # an abandoned read ends at its next step
+        loop = asyncio.get_running_loop()
+        state = _Read(loop.create_future())
+        reading = self._reading = loop.create_task(self._read(keys, max_count, wait, state))
         try:
-            return await self._receive([self._key(name) for name in names], max_count, wait)
+            # The task answers through this future itself: the caller wakes at the next turn
+            # of the loop (a done callback, as asyncio.shield uses, would take two).
+            return await state.reply
+        except asyncio.CancelledError:
+            state.abandoned = True
+            if state.waiting:
+                reading.cancel()  # waiting for new entries, which takes nothing
+            elif state.reply.done() and not state.reply.cancelled():
+                self._keep(state.reply)  # answered as the cancellation came
+            raise
         except RedisError as exc:
+            if "NOGROUP" in str(exc):
+                # The stream or the group is gone (Redis restarted without its data, or they
+                # were deleted): the next read creates them again.
+                self._groups_ready.difference_update(keys)
+                raise TransportError(
+                    f"Could not read from Redis: {_describe(exc)}; the stream or its consumer group "
+                    f"{self.group!r} no longer exists (Redis lost its data, or they were deleted): "
+                    "they are created again at the next read"
+                ) from exc
             raise TransportError(f"Could not read from Redis: {_describe(exc)}") from exc
 
-    async def _receive(self, keys: list[str], max_count: int, wait: float) -> list[Envelope]:
+    async def _read(self, keys: list[str], max_count: int, wait: float, state: _Read) -> None:
+        """Run `_receive` and answer `state.reply`; when the caller is gone, what it took
+        waits in `_claimed`."""
+        try:
+            found = await self._receive(keys, max_count, wait, state)
+        except asyncio.CancelledError:
+            # Cancelled while it waited for new entries (nothing taken), its caller gone; or
+            # by someone else (the loop closing): the caller is told so.
+            state.reply.cancel()
+            raise
+        except Exception as exc:
+            if not state.reply.done():
+                state.reply.set_exception(exc)
+            else:  # the caller is gone: nobody else would hear of it
+                logger.warning(
+                    "pybus: a read from Redis whose caller was cancelled failed (%s); what it may have "
+                    "taken stays pending and is claimed again after claim_idle",
+                    _describe(exc),
+                )
+            return
+        except BaseException as exc:
+            if not state.reply.done():
+                state.reply.set_exception(exc)
+            raise
+        if state.reply.done():
+            self._claimed.extendleft(reversed(found))
+        else:
+            state.reply.set_result(found)
+
+    def _keep(self, reply: asyncio.Future[list[Envelope]]) -> None:
+        """What a read whose caller was cancelled as it answered took waits to be handed out
+        or given back."""
+        error = reply.exception()
+        if error is not None:
+            logger.warning(
+                "pybus: a read from Redis whose caller was cancelled failed (%s); what it may have taken "
+                "stays pending and is claimed again after claim_idle",
+                _describe(error),
+            )
+            return
+        self._claimed.extendleft(reversed(reply.result()))
+
+    async def _receive(self, keys: list[str], max_count: int, wait: float, state: _Read) -> list[Envelope]:
         await self._prepare(keys)
         deadline = time.monotonic() + wait
         take = (SHA["take"], 1 + len(keys), self._done_key, *keys, self.group, self.consumer, max_count)
-        task = asyncio.current_task()
-        cancels = task.cancelling() if task is not None else 0
         while True:
-            if task is not None and task.cancelling() > cancels:
-                raise asyncio.CancelledError  # swallowed below us (see the blocking read)
             fresh = await self._take(keys, max_count)
             if fresh:
                 return fresh
-            # The acks, a first non-blocking read and its de-duplication check share a
-            # round trip; block only if that read was empty.
-            reply, done = await self._flush_acks(functools.partial(_queue_take, take))
+            # The acks, a non-blocking read and its de-duplication check share a round trip.
+            reply, done, newest = await self._flush_acks(functools.partial(_queue_take, take))
             found = [self._accept(entry, 1) for entry in wire.entries(reply, with_deleted=True)]
             fresh = self._hand_out([(env, seen) for env, seen in zip(found, done, strict=True) if env])
             if fresh:
                 return fresh
             now = time.monotonic()
-            if now >= deadline:
+            if now >= deadline or state.abandoned:
                 return []
-            block = min(deadline, self._next_claim) - now
-            streams = dict.fromkeys(keys, ">")
-            block_ms = max(1, int(block * 1000))
-            reply = await self.client.xreadgroup(
-                self.group, self.consumer, streams, count=max_count, block=block_ms
-            )
-            found = [self._accept(entry, 1) for entry in wire.entries(reply or [])]
-            if task is not None and task.cancelling() > cancels:
-                # redis-py can swallow a cancellation that lands as a blocking read ends:
-                # honour it; what the read took waits to be handed out or given back.
-                self._claimed.extend(envelope for envelope in found if envelope is not None)
-                raise asyncio.CancelledError
-            fresh = await self._skip_done(found)
-            if fresh:
-                return fresh
+            if not newest:
+                continue  # what it read was all skipped: there may be more to read at once
+            # Wait for an entry newer than the newest there was (XREAD, outside the group: it
+            # takes nothing, so cutting it short loses nothing), then take it above.
+            block_ms = max(1, int((min(deadline, self._next_claim) - now) * 1000))
+            state.waiting = True
+            try:
+                await self.client.xread(dict(zip(keys, newest, strict=True)), count=1, block=block_ms)
+            finally:
+                state.waiting = False
+            if state.abandoned:
+                # redis-py can swallow a cancellation that lands as a blocking read ends.
+                return []
 
     async def _take(self, keys: list[str], max_count: int) -> list[Envelope]:
         """What can be handed out without waiting: entries to try again, this consumer's own
@@ -499,7 +594,7 @@ class RedisTransport(Transport):
             replies = await self._execute(queue)
         except BaseException as exc:
             self._acks[:0] = acks  # keep them: acked on the next flush
-            if isinstance(exc, RedisError):
+            if isinstance(exc, RedisError) and then is None:  # else the caller tells what failed
                 raise TransportError(f"Could not ack {len(acks)} message(s): {exc}") from exc
             raise
         for envelope, _ in acks:
@@ -526,12 +621,30 @@ class RedisTransport(Transport):
                 self.group, now, "\n".join(message_ids), b"\n".join(entry_ids), expire,
             )  # fmt: skip
 
+    async def _through(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run `step`, an outcome's round trips, to its end even if the caller is cancelled
+        meanwhile: Redis may have applied it already, and what it changes (the entry to try
+        again, the entries no longer held) must be recorded here. `aclose()` waits for it."""
+        task = asyncio.get_running_loop().create_task(step)
+        self._steps.add(task)
+        task.add_done_callback(self._steps.discard)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_log_failure)  # the caller is gone: nobody else would hear of it
+            raise
+
     async def retry(self, envelope: Envelope, error: BaseException) -> None:
         """Hand the envelope out again from here, its delivery count (Redis's too) one higher.
 
         If another consumer claimed the entry meanwhile (or it was acked), it is theirs:
         it is not handed out here. Raises `TransportError` when Redis refuses; the entry
-        is then claimed again after `claim_idle`."""
+        is then claimed again after `claim_idle`. A cancellation of the caller does not
+        interrupt it: the failure counts, and the entry waits here (given back by
+        `aclose()` with that count)."""
+        await self._through(self._retry(envelope))
+
+    async def _retry(self, envelope: Envelope) -> None:
         key, entry_id = wire.receipt(envelope)
         try:
             lost = await self._hold([(key, [entry_id], str(envelope.attempt + 1), "")])
@@ -549,8 +662,9 @@ class RedisTransport(Transport):
     async def release(self, envelope: Envelope) -> None:
         """Give the envelope back without counting a delivery: its delivery count goes back to
         `attempt - 1` and its idle time past any `claim_idle`, so any consumer's next claim
-        (or this consumer's next start) delivers it again with the same `attempt`."""
-        await self._release([envelope])
+        (or this consumer's next start) delivers it again with the same `attempt`. A
+        cancellation of the caller does not interrupt it."""
+        await self._through(self._release([envelope]))
 
     async def _release(self, envelopes: list[Envelope]) -> None:
         if not envelopes:
@@ -569,10 +683,21 @@ class RedisTransport(Transport):
                 self._forget(envelope)
 
     async def dead_letter(self, envelope: Envelope, reason: str) -> None:
+        """Move the envelope to the dead-letter stream with `reason`, and ack it, in one
+        `MULTI/EXEC`; a cancellation of the caller does not interrupt it. Raises
+        `TransportError` when Redis refuses (the entry stays pending)."""
+        await self._through(self._dead_letter(envelope, reason))
+
+    async def _dead_letter(self, envelope: Envelope, reason: str) -> None:
         key, entry_id = wire.receipt(envelope)
         fields: dict[str, Any] = dict(wire.entry_fields(envelope))
         fields.update(
-            reason=reason, attempt=str(envelope.attempt), stream=key, entry_id=entry_id, group=self.group
+            reason=reason,
+            error=error_line(reason),
+            attempt=str(envelope.attempt),
+            stream=key,
+            entry_id=entry_id,
+            group=self.group,
         )
         try:
             async with self.client.pipeline(transaction=True) as pipe:
@@ -585,22 +710,31 @@ class RedisTransport(Transport):
             self._forget(envelope)
 
     async def aclose(self) -> None:
-        """Let the writes and trims in flight finish, send the buffered acks, give back what
-        was received and not handed out (retries, claimed entries) without counting a
-        delivery, close the connections."""
+        """Let the writes, trims, reads and outcomes in flight finish, send the buffered acks,
+        give back what was received and not handed out (retries, claimed entries, what a
+        cancelled read took) without counting a delivery, close the connections."""
         try:
+            busy: list[asyncio.Task[Any]] = [*self._writing, *self._trims.values(), *self._steps]
+            if self._reading is not None and not self._reading.done():
+                busy.append(self._reading)
+            if busy:
+                await asyncio.wait(busy)
             if self._keeper is not None:
                 self._keeper.cancel()
                 await asyncio.wait([self._keeper])
-            if self._writing or self._trims:
-                await asyncio.wait([*self._writing, *self._trims.values()])
             await self._flush_acks()
             waiting = [*self._again, *self._claimed]
             self._again.clear()
             self._claimed.clear()
-            await self._release(waiting)
+            await self._through(self._release(waiting))
         finally:
             await self.client.aclose()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    error = None if task.cancelled() else task.exception()
+    if error is not None:
+        logger.warning("pybus: %s", _describe(error))
 
 
 def _describe(error: BaseException | None) -> str:

@@ -79,13 +79,23 @@ return ids
 # ARGV[2] of group ARGV[1] (XREADGROUP without blocking), and tells for each entry
 # whether its message id (field i, written first) is marked done in KEYS[1]: the read
 # and the de-duplication check in one round trip, one ZMSCORE per 1,000 entries.
-# Returns {XREADGROUP's reply or {}, {a score or false per entry, in order}}.
+# Returns {XREADGROUP's reply or {}, {a score or false per entry, in order}, newest},
+# where, when nothing was read, newest holds each stream's newest entry id ("0-0" for
+# none): any entry added after this call has a greater id, so an XREAD (which takes
+# nothing) blocking from those ids wakes for it.
 TAKE = """
 local args = {"GROUP", ARGV[1], ARGV[2], "COUNT", ARGV[3], "STREAMS"}
 for n = 2, #KEYS do args[#args + 1] = KEYS[n] end
 for n = 2, #KEYS do args[#args + 1] = ">" end
 local reply = redis.call("XREADGROUP", unpack(args))
-if not reply then return {{}, {}} end
+if not reply then
+    local newest = {}
+    for n = 2, #KEYS do
+        local last = redis.call("XREVRANGE", KEYS[n], "+", "-", "COUNT", 1)
+        newest[n - 1] = last[1] and last[1][1] or "0-0"
+    end
+    return {{}, {}, newest}
+end
 local ids = {}
 for _, stream in ipairs(reply) do
     for _, entry in ipairs(stream[2]) do
@@ -98,7 +108,7 @@ for first = 1, #ids, 1000 do
     local scores = redis.call("ZMSCORE", KEYS[1], unpack(ids, first, math.min(first + 999, #ids)))
     for _, score in ipairs(scores) do done[#done + 1] = score and 1 or 0 end
 end
-return {reply, done}
+return {reply, done, {}}
 """
 
 # Claims for consumer ARGV[2] of group ARGV[1] up to ARGV[4] entries of stream KEYS[1]
@@ -173,13 +183,29 @@ SHA = {
 def connect(url: str, *, timeout: float, connect_timeout: float) -> Any:
     """A client of `url` that never retries a command by itself: a retried XADD can write
     an entry twice, a retried requeue would find its letter gone. Typed loosely: reply
-    types depend on decode_responses (off: replies are bytes)."""
+    types depend on decode_responses (off: replies are bytes).
+
+    Its pool checks a connection before handing it out, and connects again, before
+    anything is written, when the server has closed it (a restart of redis-server): a
+    command is never sent into a dead connection, where it would fail after being
+    written and leave unknown whether Redis ran it. redis-py skips that check while
+    maintenance notifications (a Redis Cloud feature, RESP3 only) are "auto", its
+    default since 7.0: they are turned off.
+    """
+    options: dict[str, Any] = {}
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+    except ImportError:  # redis-py < 7: no such notifications, the check is always made
+        pass
+    else:
+        options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
     return aioredis.Redis.from_url(
         url,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         socket_timeout=timeout,
         socket_connect_timeout=connect_timeout,
+        **options,
     )
 
 

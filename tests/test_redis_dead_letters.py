@@ -26,6 +26,11 @@ from tests.test_redis_workers import ROOT, SCRIPT, effects, produce_with, start_
 JOBS = "pybus:examples.jobs"
 
 
+@dataclass(frozen=True)
+class Charged(Event):
+    n: int
+
+
 def pybus_dlq(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(SCRIPT), "dlq", "examples.redis_worker:create_worker", *args],
@@ -35,7 +40,44 @@ def pybus_dlq(url: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 def formatted(error: BaseException) -> str:
     """A reason as the consumer writes it for a failed handling."""
-    return "failed 5 times; last: " + "".join(traceback.format_exception(error))
+    first = f"failed 5 times; last error: {type(error).__name__}: {error}\n"
+    return first + "".join(traceback.format_exception(error))
+
+
+class Tricky(Exception):
+    """An error whose message looks like the end of a traceback."""
+
+    def __str__(self) -> str:
+        return "line one\nTraceback (most recent call last):\n  fake\nValueError: fake inner"
+
+
+def tricky() -> None:
+    raise Tricky()
+
+
+def multi_line() -> None:
+    raise ValueError("multi\nline message")
+
+
+def both_in_group() -> None:
+    errors: list[Exception] = []
+    for make in (tricky, multi_line):
+        error = raised(make)
+        assert isinstance(error, Exception)
+        error.add_note("raised by handle handling event Paid")  # as the engine notes it
+        errors.append(error)
+    raise ExceptionGroup("publishing Paid: 2 event handler(s) failed", errors)
+
+
+def nested_groups() -> None:
+    try:
+        two_in_group()
+    except ExceptionGroup as exc:
+        raise ExceptionGroup("publishing Paid: 2 event handler(s) failed", [exc, KeyError("k")]) from None
+
+
+def no_message() -> None:
+    raise TimeoutError
 
 
 def raised(make: Any) -> BaseException:
@@ -83,12 +125,49 @@ def group_then_outer() -> None:
         (in_group, "KeyError: 'order-7'"),  # an event handler's error, unwrapped from publish's group
         (two_in_group, "ValueError: a; TypeError: b"),
         (group_then_outer, "RuntimeError: outer"),
+        (tricky, "Tricky: line one\\nTraceback (most recent call last):\\n  fake\\nValueError: fake inner"),
+        (multi_line, "ValueError: multi\\nline message"),
+        (
+            both_in_group,
+            f"{__name__}.Tricky: line one\\nTraceback (most recent call last):\\n  fake"
+            "\\nValueError: fake inner; ValueError: multi\\nline message",
+        ),
+        (nested_groups, "ValueError: a; TypeError: b; KeyError: 'k'"),
+        (no_message, "TimeoutError"),
     ],
 )
 def test_the_error_line_is_the_errors_own_type_and_message(make: Any, expected: str) -> None:
     error = raised(make)
     error.add_note("delivery 5 of Paid (message id m1)")  # as the consumer adds
     assert error_line(formatted(error)) == expected
+
+
+def test_a_reason_not_written_by_the_consumer_shows_its_tracebacks_error() -> None:
+    reason = "given up by hand\n" + "".join(traceback.format_exception(raised(chained)))
+    assert error_line(reason) == "KeyError: 'order-7'"
+
+
+async def test_a_dead_letter_stores_its_error_on_one_line(redis_url: str) -> None:
+    def fails(event: Charged) -> None:
+        if event.n == 0:
+            raise ValueError("multi\nline message")
+        raise Tricky()
+
+    transport = RedisTransport(redis_url, group="billing", consumer="w1")
+    dp = Dispatcher(transport=transport, on_error=lambda error, message: None)
+    dp.route(Charged)
+    dp.events.bind(Charged, fails)
+    await send_jobs(redis_url, Charged(0), Charged(1))
+    async with consuming(dp, max_deliveries=1) as consumer:
+        await until(lambda: consumer.dead_lettered == 2)
+    async with RedisDeadLetters(redis_url) as dead:
+        letters = sorted(await dead.letters(), key=lambda letter: letter.envelope.body)
+    assert [letter.error for letter in letters] == [
+        "ValueError: multi\\nline message",
+        f"{__name__}.Tricky: line one\\nTraceback (most recent call last):\\n  fake\\nValueError: fake inner",
+    ]
+    assert [letter.stored_error for letter in letters] == [letter.error for letter in letters]
+    assert "Traceback (most recent call last):" in letters[1].reason  # the reason is kept whole
 
 
 def test_a_reason_without_a_traceback_is_its_own_first_line() -> None:
