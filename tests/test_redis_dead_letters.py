@@ -208,11 +208,11 @@ def test_dlq_list_shows_the_error_and_keeps_the_traceback(redis_url: str) -> Non
 
 
 async def send_jobs(url: str, *jobs: object) -> None:
-    from examples.redis_worker import ROUTE
+    from examples.redis_worker import ROUTE, Job
 
     dp = Dispatcher(transport=RedisTransport(url, group="producer"))
     for job in jobs:
-        dp.route(type(job), name=ROUTE)
+        dp.route(type(job), name=ROUTE if type(job) is Job else None)
     async with dp:
         for job in jobs:
             await dp.publish(job)
