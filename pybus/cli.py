@@ -25,11 +25,15 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pybus.dispatcher import Dispatcher
 from pybus.errors import ImproperlyConfigured, Kind, PyBusError, TransportError, key_name
 from pybus.routes import Route, message_flow, registrations, routes
+
+if TYPE_CHECKING:
+    from pybus.redis_dead_letters import RedisDeadLetters
+    from pybus.redis_streams import RedisTransport
 
 
 class UsageError(Exception):
@@ -308,7 +312,7 @@ def _dlq(args: argparse.Namespace) -> int:
     return asyncio.run(_dlq_run(transport, RedisDeadLetters.of(transport), args))
 
 
-async def _dlq_run(transport: Any, dead: Any, args: argparse.Namespace) -> int:
+async def _dlq_run(transport: RedisTransport, dead: RedisDeadLetters, args: argparse.Namespace) -> int:
     try:
         if args.action == "list":
             for letter in await dead.letters(count=args.count):
@@ -323,8 +327,10 @@ async def _dlq_run(transport: Any, dead: Any, args: argparse.Namespace) -> int:
     except PyBusError as exc:
         raise UsageError(str(exc)) from exc
     finally:
-        await dead.aclose()
-        await transport.aclose()
+        try:
+            await dead.aclose()
+        finally:
+            await transport.aclose()
     return 0
 
 

@@ -78,7 +78,6 @@ class Consumer:
         self._handlers = handlers
         #: The dispatcher's supervisor: its error hook, and what `running_in` leads to.
         self.supervisor = supervisor
-        self._supervisor = supervisor
         concurrency = whole_number("concurrency", concurrency, 1)
         prefetch = whole_number("prefetch", max(1, concurrency // 2) if prefetch is None else prefetch, 1)
         if prefetch > concurrency:
@@ -114,7 +113,7 @@ class Consumer:
         self.dead_lettered = 0
         self.released = 0
         self.unreleased = 0  # not handled, and the transport refused them back: still pending there
-        self._ending: asyncio.Task[None] | None = None
+        self._ending: asyncio.Task[None] | None = None  # a strong reference: the loop holds tasks weakly
 
     # -- running -------------------------------------------------------------------
 
@@ -129,7 +128,7 @@ class Consumer:
             if self._state == "stopped":
                 return
             raise ImproperlyConfigured("This consumer is already running; a consumer runs once")
-        loop = self._supervisor.bind("consume from the transport")
+        loop = self.supervisor.bind("consume from the transport")
         self._state = "running"
         self._finished = loop.create_future()
         self._context = contextvars.copy_context()
@@ -299,8 +298,6 @@ class Consumer:
                 await self._failed(envelope, message, error)
             if not alive:
                 raise asyncio.CancelledError
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # an ack, retry or dead-letter the broker refused
             # Not acked: the transport delivers it again (a broker reclaims it).
             await self._report(exc, envelope)
@@ -332,7 +329,7 @@ class Consumer:
             self.released += 1
 
     async def _report(self, error: BaseException, message: object) -> None:
-        await self._supervisor.report(error, message, contextvars.copy_context())
+        await self.supervisor.report(error, message, contextvars.copy_context())
 
     # -- stopping -------------------------------------------------------------------
 

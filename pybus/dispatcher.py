@@ -7,7 +7,6 @@ import contextlib
 import functools
 import logging
 import signal
-from asyncio import FIRST_COMPLETED
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, NoReturn, Self, TypeVar, overload
@@ -316,14 +315,14 @@ class Dispatcher:
         `timeout` that is not None or seconds >= 0, and `WouldDeadlock` when awaited
         from inside a background handling of this dispatcher (it would wait for itself).
         """
-        drain_seconds("timeout", timeout)
+        seconds = drain_seconds("timeout", timeout)
         if self._supervisor.inside():
             raise WouldDeadlock("dp.stop()")
         if self.state is State.NEW:  # closed for good, before anything is awaited
             self._bind_calls(functools.partial(_refuse, DispatcherClosed))
             for router in self._routers().values():
                 router.close()
-        return await self._lifecycle.stop(timeout)
+        return await self._lifecycle.stop(seconds)
 
     async def serve(
         self,
@@ -341,12 +340,13 @@ class Dispatcher:
         handlers for (see `consumer` for `concurrency`, `prefetch`,
         `max_deliveries` and `wait`); on the signal it stops reading at once, lets
         handlings in flight finish within `drain_timeout`, and gives the rest back
-        to the transport. Returns what `stop(drain_timeout)` returns. The only place
-        pybus installs signal handlers, and only while it runs: the ones it replaced
-        are put back (it refuses to replace a handler the event loop itself holds). Stops the dispatcher
-        whatever ends it (a signal, `dp.stop()`, its own cancellation); if the
-        consumer ends on its own, serve() stops the dispatcher and raises
-        `TransportError`.
+        to the transport. Returns what `stop(drain_timeout)` returns.
+
+        The only place pybus installs signal handlers, and only while it runs: the
+        ones it replaced are put back (it refuses to replace a handler the event loop
+        itself holds). Stops the dispatcher whatever ends it (a signal, `dp.stop()`,
+        its own cancellation); if the consumer ends on its own, serve() stops the
+        dispatcher and raises `TransportError`.
         """
         drain_seconds("drain_timeout", drain_timeout)  # refused before anything starts
         previous = {sig: signal.getsignal(sig) for sig in stop_signals}
@@ -387,7 +387,9 @@ class Dispatcher:
                 installed.append(sig)
             if consumer is not None:
                 reading = loop.create_task(consumer.run(), name="pybus-consumer")
-            await asyncio.wait([requested, *([reading] if reading else [])], return_when=FIRST_COMPLETED)
+            await asyncio.wait(
+                [requested, *([reading] if reading else [])], return_when=asyncio.FIRST_COMPLETED
+            )
             died = reading is not None and reading.done() and not requested.done()
         finally:
             try:

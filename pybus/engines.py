@@ -19,6 +19,7 @@ from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from pybus.errors import (
+    CALLS,
     CascadeDepthExceeded,
     DispatcherClosed,
     HandlerNotFound,
@@ -184,7 +185,7 @@ class EventEngine(_Engine):
     def check(self, event: object, call: str = "dp.events.send()") -> None:
         """Raise `HandlerNotFound` now for an event whose key is a command or query,
         `InvalidMessage` for a class or None."""
-        if not self._plans.get(event.__class__) and not self.handlers_for(event):
+        if not self.handlers_for(event):
             _check_message(call, event)
             self._check_foreign(event)
 
@@ -479,13 +480,14 @@ class RequestEngine(_Engine):
         """True when a handler is registered for `key`."""
         return key in self._plans
 
-    def plan_for(self, message: object) -> CallPlan:
-        """The call plan for `message`; raises `HandlerNotFound` when there is none."""
+    def plan_for(self, message: object, call: str = "") -> CallPlan:
+        """The call plan for `message`; raises `HandlerNotFound` when there is none
+        (`InvalidMessage` for a class or None, naming `call`)."""
         plan = self._plans.get(message.__class__)
         if plan is None:
             plan = self._plans.get(message) if isinstance(message, str) else None
             if plan is None:
-                _check_message(f"{_CALLS[self.kind]}", message)
+                _check_message(call or CALLS[self.kind], message)
                 key = message_key(message)
                 raise HandlerNotFound(self.kind, key, registered_as=self._foreign.get(key))
         return plan
@@ -497,9 +499,7 @@ class RequestEngine(_Engine):
     def check(self, message: object, call: str = "") -> None:
         """Raise `HandlerNotFound` now, not in a worker, for a message without a handler
         (`InvalidMessage` for a class or None, naming `call`)."""
-        if self._plans.get(message.__class__) is None and not isinstance(message, str):
-            _check_message(call or _CALLS[self.kind], message)
-        self.plan_for(message)
+        self.plan_for(message, call)
 
     async def handle(self, message: object, timeout: float | None = None) -> Any:
         """Run the handler of `message` and its follow-ups; return the handler's result.
@@ -508,7 +508,7 @@ class RequestEngine(_Engine):
         and `TimeoutError` raised.
         """
         if timeout is not None:
-            _check_timeout(_CALLS[self.kind], timeout)
+            _check_timeout(CALLS[self.kind], timeout)
             return await within(timeout, self.handle(message), _late(self.kind, message, timeout))
         invoke = self._fast.get(message.__class__)
         if invoke is None:
@@ -572,9 +572,6 @@ async def call_plan(plan: CallPlan, message: object, followups: list[Any]) -> An
 
 def _late(kind: Kind, message: object, seconds: float) -> str:
     return f"{kind} {key_name(message_key(message))} did not finish within {seconds} s"
-
-
-_CALLS: dict[Kind, str] = {"event": "dp.publish()", "command": "dp.execute()", "query": "dp.query()"}
 
 
 def _check_timeout(call: str, timeout: object) -> None:

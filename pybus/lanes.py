@@ -38,7 +38,8 @@ import contextvars
 from collections.abc import Coroutine, Generator
 from typing import Any
 
-#: The owner (a dispatcher's supervisor) of the background handling running in this context.
+#: The owner of the background handling running in this context: a dispatcher's
+#: supervisor (its worker pools), or a consumer (whose `supervisor` is the dispatcher's).
 running_in: contextvars.ContextVar[object | None] = contextvars.ContextVar("pybus_running_in", default=None)
 
 

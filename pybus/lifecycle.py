@@ -27,13 +27,14 @@ ending), so nothing is left running or open.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pybus.consumer import Consumer
-from pybus.errors import DispatcherClosed, drain_seconds
+from pybus.errors import DispatcherClosed
 from pybus.workers import Supervisor
 
 if TYPE_CHECKING:
@@ -65,8 +66,8 @@ class Lifecycle:
         self._engines: Sequence[EventEngine | RequestEngine] = ()
         self._task: asyncio.Task[tuple[int, BaseException | None]] | None = None
         self._waiting = 0  # stop() calls waiting for the shutdown
-
         self._failure_raised = False
+        self._reporting: asyncio.Task[None] | None = None  # the error hook, given an unclaimed failure
         self._timeout: float | None = None
         self._deadline: float | None = None
         self._drain: asyncio.Timeout | None = None
@@ -100,12 +101,12 @@ class Lifecycle:
     def unwatch(self, watcher: asyncio.Future[None]) -> None:
         self._watchers.remove(watcher)
 
-    async def stop(self, timeout: float | None) -> int:
+    async def stop(self, seconds: float | None) -> int:
         """Begin the shutdown, or join the one under way; return its count of unhandled messages.
 
-        A Singleton teardown failure is raised to one caller (and logged if none is waiting).
+        `seconds` was checked by `drain_seconds`. A Singleton teardown failure is raised
+        to one caller (and goes to the error hook if none is waiting).
         """
-        seconds = drain_seconds("timeout", timeout)
         if self.state is State.NEW:
             self.state = State.STOPPED  # stopped before it started: closed for good
             loop = self._supervisor.bind("stop the dispatcher")
@@ -122,9 +123,18 @@ class Lifecycle:
             self._task = loop.create_task(self._shut_down(), name="pybus-shutdown")
         elif seconds is not None:
             self._shorten(self._supervisor.bind("stop the dispatcher").time() + seconds, seconds)
+        task = self._task
         self._waiting += 1
         try:
-            unhandled, failure = await asyncio.shield(self._task)
+            unhandled, failure = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The shutdown may have ended as this, its last waiter, gave up: nobody else
+            # raises its failure. The hook runs in a task (kept: the loop holds tasks weakly).
+            if self._waiting == 1 and task.done() and not task.cancelled() and task.exception() is None:
+                failure = task.result()[1]
+                if failure is not None and self._claim(failure):
+                    self._reporting = task.get_loop().create_task(self._report(failure), name="pybus-report")
+            raise
         finally:
             self._waiting -= 1
         if failure is not None and not self._failure_raised:
@@ -167,13 +177,17 @@ class Lifecycle:
                 self._drain = None
         finally:  # also when the loop is ending and cancels this task
             unhandled, failure = await self._finish()
-        if failure is not None and not self._waiting:  # nobody to raise it to: log it, once
-            self._failure_raised = True
-            logger.error(
-                "pybus: tearing down the Singletons failed while the dispatcher stopped",
-                exc_info=(type(failure), failure, failure.__traceback__),
-            )
+        if failure is not None and not self._waiting and self._claim(failure):
+            await self._report(failure)  # nobody to raise it to: the error hook gets it
         return unhandled, failure
+
+    def _claim(self, failure: BaseException) -> bool:
+        """True, once, for a teardown failure that no stop() call raised: it goes to the error hook."""
+        if self._failure_raised:
+            return False
+        self._failure_raised = True
+        failure.add_note("pybus: tearing down the Singletons failed while the dispatcher stopped")
+        return True
 
     async def _finish(self) -> tuple[int, BaseException | None]:
         supervisor = self._supervisor
@@ -221,5 +235,9 @@ class Lifecycle:
             return
         try:
             await transport.aclose()
-        except Exception:
-            logger.exception("pybus: closing the transport failed while the dispatcher stopped")
+        except Exception as exc:
+            exc.add_note("pybus: closing the transport failed while the dispatcher stopped")
+            await self._report(exc)
+
+    async def _report(self, failure: BaseException) -> None:
+        await self._supervisor.report(failure, None, contextvars.copy_context())

@@ -25,7 +25,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iter
 from contextlib import AsyncExitStack
 from typing import Any, ClassVar, Final, Literal
 
-from pybus.errors import DispatcherClosed, ForeignEventLoop, ImproperlyConfigured, ProviderError
+from pybus.errors import DispatcherClosed, ImproperlyConfigured, ProviderError
 
 _MISSING: Final = object()
 
@@ -140,7 +140,7 @@ class Resolver:
     directly, so a resolved Singleton costs one dict lookup.
     """
 
-    def __init__(self, bind: Callable[[str], object] | None = None) -> None:
+    def __init__(self, bind: Callable[[str], object]) -> None:
         #: Checks that Singletons are made in the dispatcher's event loop (and binds it).
         self._bind = bind
         self.singletons: dict[object, Any] = {}
@@ -151,7 +151,6 @@ class Resolver:
         self._overrides: dict[object, list[tuple[Provider, Any]]] = {}  # in force, innermost last
         self._labels: dict[object, Provider] = {}
         self._scope = _SingletonScope()
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def adopt(self, values: Mapping[str, Any]) -> None:
         """Check the providers of a registration: one label, one callable.
@@ -198,14 +197,7 @@ class Resolver:
 
     async def _create_singleton(self, provider: Provider, identity: object) -> Any:
         self._check_open(provider)
-        if self._bind is not None:
-            self._bind(f"make {provider!r}")
-        else:
-            loop = asyncio.get_running_loop()
-            if self._loop is None:
-                self._loop = loop
-            elif loop is not self._loop:
-                raise ForeignEventLoop(f"make {provider!r}")
+        self._bind(f"make {provider!r}")
         lock = self._locks.get(identity)
         if lock is None:
             lock = self._locks[identity] = asyncio.Lock()
@@ -401,8 +393,10 @@ class _SingletonScope:
                 failures.append(exc)
             except asyncio.CancelledError as exc:
                 cancelled = exc  # the loop is ending: still tear the others down, then end
-        if cancelled is not None:
+        if cancelled is not None and not failures:
             raise cancelled
+        # A failure outweighs the cancellation (the loop ending): it has somewhere to go,
+        # the shutdown that called this raises it or hands it to the error hook.
         if len(failures) == 1:
             raise failures[0]
         if failures:

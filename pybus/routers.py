@@ -378,9 +378,7 @@ class _Router(Generic[E]):
         if engine is None:
             engine = self._started_engine(message)  # raises
         if message.__class__ not in self._sendable:
-            engine.check(message, self._send_call)
-            if not isinstance(message, str):
-                self._sendable.add(message.__class__)  # checked once per class
+            self._check_sendable(engine, message, self._send_call)
         workers = engine.workers
         if not workers.put_if_room(message, key):
             await workers.send(message, key)
@@ -393,8 +391,14 @@ class _Router(Generic[E]):
                 "cannot wait for: use await send()"
             )
         engine = self._started_engine(message)
-        engine.check(message, self._send_nowait_call)
+        if message.__class__ not in self._sendable:
+            self._check_sendable(engine, message, self._send_nowait_call)
         engine.workers.send_nowait(message, key)
+
+    def _check_sendable(self, engine: E, message: object, call: str) -> None:
+        engine.check(message, call)
+        if not isinstance(message, str):
+            self._sendable.add(message.__class__)  # checked once per class (the maps are frozen)
 
     def routes_message(self, message: object) -> bool:
         """True when `message` goes to the transport instead of this process's engine."""

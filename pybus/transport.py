@@ -195,14 +195,16 @@ class InMemoryTransport(Transport):
         group.pending.pop(number, None)
 
     async def retry(self, envelope: Envelope, error: BaseException) -> None:
-        group, number = self._locate(envelope)
-        group.again.append((number, group.pending.pop(number, envelope.attempt)))
-        self.broker.notify()
+        self._hand_back(envelope, counted=True)
 
     async def release(self, envelope: Envelope) -> None:
+        self._hand_back(envelope, counted=False)
+
+    def _hand_back(self, envelope: Envelope, *, counted: bool) -> None:
         group, number = self._locate(envelope)
-        group.pending.pop(number, None)
-        group.again.append((number, envelope.attempt - 1))
+        if group.pending.pop(number, None) is None:
+            return  # acked or handed back already: as on a broker, it is not handed out again
+        group.again.append((number, envelope.attempt if counted else envelope.attempt - 1))
         self.broker.notify()
 
     async def dead_letter(self, envelope: Envelope, reason: str) -> None:

@@ -214,13 +214,6 @@ def wake_first(waiters: deque[asyncio.Future[None]]) -> None:
             return
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
 class WorkerPool:
     """The queue and worker lanes of one engine.
 
@@ -337,7 +330,10 @@ class WorkerPool:
             try:
                 hash(key)
             except TypeError:
-                raise InvalidMessage(f"dp.{ROUTERS[self.kind]}.send()", key, key=True) from None
+                raise self._unhashable(key) from None
+
+    def _unhashable(self, key: object) -> InvalidMessage:
+        return InvalidMessage(f"dp.{ROUTERS[self.kind]}.send()", key, key=True)
 
     def _put(self, message: object, key: object, only_if_room: bool = False) -> bool:
         """Queue `message`; with `only_if_room`, only when that needs no waiting and no
@@ -358,7 +354,7 @@ class WorkerPool:
             try:
                 backlog = self._backlogs.get(key)
             except TypeError:
-                raise InvalidMessage(f"dp.{ROUTERS[self.kind]}.send()", key, key=True) from None
+                raise self._unhashable(key) from None
         supervisor = self._supervisor
         item = (message, contextvars.copy_context(), key)
         self._queued += 1

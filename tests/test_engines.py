@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from pybus import CascadeDepthExceeded, Dispatcher, Factory, HandlerNotFound
+from tests.cancelling import cancel_own_task
 
 
 class Boom(Exception):
@@ -610,9 +611,7 @@ async def test_a_concurrent_handler_that_cancels_its_own_task_fails_like_a_seque
 
     @dp.events.register(Ping)
     async def cancels_itself(event: Ping) -> Pong:
-        task = asyncio.current_task()
-        assert task is not None
-        task.cancel()
+        cancel_own_task()
         await asyncio.sleep(0)
         return Pong(event.n)  # never reached
 

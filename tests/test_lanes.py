@@ -19,6 +19,7 @@ import pytest
 
 from pybus import Dispatcher
 from pybus.transport import InMemoryBroker, InMemoryTransport
+from tests.cancelling import cancel_own_task
 from tests.consuming import until
 
 
@@ -33,12 +34,6 @@ class Errors(list[tuple[BaseException, object]]):
 
 
 Handler = Callable[[Job], Awaitable[None]]
-
-
-def cancel_own_task() -> None:
-    task = asyncio.current_task()
-    assert task is not None
-    task.cancel()
 
 
 @asynccontextmanager

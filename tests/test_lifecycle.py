@@ -463,21 +463,28 @@ async def test_a_read_cancelled_by_the_transport_itself_is_a_failed_read_not_the
 # -- found by the adversarial review ---------------------------------------------------------
 
 
-def test_singletons_are_torn_down_even_when_the_loop_ends_during_the_teardown() -> None:
+def run_until_the_loop_ends_in_a_teardown(fail_a: bool) -> tuple[list[str], list[BaseException]]:
+    """Make Singletons a then b; stop; end the loop while b's teardown waits."""
     torn: list[str] = []
-
-    async def make_a() -> AsyncIterator[str]:
-        yield "a"
-        torn.append("a")
-
-    async def make_b() -> AsyncIterator[str]:
-        yield "b"
-        torn.append("b begins")
-        await asyncio.sleep(0.5)  # the loop ends meanwhile
-        torn.append("b")
+    reported: list[BaseException] = []
 
     async def main() -> None:
-        dp = Dispatcher()
+        b_waits = asyncio.Event()
+
+        async def make_a() -> AsyncIterator[str]:
+            yield "a"
+            torn.append("a")
+            if fail_a:
+                raise RuntimeError("a's teardown failed")
+
+        async def make_b() -> AsyncIterator[str]:
+            yield "b"
+            torn.append("b begins")
+            b_waits.set()
+            await asyncio.get_running_loop().create_future()  # until the loop ends
+            torn.append("b")
+
+        dp = Dispatcher(on_error=lambda error, message: reported.append(error))
 
         @dp.commands.register(Job, a=Singleton(make_a), b=Singleton(make_b))
         async def job(cmd: Job, a: str, b: str) -> None:
@@ -485,36 +492,113 @@ def test_singletons_are_torn_down_even_when_the_loop_ends_during_the_teardown() 
 
         dp.start()
         await dp.execute(Job(0))
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(dp.stop(), 0.05)
+        stopping = asyncio.create_task(dp.stop())
+        await b_waits.wait()
+        stopping.cancel()
         # returns: asyncio.run cancels what is left, the shutdown task included
 
     asyncio.run(main())
+    return torn, reported
+
+
+def test_singletons_are_torn_down_even_when_the_loop_ends_during_the_teardown() -> None:
+    torn, reported = run_until_the_loop_ends_in_a_teardown(fail_a=False)
     assert torn == ["b begins", "a"]
+    assert reported == []
 
 
-async def test_a_teardown_failure_after_a_cancelled_stop_is_logged_not_lost(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    async def failing() -> AsyncIterator[str]:
+def test_a_teardown_failure_while_the_loop_ends_still_reaches_the_error_hook() -> None:
+    torn, reported = run_until_the_loop_ends_in_a_teardown(fail_a=True)
+    assert torn == ["b begins", "a"]
+    [error] = reported
+    assert isinstance(error, RuntimeError)
+    assert str(error) == "a's teardown failed"
+    assert "pybus: tearing down the Singletons failed while the dispatcher stopped" in error.__notes__
+
+
+class FailingTeardown:
+    """A Singleton whose teardown fails once `release` is set (at once if it is None)."""
+
+    def __init__(self, release: asyncio.Event | None) -> None:
+        self.release = release
+        self.tearing_down = asyncio.Event()
+        self.reported: list[tuple[BaseException, object]] = []
+        self.hooked = asyncio.Event()
+
+    async def provide(self) -> AsyncIterator[str]:
         yield "value"
-        await asyncio.sleep(0.05)
+        self.tearing_down.set()
+        if self.release is not None:
+            await self.release.wait()
         raise RuntimeError("teardown failed")
 
-    dp = Dispatcher()
+    def on_error(self, error: BaseException, message: object) -> None:
+        self.reported.append((error, message))
+        self.hooked.set()
 
-    @dp.commands.register(Job, value=Singleton(failing))
-    async def job(cmd: Job, value: str) -> None:
-        pass
+    async def stopped_with_nobody_waiting(self, release: asyncio.Event | None = None) -> Dispatcher:
+        dp = Dispatcher(on_error=self.on_error)
+        dp.commands.bind(Job, lambda cmd, value: None, value=Singleton(self.provide))
+        dp.start()
+        await dp.execute(Job(0))
+        stopping = asyncio.create_task(dp.stop())
+        await self.tearing_down.wait()
+        stopping.cancel()  # nobody waits for the shutdown any more
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        if self.release is not None:
+            self.release.set()
+        async with asyncio.timeout(5):
+            await self.hooked.wait()
+        [(error, message)] = self.reported
+        assert isinstance(error, RuntimeError)
+        assert str(error) == "teardown failed"
+        assert message is None
+        assert "pybus: tearing down the Singletons failed while the dispatcher stopped" in error.__notes__
+        return dp
 
+
+async def test_a_teardown_failure_after_every_stop_gave_up_goes_to_the_error_hook() -> None:
+    teardown = FailingTeardown(release=asyncio.Event())  # fails after the stop() call gave up
+    dp = await teardown.stopped_with_nobody_waiting()
+    assert await dp.stop() == 0  # a later stop() returns the count; the failure is not raised twice
+    assert len(teardown.reported) == 1
+
+
+async def test_a_teardown_failure_as_the_last_stop_gives_up_goes_to_the_error_hook() -> None:
+    # The shutdown ends (failing) in the step that wakes the test, which cancels the
+    # stop() call before it could take the result: it must hand the failure on.
+    teardown = FailingTeardown(release=None)
+    dp = await teardown.stopped_with_nobody_waiting()
+    assert await dp.stop() == 0
+    assert len(teardown.reported) == 1
+
+
+async def test_a_transport_that_fails_to_close_reaches_the_error_hook_and_stop_still_ends() -> None:
+    class FailingToClose(InMemoryTransport):
+        async def aclose(self) -> None:
+            raise ConnectionError("broker gone")
+
+    reported: list[tuple[BaseException, object]] = []
+    torn: list[str] = []
+
+    def resource() -> Iterator[str]:
+        yield "value"
+        torn.append("resource")
+
+    dp = Dispatcher(
+        transport=FailingToClose(), on_error=lambda error, message: reported.append((error, message))
+    )
+    dp.commands.bind(Job, lambda cmd, value: None, value=Singleton(resource))
     dp.start()
     await dp.execute(Job(0))
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(dp.stop(), 0.01)  # nobody waits for the shutdown any more
-    await asyncio.sleep(0.1)
-    assert "pybus: tearing down the Singletons failed while the dispatcher stopped" in caplog.text
-    assert "RuntimeError: teardown failed" in caplog.text
-    assert await dp.stop() == 0  # and a later stop() returns the count
+    assert await dp.stop() == 0
+    [(error, message)] = reported
+    assert isinstance(error, ConnectionError)
+    assert message is None
+    assert "pybus: closing the transport failed while the dispatcher stopped" in error.__notes__
+    assert torn == ["resource"]  # the Singletons are still torn down after it
+    assert state_of(dp) is State.STOPPED
 
 
 async def test_a_teardown_failure_is_raised_to_one_stop_and_the_count_to_the_others() -> None:

@@ -49,6 +49,7 @@ from hypothesis.stateful import (
 from pybus import Dispatcher, DispatcherClosed, DispatcherNotStarted, Singleton, State
 from pybus.consumer import current_envelope
 from pybus.transport import InMemoryBroker, InMemoryTransport
+from tests.cancelling import cancel_own_task
 
 EXAMPLES = int(os.environ.get("PYBUS_STATEFUL_EXAMPLES", "200"))
 SETTINGS = settings(
@@ -188,14 +189,10 @@ class DispatcherMachine(LoopMachine):
         if behaviour == "fail":
             raise Boom
         if behaviour == "cancel-self":
-            task = asyncio.current_task()
-            assert task is not None
-            task.cancel()
+            cancel_own_task()
             await asyncio.sleep(0)
         elif behaviour == "cancel-and-return":
-            task = asyncio.current_task()
-            assert task is not None
-            task.cancel()  # asked for, and never awaited here: it must not reach the next handling
+            cancel_own_task()  # asked for, and never awaited here: it must not reach the next handling
         elif behaviour == "raise-cancelled":
             raise asyncio.CancelledError
         elif behaviour == "slow":
@@ -421,9 +418,7 @@ class TransportMachine(LoopMachine):
             if cmd.behaviour == "fail":
                 raise Boom
             if cmd.behaviour == "cancel-self":
-                task = asyncio.current_task()
-                assert task is not None
-                task.cancel()
+                cancel_own_task()
                 await asyncio.sleep(0)
             if cmd.behaviour == "block":
                 await machine.gate.wait()

@@ -11,6 +11,7 @@ import pytest
 
 from pybus import Dispatcher, Event, ImproperlyConfigured, TrackingTimeout
 from pybus.testing import TrackedSession, track
+from tests.cancelling import cancel_own_task
 
 
 @dataclass(frozen=True)
@@ -374,9 +375,7 @@ async def test_a_background_handler_failing_with_cancelled_error_is_a_recorded_f
 
     @dp.events.register(Child)
     async def cancels_itself(event: Child) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        task.cancel()
+        cancel_own_task()
         await asyncio.sleep(0)
 
     dp.start()

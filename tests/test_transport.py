@@ -623,3 +623,21 @@ async def test_a_routed_command_class_travels_as_a_command_without_kind() -> Non
     async with consuming(warehouse) as consumer:
         await until(lambda: shipped == [3])
     assert consumer.failed == 0
+
+
+async def test_an_envelope_handed_back_twice_or_after_its_ack_comes_back_once_at_most() -> None:
+    broker = InMemoryBroker()
+    transport = InMemoryTransport(broker)
+    for n in range(3):
+        await transport.send(Envelope("event", "n", str(n).encode(), f"id{n}", f"id{n}"))
+    acked, retried, released = await transport.receive(["n"], max_count=3, wait=0)
+    await transport.ack(acked)
+    await transport.retry(acked, Boom())  # acked: nothing to hand out
+    await transport.release(acked)
+    await transport.retry(retried, Boom())
+    await transport.retry(retried, Boom())  # the same delivery, twice: one more delivery
+    await transport.release(released)
+    await transport.release(released)
+    again = await transport.receive(["n"], max_count=10, wait=0)
+    assert sorted((envelope.message_id, envelope.attempt) for envelope in again) == [("id1", 2), ("id2", 1)]
+    assert await transport.receive(["n"], max_count=10, wait=0) == []

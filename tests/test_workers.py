@@ -829,6 +829,31 @@ async def test_senders_waiting_for_room_are_served_first_in_first_out_also_when_
     assert order == [0, 1, 2, 4, 5, 6, 7]
 
 
+async def test_senders_that_give_up_while_a_handler_hangs_leave_nothing_behind() -> None:
+    """`wait_for(send(...), 1)` in a retry loop against a stuck queue must not grow the line."""
+    gate = asyncio.Event()
+    dp = Dispatcher(workers=1, queue_size=1)
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        await gate.wait()
+
+    dp.start()
+    await dp.commands.send(Job(0))
+    await asyncio.sleep(0)
+    await dp.commands.send(Job(1))  # the queue is full, its worker stuck
+    for n in range(2, 202):
+        sending = asyncio.create_task(dp.commands.send(Job(n)))
+        await asyncio.sleep(0)  # in line for room
+        sending.cancel()  # gives up
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+    pool = dp.commands.engine.workers  # type: ignore[union-attr]
+    assert len(pool._senders) == 0  # no cancelled waiter is kept until room frees
+    gate.set()
+    assert await dp.stop() == 0
+
+
 async def test_a_sender_handed_room_then_cancelled_passes_the_room_on() -> None:
     order: list[int] = []
     dp = Dispatcher(workers=1, queue_size=1)
