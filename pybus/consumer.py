@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
+from pybus.cleanup import CleanupTask
 from pybus.errors import (
     DecodeError,
     ImproperlyConfigured,
@@ -143,7 +144,7 @@ class Consumer:
         finally:
             # The ending runs in a task of its own: cancelling run() again while it ends
             # interrupts only run()'s wait for it, never the giving back.
-            ending = self._ending = loop.create_task(self._end(), name="pybus-consumer-end")
+            ending = self._ending = CleanupTask(self._end(), loop=loop, name="pybus-consumer-end")
             await asyncio.wait([ending])
 
     def _add_lanes(self, loop: asyncio.AbstractEventLoop) -> None:

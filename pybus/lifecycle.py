@@ -21,7 +21,9 @@ and waits for it, shielded: calls made while it runs wait for the same shutdown
    Singletons, last created first, each exactly once.
 
 Steps 4 and 5 run even when the shutdown task itself is cancelled (the loop
-ending), so nothing is left running or open.
+ending): a cancellation interrupts only the wait it lands in, and the shutdown
+task still returns its result, so nothing is left running or open, a later
+`stop()` returns the count, and a teardown failure still reaches someone.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ import asyncio
 import contextvars
 import enum
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
+from pybus.cleanup import CleanupTask
 from pybus.consumer import Consumer
 from pybus.errors import DispatcherClosed
 from pybus.workers import Supervisor
@@ -72,6 +75,7 @@ class Lifecycle:
         self._deadline: float | None = None
         self._drain: asyncio.Timeout | None = None
         self._watchers: list[asyncio.Future[None]] = []
+        self._interrupted = False  # the shutdown task was cancelled (the loop ending) and went on
 
     def check_startable(self) -> bool:
         """True when `start()` has work to do; raises `DispatcherClosed` once stopping or stopped."""
@@ -110,7 +114,7 @@ class Lifecycle:
         if self.state is State.NEW:
             self.state = State.STOPPED  # stopped before it started: closed for good
             loop = self._supervisor.bind("stop the dispatcher")
-            self._task = loop.create_task(self._close_unstarted(), name="pybus-shutdown")
+            self._task = CleanupTask(self._close_unstarted(), loop=loop, name="pybus-shutdown")
         elif self._task is None:
             loop = self._supervisor.bind("stop the dispatcher")
             self.state = State.STOPPING
@@ -120,7 +124,7 @@ class Lifecycle:
             for watcher in self._watchers:
                 if not watcher.done():
                     watcher.set_result(None)
-            self._task = loop.create_task(self._shut_down(), name="pybus-shutdown")
+            self._task = CleanupTask(self._shut_down(), loop=loop, name="pybus-shutdown")
         elif seconds is not None:
             self._shorten(self._supervisor.bind("stop the dispatcher").time() + seconds, seconds)
         task = self._task
@@ -167,16 +171,17 @@ class Lifecycle:
                 consumer.begin_stop(self._deadline)
             for consumer in self.consumers:
                 await consumer.stopped()
-            try:
-                async with asyncio.timeout_at(self._deadline) as drain:
-                    self._drain = drain
-                    await self._supervisor.join()
-            except TimeoutError:
-                pass
-            finally:
-                self._drain = None
-        finally:  # also when the loop is ending and cancels this task
-            unhandled, failure = await self._finish()
+            async with asyncio.timeout_at(self._deadline) as drain:
+                self._drain = drain
+                await self._supervisor.join()
+        except TimeoutError:
+            pass  # past the deadline: what still runs is cancelled below
+        except asyncio.CancelledError:
+            if not self._absorb():  # pragma: no cover - only a cancellation of this task lands here
+                raise
+        finally:
+            self._drain = None
+        unhandled, failure = await self._finish()
         if failure is not None and not self._waiting and self._claim(failure):
             await self._report(failure)  # nobody to raise it to: the error hook gets it
         return unhandled, failure
@@ -190,42 +195,66 @@ class Lifecycle:
         return True
 
     async def _finish(self) -> tuple[int, BaseException | None]:
+        """Steps 4 and 5. A cancellation of this task (the loop ending) interrupts only the
+        wait it lands in: every step still runs, and the task returns its result."""
         supervisor = self._supervisor
         supervisor.closed = True  # from here on every send is refused
+        now = asyncio.get_running_loop().time()
+        for consumer in self.consumers:
+            consumer.begin_stop(now)
+        for consumer in self.consumers:
+            await self._to_the_end(consumer.stopped)
+        for engine in self._engines:  # every pool stops taking work before any is awaited
+            engine.workers.begin_cancel()
+        for engine in self._engines:
+            await self._to_the_end(engine.workers.cancelled)
+        for engine in self._engines:
+            engine.close()
+        await self._close_transport()
+        unhandled = sum(engine.workers.unhandled for engine in self._engines) + sum(
+            consumer.released + consumer.unreleased for consumer in self.consumers
+        )
+        if unhandled:
+            logger.warning("pybus: stopped with %d message(s) not handled %s", unhandled, self._why())
         failure: BaseException | None = None
         try:
-            now = asyncio.get_running_loop().time()
-            for consumer in self.consumers:
-                consumer.begin_stop(now)
-            for consumer in self.consumers:
-                await consumer.stopped()
-            for engine in self._engines:  # every pool stops taking work before any is awaited
-                engine.workers.begin_cancel()
-            for engine in self._engines:
-                await engine.workers.cancelled()
-            for engine in self._engines:
-                engine.close()
-            await self._close_transport()
+            await self._resolver.aclose()  # each teardown runs, even if one is cancelled
+        except Exception as exc:
+            failure = exc
+        except asyncio.CancelledError:
+            if not self._absorb():  # pragma: no cover - the scope turns a teardown's own into a failure
+                raise
         finally:
-            unhandled = sum(engine.workers.unhandled for engine in self._engines) + sum(
-                consumer.released + consumer.unreleased for consumer in self.consumers
-            )
-            if unhandled:
-                logger.warning("pybus: stopped with %d message(s) not handled %s", unhandled, self._why())
-            try:
-                await self._resolver.aclose()
-            except Exception as exc:
-                failure = exc
-            finally:
-                self.state = State.STOPPED
+            self.state = State.STOPPED
         return unhandled, failure
+
+    async def _to_the_end(self, wait: Callable[[], Awaitable[object]]) -> None:
+        """`await wait()` until it returns, however often this task is cancelled meanwhile."""
+        while True:
+            try:
+                await wait()
+                return
+            except asyncio.CancelledError:
+                if not self._absorb():
+                    raise
+
+    def _absorb(self) -> bool:
+        """True when the running (shutdown) task was cancelled, the loop ending: the request is
+        forgotten, and the shutdown goes on. False for a `CancelledError` raised by the code
+        it awaited (a transport's, a teardown's), which is a failure of that code."""
+        task = asyncio.current_task()
+        if task is None or not task.cancelling():
+            return False
+        task.uncancel()
+        self._interrupted = True
+        return True
 
     def _why(self) -> str:
         """How the drain ended, for the warning."""
         loop = asyncio.get_running_loop()
         if self._deadline is not None and loop.time() >= self._deadline:
             return f"after a drain timeout of {self._timeout} s"
-        if self._task is not None and self._task.cancelling():
+        if self._interrupted:
             return "(the shutdown was cancelled before its drain ended: the loop is ending)"
         return "(cancelled from outside before the shutdown, or given back by a consumer)"
 
@@ -235,9 +264,15 @@ class Lifecycle:
             return
         try:
             await transport.aclose()
+        except asyncio.CancelledError as exc:
+            if not self._absorb():  # raised by aclose() itself: a failure (if absorbed: not closed again)
+                await self._closing_failed(exc)
         except Exception as exc:
-            exc.add_note("pybus: closing the transport failed while the dispatcher stopped")
-            await self._report(exc)
+            await self._closing_failed(exc)
+
+    async def _closing_failed(self, exc: BaseException) -> None:
+        exc.add_note("pybus: closing the transport failed while the dispatcher stopped")
+        await self._report(exc)
 
     async def _report(self, failure: BaseException) -> None:
         await self._supervisor.report(failure, None, contextvars.copy_context())

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Mapping
 from contextlib import AsyncExitStack
 from typing import Any, ClassVar, Final, Literal
 
@@ -358,7 +358,7 @@ class _SingletonScope:
     """
 
     def __init__(self) -> None:
-        self._exits: list[Callable[[], Awaitable[object]]] = []
+        self._entered: list[_GeneratorProvider | _AsyncGeneratorProvider] = []
         self.closed = False
 
     def enter_context(self, manager: _GeneratorProvider) -> Any:
@@ -366,11 +366,7 @@ class _SingletonScope:
         if self.closed:
             manager.__exit__(None, None, None)
             raise _late(manager.provider)
-
-        async def exit_sync() -> object:
-            return manager.__exit__(None, None, None)
-
-        self._exits.append(exit_sync)
+        self._entered.append(manager)
         return value
 
     async def enter_async_context(self, manager: _AsyncGeneratorProvider) -> Any:
@@ -378,21 +374,28 @@ class _SingletonScope:
         if self.closed:
             await manager.__aexit__(None, None, None)
             raise _late(manager.provider)
-        self._exits.append(lambda: manager.__aexit__(None, None, None))
+        self._entered.append(manager)
         return value
 
     async def aclose(self) -> None:
         self.closed = True
         failures: list[Exception] = []
         cancelled: asyncio.CancelledError | None = None
-        while self._exits:
-            exit_ = self._exits.pop()
+        while self._entered:
+            manager = self._entered.pop()
             try:
-                await exit_()
+                if isinstance(manager, _GeneratorProvider):
+                    manager.__exit__(None, None, None)
+                else:
+                    await manager.__aexit__(None, None, None)
             except Exception as exc:
                 failures.append(exc)
             except asyncio.CancelledError as exc:
-                cancelled = exc  # the loop is ending: still tear the others down, then end
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    cancelled = exc  # the loop is ending: still tear the others down, then end
+                else:  # raised by the teardown itself: a failure, not a cancellation of the stop
+                    failures.append(_cancelled_itself(manager.provider, exc))
         if cancelled is not None and not failures:
             raise cancelled
         # A failure outweighs the cancellation (the loop ending): it has somewhere to go,
@@ -401,6 +404,17 @@ class _SingletonScope:
             raise failures[0]
         if failures:
             raise ExceptionGroup(f"{len(failures)} Singleton teardowns failed", failures)
+
+
+def _cancelled_itself(provider: Provider, cancelled: asyncio.CancelledError) -> Exception:
+    """A teardown that raised `CancelledError` while nothing cancelled it, as an exception
+    that `stop()` can raise without telling its caller it was cancelled."""
+    error = RuntimeError(
+        f"The teardown of {provider!r} raised CancelledError though nothing cancelled the shutdown "
+        "(it awaited something that was cancelled); catch it in the teardown, or finish that work first"
+    )
+    error.__cause__ = cancelled
+    return error
 
 
 def _late(provider: Provider) -> DispatcherClosed:

@@ -160,9 +160,10 @@ class Supervisor:
     def finished(self, count: int = 1) -> None:
         self.unfinished -= count
         if not self.unfinished:
-            self.now_idle()
+            self.wake_joins()
 
-    def now_idle(self) -> None:
+    def wake_joins(self) -> None:
+        """Wake the `join()` calls waiting: to return (all done), or to replace a lost lane."""
         if self._idle is not None:
             self._idle.set()
 
@@ -172,9 +173,9 @@ class Supervisor:
             raise WouldDeadlock("dp.join()")
         if self.unfinished:
             self.bind("join the dispatcher")
-            for pool in self.pools:
-                pool.replace_lost_lanes()
         while self.unfinished:
+            for pool in self.pools:  # also when a lane ends while this waits
+                pool.replace_lost_lanes()
             if self._idle is None or self._idle.is_set():
                 self._idle = asyncio.Event()
             await self._idle.wait()
@@ -396,8 +397,14 @@ class WorkerPool:
         self._live = self._workers
 
     def _lane_ended(self, lane: asyncio.Task[None]) -> None:
-        self._lanes.discard(lane)
+        """Count `lane` out, once: from its last step (so that a send right after starts
+        another), or from its done callback (a lane cancelled before its first step)."""
+        if not isinstance(lane, LaneTask) or lane not in self._lanes:
+            return
+        self._lanes.remove(lane)
         self._live -= 1
+        if self._queued and not self._stopping:
+            self._supervisor.wake_joins()  # a join() waiting starts a lane in its place
 
     # -- room for waiting senders ---------------------------------------------------------
 
@@ -436,59 +443,62 @@ class WorkerPool:
         handle = self._handle
         supervisor = self._supervisor
         loop = lane.get_loop()
-        while True:
-            while not ready:
+        try:
+            while True:
+                while not ready:
+                    if self._stopping:
+                        return
+                    waiter = loop.create_future()
+                    self._idle_lanes.append(waiter)
+                    await waiter  # a cancellation here ends the lane: nothing is in hand
                 if self._stopping:
                     return
-                waiter = loop.create_future()
-                self._idle_lanes.append(waiter)
-                await waiter  # a cancellation here ends the lane: nothing is in hand
-            if self._stopping:
-                return
-            message, context, key = ready.popleft()
-            self._queued -= 1
-            if self._senders:
-                self._make_room()
-            self.in_flight += 1
-            error: BaseException | None = None
-            try:
-                rest = start_in(context, handle(message), supervisor)
-                if rest is not None:  # None: done without ever waiting, the common case
-                    await rest
-            except asyncio.CancelledError as exc:
-                if self._stopping or lane.cancelled_from_outside():
-                    self._ended_by_cancellation(message, context, key)
-                    raise
-                error = exc  # the handling cancelled itself, or raised CancelledError
-            except Exception as exc:
-                error = exc
-            # A cancellation the handling asked for on its own task must not reach what
-            # follows (its error report, the next message); one from outside ends the lane.
-            alive = not lane.dirty or await lane.settle()
-            if error is None:
-                # _done() written out: this is every background handling's path.
-                self.handled += 1
-                self.in_flight -= 1
-                if key is not None:
-                    self._release(key)
-                if self.observer is not None:
-                    context.run(self.observer.dequeued, self.kind, message)
-                supervisor.unfinished -= 1
-                if not supervisor.unfinished:
-                    supervisor.now_idle()
-            else:
-                self.failed += 1
+                message, context, key = ready.popleft()
+                self._queued -= 1
+                if self._senders:
+                    self._make_room()
+                self.in_flight += 1
+                error: BaseException | None = None
                 try:
-                    error.add_note(
-                        f"while handling {self.kind} {key_name(message_key(message))} in the background "
-                        f"({self._handlers_of(message)})"
-                    )
-                    await supervisor.report(error, message, context)
-                finally:
-                    self._done(message, context, key)
-                alive = alive and (not lane.dirty or await lane.settle())  # the hook's own cancel()
-            if not alive:
-                return  # cancelled from outside as the handling ended
+                    rest = start_in(context, handle(message), supervisor)
+                    if rest is not None:  # None: done without ever waiting, the common case
+                        await rest
+                except asyncio.CancelledError as exc:
+                    if self._stopping or lane.cancelled_from_outside():
+                        self._ended_by_cancellation(message, context, key)
+                        raise
+                    error = exc  # the handling cancelled itself, or raised CancelledError
+                except Exception as exc:
+                    error = exc
+                # A cancellation the handling asked for on its own task must not reach what
+                # follows (its error report, the next message); one from outside ends the lane.
+                alive = not lane.dirty or await lane.settle()
+                if error is None:
+                    # _done() written out: this is every background handling's path.
+                    self.handled += 1
+                    self.in_flight -= 1
+                    if key is not None:
+                        self._release(key)
+                    if self.observer is not None:
+                        context.run(self.observer.dequeued, self.kind, message)
+                    supervisor.unfinished -= 1
+                    if not supervisor.unfinished:
+                        supervisor.wake_joins()
+                else:
+                    self.failed += 1
+                    try:
+                        error.add_note(
+                            f"while handling {self.kind} {key_name(message_key(message))} in the background "
+                            f"({self._handlers_of(message)})"
+                        )
+                        await supervisor.report(error, message, context)
+                    finally:
+                        self._done(message, context, key)
+                    alive = alive and (not lane.dirty or await lane.settle())  # the hook's own cancel()
+                if not alive:
+                    return  # cancelled from outside as the handling ended
+        finally:
+            self._lane_ended(lane)  # at once: the next send or join() sees it
 
     def _handlers_of(self, message: object) -> str:
         try:

@@ -26,6 +26,7 @@ from pybus import (
     TransportError,
     WouldDeadlock,
 )
+from pybus.codec import default_name
 from pybus.transport import Envelope, InMemoryBroker, InMemoryTransport
 from tests.consuming import until
 
@@ -746,3 +747,155 @@ async def test_a_second_signal_ends_the_drain_at_once_and_gives_back_what_runs()
     group = broker.group("default", next(iter(broker.streams)))
     assert [(number, deliveries) for number, deliveries in group.again] == [(1, 0)]  # given back
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
+async def test_a_shutdown_cancelled_mid_drain_still_gives_back_what_the_consumer_holds() -> None:
+    """The loop ending cancels the shutdown task while a consumer's handling runs with no
+    deadline: the shutdown stops the consumer at once, so its envelope is given back (not
+    counted as an attempt) before the transport closes, and stop() still gets the count."""
+    broker = InMemoryBroker()
+    started = asyncio.Event()
+    transport = Closing(broker)
+    dp = Dispatcher(transport=transport)
+    dp.route(Job)
+
+    @dp.commands.register(Job)
+    async def hangs(cmd: Job) -> None:
+        started.set()
+        await asyncio.get_running_loop().create_future()
+
+    await produce(broker, 1)
+    dp.start()
+    consumer = dp.consumer(wait=0.01)
+    reading = asyncio.create_task(consumer.run())
+    await started.wait()
+    stopping = asyncio.create_task(dp.stop())  # no timeout: it would wait for the handler
+    await asyncio.sleep(0)
+    [shutdown] = [task for task in asyncio.all_tasks() if task.get_name() == "pybus-shutdown"]
+    shutdown.cancel()  # as asyncio.run does when the loop ends
+    assert await stopping == 1  # the shutdown went on to its end, and returns its count
+    async with asyncio.timeout(5):
+        await asyncio.wait([reading])
+    assert (consumer.released, consumer.unreleased) == (1, 0)
+    assert transport.closed == 1
+    group = broker.group("default", default_name(Job))
+    assert group.pending == {}
+    assert list(group.again) == [(1, 0)]  # given back: its next delivery is attempt 1 again
+
+
+async def test_cancelling_every_task_as_stop_begins_still_tears_the_singletons_down() -> None:
+    """A shutdown handler that calls stop() and then cancels every other task (as
+    asyncio.run does at its end) reaches the shutdown task before its first step: the
+    cancellation must not skip the shutdown."""
+    torn: list[str] = []
+
+    def resource() -> Iterator[str]:
+        yield "value"
+        torn.append("resource")
+
+    dp = Dispatcher()
+    dp.commands.bind(Job, lambda cmd, value: None, value=Singleton(resource))
+    dp.start()
+    await dp.execute(Job(0))
+    stopping = asyncio.create_task(dp.stop())
+    await asyncio.sleep(0)  # stop() ran its first step: the shutdown task exists, not begun
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    assert "pybus-shutdown" in [task.get_name() for task in others]
+    for task in others:
+        task.cancel()
+    await asyncio.wait(others)
+    assert stopping.cancelled()
+    assert torn == ["resource"]
+    assert state_of(dp) is State.STOPPED
+
+
+async def cancelled_inner_task() -> None:
+    """Await a task that gets cancelled: raises CancelledError in a task nobody cancelled."""
+    inner = asyncio.ensure_future(asyncio.sleep(10))
+    await asyncio.sleep(0)
+    inner.cancel()
+    await inner
+
+
+async def test_a_transport_aclose_raising_cancelled_error_is_a_failure_not_a_cancelled_stop() -> None:
+    class CancelledInside(InMemoryTransport):
+        async def aclose(self) -> None:
+            await cancelled_inner_task()
+
+    torn: list[str] = []
+    reported: list[tuple[BaseException, object]] = []
+
+    def resource() -> Iterator[str]:
+        yield "value"
+        torn.append("resource")
+
+    hook = lambda error, message: reported.append((error, message))  # noqa: E731
+    dp = Dispatcher(transport=CancelledInside(), on_error=hook)
+    dp.commands.bind(Job, lambda cmd, value: None, value=Singleton(resource))
+    dp.start()
+    await dp.execute(Job(0))
+    assert await dp.stop() == 0
+    assert await dp.stop() == 0  # and again
+    [(error, message)] = reported
+    assert isinstance(error, asyncio.CancelledError)
+    assert message is None
+    assert "pybus: closing the transport failed while the dispatcher stopped" in error.__notes__
+    assert torn == ["resource"]
+
+
+async def test_a_singleton_teardown_raising_cancelled_error_is_raised_once_as_a_failure() -> None:
+    torn: list[str] = []
+
+    async def first() -> AsyncIterator[str]:
+        yield "first"
+        torn.append("first")
+
+    async def second() -> AsyncIterator[str]:
+        yield "second"
+        torn.append("second")
+        await cancelled_inner_task()
+
+    dp = Dispatcher()
+    dp.commands.bind(Job, lambda cmd, a, b: None, a=Singleton(first), b=Singleton(second))
+    dp.start()
+    await dp.execute(Job(0))
+    with pytest.raises(RuntimeError, match=r"raised CancelledError though nothing cancelled") as info:
+        await dp.stop()
+    assert isinstance(info.value.__cause__, asyncio.CancelledError)
+    assert torn == ["second", "first"]  # the other teardown still ran
+    assert await dp.stop() == 0  # raised once; later calls return the count
+
+
+def test_a_teardown_failure_reaches_the_hook_when_the_loop_ends_during_the_drain() -> None:
+    """The loop ends while stop() waits, without a deadline, for a handler that hangs: the
+    shutdown is cancelled mid-drain, goes on, and its teardown failure reaches the hook."""
+    torn: list[str] = []
+    reported: list[tuple[BaseException, object]] = []
+
+    def failing() -> Iterator[str]:
+        yield "value"
+        torn.append("torn")
+        raise RuntimeError("teardown failed")
+
+    async def main() -> None:
+        dp = Dispatcher(workers=1, on_error=lambda error, message: reported.append((error, message)))
+        started = asyncio.Event()
+
+        @dp.commands.register(Job, value=Singleton(failing))
+        async def hangs(cmd: Job, value: str) -> None:
+            started.set()
+            await asyncio.get_running_loop().create_future()
+
+        dp.start()
+        await dp.commands.send(Job(0))
+        await started.wait()
+        asyncio.create_task(dp.stop())  # noqa: RUF006 - the loop ends while it drains
+        for _ in range(3):
+            await asyncio.sleep(0)  # the shutdown task waits in its drain
+
+    asyncio.run(main())
+    assert torn == ["torn"]
+    [(error, message)] = reported
+    assert isinstance(error, RuntimeError)
+    assert str(error) == "teardown failed"
+    assert message is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from pybus import (
 from pybus.codec import JsonCodec, default_name
 from pybus.consumer import Consumer, current_envelope
 from pybus.transport import Envelope, InMemoryBroker, InMemoryTransport, Transport
+from tests.cancelling import cancel_own_task
 from tests.consuming import consuming, until
 
 
@@ -641,3 +643,92 @@ async def test_an_envelope_handed_back_twice_or_after_its_ack_comes_back_once_at
     again = await transport.receive(["n"], max_count=10, wait=0)
     assert sorted((envelope.message_id, envelope.attempt) for envelope in again) == [("id1", 2), ("id2", 1)]
     assert await transport.receive(["n"], max_count=10, wait=0) == []
+
+
+class SuspendingTransport(InMemoryTransport):
+    """Its outcomes suspend, as a broker's round trips do."""
+
+    async def ack(self, envelope: Envelope) -> None:
+        await asyncio.sleep(0)
+        await super().ack(envelope)
+
+    async def retry(self, envelope: Envelope, error: BaseException) -> None:
+        await asyncio.sleep(0)
+        await super().retry(envelope, error)
+
+
+@pytest.mark.parametrize("then", ["return", "raise"])
+async def test_a_handler_that_cancels_its_own_task_never_interrupts_the_ack_or_retry(then: str) -> None:
+    """Asked for and not awaited, the cancellation must not land in the consumer's round
+    trip to the broker: the outcome is recorded, and the lane goes on with the next message."""
+    broker = InMemoryBroker()
+    errors: list[BaseException] = []
+    handled: list[tuple[int, int]] = []
+    worker = Dispatcher(transport=SuspendingTransport(broker), on_error=lambda e, m: errors.append(e))
+    worker.route(OrderPaid)
+
+    @worker.events.register(OrderPaid)
+    async def bill(event: OrderPaid) -> None:
+        envelope = current_envelope.get()
+        assert envelope is not None
+        handled.append((event.order_id, envelope.attempt))
+        if event.order_id == 0 and envelope.attempt == 1:
+            cancel_own_task()  # and never awaits it
+            if then == "raise":
+                raise Boom("after asking for its own cancellation")  # retried once
+
+    shop = producer(broker)
+    async with shop, consuming(worker, concurrency=1) as consumer:
+        await shop.publish(OrderPaid(0, 1.0))
+        await shop.publish(OrderPaid(1, 1.0))
+        await until(lambda: consumer.handled == 2)
+    group = broker.group("default", default_name(OrderPaid))
+    assert group.pending == {}  # every outcome recorded: none left waiting for it
+    if then == "return":
+        assert handled == [(0, 1), (1, 1)]
+        assert (consumer.failed, errors) == (0, [])
+    else:
+        assert sorted(handled) == [(0, 1), (0, 2), (1, 1)]
+        assert consumer.failed == 1
+        [error] = errors
+        assert isinstance(error, ExceptionGroup)
+
+
+async def test_a_consumer_cancelled_and_then_every_task_cancelled_still_gives_back() -> None:
+    """Cancelling run() starts its ending in a task; a shutdown handler that then cancels
+    every task reaches that task before its first step: what the consumer held must
+    still be given back, not left pending for ever."""
+    broker = InMemoryBroker()
+    started = asyncio.Event()
+    worker = Dispatcher(transport=InMemoryTransport(broker))
+    worker.route(OrderPaid)
+
+    @worker.events.register(OrderPaid)
+    async def hangs(event: OrderPaid) -> None:
+        started.set()
+        await asyncio.get_running_loop().create_future()
+
+    async with producer(broker) as shop:
+        await shop.publish(OrderPaid(0, 1.0))
+    worker.start()
+    consumer = worker.consumer(wait=0.01)
+    reading = asyncio.create_task(consumer.run())
+    await started.wait()
+    reading.cancel()
+    ending = None
+    while ending is None:  # one turn of the loop at a time, until run() created its ending task
+        await asyncio.sleep(0)
+        ending = next((task for task in asyncio.all_tasks() if task.get_name() == "pybus-consumer-end"), None)
+    coroutine = ending.get_coro()
+    assert inspect.iscoroutine(coroutine)
+    assert inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED  # not begun
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    async with asyncio.timeout(5):
+        await asyncio.wait(others)
+    assert (consumer.released, consumer.unreleased) == (1, 0)
+    group = broker.group("default", default_name(OrderPaid))
+    assert group.pending == {}
+    assert list(group.again) == [(1, 0)]  # given back, not counted as an attempt
+    await worker.stop()

@@ -1069,3 +1069,54 @@ async def test_the_warning_names_the_drain_timeout_a_later_stop_set(caplog: pyte
         assert await dp.stop(timeout=0) == 1
     await first
     assert "not handled after a drain timeout of 0.0 s" in caplog.text
+
+
+async def lane_cancelled_from_outside(dp: Dispatcher, handled: list[int]) -> asyncio.Task[None]:
+    """Send Job(1), which hangs, and Job(2); cancel the worker running Job(1) from outside."""
+    lanes: list[asyncio.Task[None]] = []
+    started = asyncio.Event()
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        if cmd.n == 1:
+            task = asyncio.current_task()
+            assert task is not None
+            lanes.append(task)
+            started.set()
+            await asyncio.get_running_loop().create_future()
+        handled.append(cmd.n)
+
+    dp.start()
+    await dp.commands.send(Job(1))
+    await dp.commands.send(Job(2))
+    await started.wait()
+    lanes[0].cancel()
+    return lanes[0]
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2])
+async def test_a_join_waiting_when_a_worker_is_cancelled_from_outside_starts_another(turns: int) -> None:
+    handled: list[int] = []
+    dp = Dispatcher(workers=1)
+    await lane_cancelled_from_outside(dp, handled)
+    for _ in range(turns):  # the join() comes before, as or after the lane ends
+        await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await dp.join()
+    assert handled == [2]
+    assert await dp.stop() == 1  # Job(1), cancelled from outside
+
+
+async def test_a_send_right_after_a_worker_ended_from_outside_starts_another() -> None:
+    handled: list[int] = []
+    dp = Dispatcher(workers=1)
+    lane = await lane_cancelled_from_outside(dp, handled)
+    while not lane.done():  # noqa: ASYNC110 - one turn at a time: the send comes as soon as it is done
+        await asyncio.sleep(0)
+    await dp.commands.send(Job(3))
+    async with asyncio.timeout(5):
+        await dp.join()
+    assert handled == [2, 3]
+    stats = dp.statistics().commands
+    assert (stats.handled, stats.failed, stats.unhandled) == (2, 0, 1)
+    await dp.stop()
