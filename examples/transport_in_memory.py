@@ -30,15 +30,16 @@ class ShipOrder:
 # --8<-- [start:routes]
 def shop(broker: InMemoryBroker) -> Dispatcher:
     dp = Dispatcher(transport=InMemoryTransport(broker))  # RedisTransport(...) in production
-    dp.route(OrderPaid)  # an event: every service gets it
-    dp.route(ShipOrder, kind="command")  # a command handled by another process
+    # The names the messages travel under; every process routing them uses the same.
+    dp.route(OrderPaid, name="orders.paid")  # an event: every service gets it
+    dp.route(ShipOrder, name="orders.ship", kind="command")  # a command handled by another process
     return dp
 
 
 def service(broker: InMemoryBroker, group: str) -> Dispatcher:
     dp = Dispatcher(transport=InMemoryTransport(broker, group=group))  # the group is the service
-    dp.route(OrderPaid)
-    dp.route(ShipOrder, kind="command")
+    dp.route(OrderPaid, name="orders.paid")
+    dp.route(ShipOrder, name="orders.ship", kind="command")
     return dp
 
 

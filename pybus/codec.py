@@ -13,6 +13,7 @@ dependency of the core.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -20,11 +21,29 @@ from pybus.errors import DecodeError, ImproperlyConfigured, key_name, message_ke
 
 
 def default_name(key: object) -> str:
-    """The name a message key travels under unless its route names it."""
+    """The name a message key travels under unless its route names it.
+
+    A class defined in a script run directly lives in module `__main__`, a name
+    that a process importing the same file never sees: its default name is its
+    module's import name when the script was run with `python -m` (Python keeps
+    it in `__main__.__spec__`), and otherwise there is none, so
+    `ImproperlyConfigured` asks for `name=`.
+    """
     if isinstance(key, str):
         return key
     assert isinstance(key, type)  # routes are classes or strings
-    return f"{key.__module__}.{key.__qualname__}"
+    module = key.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is None or not spec.name or spec.name == "__main__":
+            raise ImproperlyConfigured(
+                f"Cannot route {key.__qualname__} under a default name: it is defined in a script run "
+                "directly (module __main__), and a process that imports that file knows it under another "
+                f"module name, so the names would never match. Pass one: dp.route({key.__qualname__}, "
+                f'name="{key.__qualname__.lower()}"), or define the class in a module you import'
+            )
+        module = spec.name
+    return f"{module}.{key.__qualname__}"
 
 
 class JsonCodec:

@@ -6,6 +6,9 @@ import asyncio
 import contextvars
 import inspect
 import signal
+import subprocess
+import sys
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -295,6 +298,56 @@ def test_codec_round_trips_dataclasses_pydantic_msgspec_and_strings() -> None:
         assert codec.decode(name, codec.encode(message)) == message
     assert codec.name_of(OrderPaid(1, 1.0)) == "orders.paid"
     assert default_name(OrderPaid) == f"{__name__}.OrderPaid"
+
+
+SCRIPT = """
+import asyncio
+from dataclasses import dataclass
+
+from pybus import Dispatcher
+from pybus.transport import InMemoryTransport
+
+
+@dataclass
+class Tick:
+    n: int
+
+
+dp = Dispatcher(transport=InMemoryTransport())
+try:
+    dp.route(Tick)
+except Exception as exc:
+    print(type(exc).__name__, exc)
+else:
+    print("routed as", dp.routes[Tick])
+"""
+
+
+def test_a_class_of_a_script_run_directly_needs_a_route_name(tmp_path: Any) -> None:
+    """`python ticks.py` defines `__main__.Tick`, a name no worker importing ticks sees."""
+    (tmp_path / "ticks.py").write_text(SCRIPT)
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=True
+        )
+        return done.stdout.strip()
+
+    refused = run("ticks.py")
+    assert refused.startswith("ImproperlyConfigured Cannot route Tick under a default name")
+    assert 'Pass one: dp.route(Tick, name="tick")' in refused
+    # Run as a module, the script's import name is known: the worker's name.
+    assert run("-m", "ticks") == "routed as ticks.Tick"
+
+
+def test_a_named_route_of_a_main_module_class_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    tick = type("Tick", (), {"__module__": "__main__"})
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    dp = Dispatcher(transport=InMemoryTransport())
+    with pytest.raises(ImproperlyConfigured, match=r"defined in a script run directly"):
+        dp.route(tick)
+    dp.route(tick, name="ticks.tick")
+    assert dp.routes[tick] == "ticks.tick"
 
 
 def test_codec_errors_say_what_to_do() -> None:
