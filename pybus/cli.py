@@ -6,7 +6,7 @@ returns one::
     pybus routes app.bus:dp [--json]
     pybus graph app.bus:create_dispatcher --format mermaid|dot
     pybus exec app.bus:dp PlaceOrder '{"customer": "ada", "sku": "book-1"}'
-    pybus worker app.bus:dp [--concurrency 4] [--prefetch 2] [--drain-timeout 30]
+    pybus worker app.bus:dp [--concurrency 4] [--prefetch 100] [--drain-timeout 30]
                             [--max-deliveries 5] [--wait 1.0]
     pybus dlq app.bus:dp list|requeue ID...|purge
 
@@ -287,7 +287,7 @@ def _worker(args: argparse.Namespace) -> int:
                 wait=args.wait,
             )
         )
-    except ImproperlyConfigured as exc:  # e.g. --prefetch above --concurrency
+    except ImproperlyConfigured as exc:  # e.g. --prefetch 0
         raise UsageError(str(exc)) from exc
     except TransportError as exc:  # the consumer stopped on its own
         print(f"pybus: worker stopped: {exc}", file=sys.stderr)
@@ -354,14 +354,12 @@ def parser() -> argparse.ArgumentParser:
 
     work = commands.add_parser("worker", help="consume the app's routed messages until SIGTERM or SIGINT")
     work.add_argument("app", help=app_help)
-    work.add_argument(
-        "--concurrency", type=int, default=4, help="messages held and handled at a time (default 4)"
-    )
+    work.add_argument("--concurrency", type=int, default=4, help="messages handled at a time (default 4)")
     work.add_argument(
         "--prefetch",
         type=int,
-        default=None,
-        help="messages read at a time (default: half the concurrency, so reads overlap handling)",
+        default=100,
+        help="messages read ahead and held besides those handled; reads take up to this many (default 100)",
     )
     work.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to finish handlings in flight on a signal"

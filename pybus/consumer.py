@@ -50,9 +50,11 @@ Handlers = Mapping[Kind, Callable[[Any], Awaitable[object]]]
 class Consumer:
     """Reads `names` from `transport` and handles up to `concurrency` envelopes at a time.
 
-    It holds at most `concurrency` envelopes (received and not yet finished) and
-    reads at most `prefetch` at once (default: half the concurrency); it reads
-    again as soon as half its slots are free, so that reading and handling overlap.
+    Besides those in flight it holds up to `prefetch` envelopes read ahead, so that
+    a lane that finishes finds the next one in hand: it holds at most `concurrency
+    + prefetch` (received and not yet finished), reads at most `prefetch` at once,
+    and reads again as soon as half of `prefetch` is free, so that reading and
+    handling overlap.
     Counters: `handled`, `failed` (handlings that raised; the envelope was
     retried or dead-lettered), `dead_lettered` (after `max_deliveries`, or not
     decodable), `released` (given back unhandled when the consumer stopped) and
@@ -69,7 +71,7 @@ class Consumer:
         *,
         supervisor: Supervisor,
         concurrency: int = 4,
-        prefetch: int | None = None,
+        prefetch: int = 100,
         max_deliveries: int = 5,
         wait: float = 1.0,
     ) -> None:
@@ -80,12 +82,7 @@ class Consumer:
         #: The dispatcher's supervisor: its error hook, and what `running_in` leads to.
         self.supervisor = supervisor
         concurrency = whole_number("concurrency", concurrency, 1)
-        prefetch = whole_number("prefetch", max(1, concurrency // 2) if prefetch is None else prefetch, 1)
-        if prefetch > concurrency:
-            raise ImproperlyConfigured(
-                f"prefetch={prefetch} is more than concurrency={concurrency}: a consumer never holds more "
-                "than its concurrency, so it cannot read more at once; lower prefetch or raise concurrency"
-            )
+        prefetch = whole_number("prefetch", prefetch, 1)
         if not positive_seconds(wait):
             raise ImproperlyConfigured(f"wait must be a number of seconds > 0, not {wait!r}")
         self.concurrency = concurrency
@@ -93,7 +90,8 @@ class Consumer:
         self.max_deliveries = whole_number("max_deliveries", max_deliveries, 1)
         self.wait = float(wait)
         self.pause_after_error = 0.5
-        self._refill = max(1, concurrency // 2)
+        self._capacity = concurrency + prefetch  # envelopes held at most: in flight and read ahead
+        self._refill = max(1, prefetch // 2)
         self._ready: deque[Envelope] = deque()
         self._idle_lanes: deque[asyncio.Future[None]] = deque()
         self._lanes: set[LaneTask] = set()
@@ -158,8 +156,8 @@ class Consumer:
         while not self._stop_requested:
             receiving = self._receiving
             if receiving is None:
-                if self.concurrency - self._held < self._refill:
-                    await self._sleep(loop, None)  # woken when half the slots are free, or by stop()
+                if self._capacity - self._held < self._refill:
+                    await self._sleep(loop, None)  # woken when half the read-ahead is free, or by stop()
                     continue
                 receiving = self._read_ahead(loop)
             try:
@@ -188,7 +186,7 @@ class Consumer:
                 return
             self._held += len(envelopes)
             self._ready.extend(envelopes)
-            if envelopes and self.concurrency - self._held >= self._refill:
+            if envelopes and self._capacity - self._held >= self._refill:
                 # Room for another batch: its read is scheduled before any lane runs, so
                 # the broker works on it while this batch is handled.
                 self._read_ahead(loop)
@@ -201,7 +199,7 @@ class Consumer:
                 wake_first(self._idle_lanes)
 
     def _read_ahead(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[list[Envelope]]:
-        count = min(self.concurrency - self._held, self.prefetch)
+        count = min(self._capacity - self._held, self.prefetch)
         receiving = loop.create_task(self.transport.receive(self.names, max_count=count, wait=self.wait))
         self._receiving = receiving
         return receiving
@@ -259,8 +257,8 @@ class Consumer:
             finally:
                 self._busy -= 1
                 self._held -= 1
-                if self._reader_wakeup is not None and self.concurrency - self._held >= self._refill:
-                    self._wake_reader()  # the reader waits for half the slots, not each one
+                if self._reader_wakeup is not None and self._capacity - self._held >= self._refill:
+                    self._wake_reader()  # the reader waits for half the read-ahead, not each slot
                 if not self._busy and self._all_done is not None and not self._all_done.done():
                     self._all_done.set_result(None)
             if lane.dirty and not await lane.settle():
@@ -328,6 +326,12 @@ class Consumer:
             await self._report(exc, envelope)
         else:
             self.released += 1
+
+    async def _flush(self) -> None:
+        try:
+            await self.transport.flush()
+        except Exception as exc:
+            await self._report(exc, None)
 
     async def _report(self, error: BaseException, message: object) -> None:
         await self.supervisor.report(error, message, contextvars.copy_context())
@@ -413,12 +417,9 @@ class Consumer:
                     unstarted.extend(receiving.result())
             if lanes:
                 await asyncio.wait(lanes)
-            for envelope in unstarted:
-                await self._give_back(envelope)
-            try:
-                await self.transport.flush()
-            except Exception as exc:
-                await self._report(exc, None)
+            # Together: with the broker stalled, each waits for the transport's own timeout,
+            # once, not once per envelope.
+            await asyncio.gather(*(self._give_back(envelope) for envelope in unstarted), self._flush())
         finally:
             self._state = "stopped"
             if self._finished is not None and not self._finished.done():

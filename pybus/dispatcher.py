@@ -260,7 +260,7 @@ class Dispatcher:
         self,
         *,
         concurrency: int = 4,
-        prefetch: int | None = None,
+        prefetch: int = 100,
         max_deliveries: int = 5,
         wait: float = 1.0,
     ) -> Consumer:
@@ -268,9 +268,10 @@ class Dispatcher:
 
         Run it with `await consumer.run()`, end it with `await consumer.stop()`;
         `serve()` does both, and `dp.stop()` stops every consumer it made first.
-        It holds at most `concurrency` messages and reads at most `prefetch` at a
-        time (default: half the concurrency, so the next read is on its way while
-        a batch is handled); a read waits at most `wait` seconds for a message.
+        It handles up to `concurrency` messages at a time and holds up to
+        `prefetch` more, read ahead (reads of up to `prefetch`, the next one on its
+        way while a batch is handled); a read waits at most `wait` seconds for a
+        message (a new one ends the wait at once).
         After `max_deliveries` failed handlings a message is dead-lettered.
         Raises `ImproperlyConfigured` without routes and a transport, or before
         `start()`, and `DispatcherClosed` once stopping.
@@ -330,7 +331,7 @@ class Dispatcher:
         stop_signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM),
         drain_timeout: float | None = None,
         concurrency: int = 4,
-        prefetch: int | None = None,
+        prefetch: int = 100,
         max_deliveries: int = 5,
         wait: float = 1.0,
     ) -> int:

@@ -18,10 +18,12 @@ entry format and the scripts are in `pybus.redis_wire`. How each rule of
 - holding: this process knows each entry it holds by entry id and never hands one out
   twice; a background task resets their idle time (`XCLAIM ... JUSTID`, which counts
   no delivery) every `claim_idle / 4`, so no live consumer's work is claimed.
-- ack: `XACK` after the handling succeeded, batched, with the message ids of successful
-  handlings recorded as done (a sorted set per group). A copy of a message done, or in
-  hand here under another entry, is acked unhandled and unrecorded: a message sent
-  twice takes effect once within `dedupe_window`, and no copy hides another's failure.
+- ack: `XACK` after the handling succeeded, sent as soon as the event loop is free (one
+  round trip in flight; the acks made meanwhile go together in the next), with the
+  message ids of successful handlings recorded as done (a sorted set per group). A
+  copy of a message done, or in hand here under another entry, is acked unhandled and
+  unrecorded: a message sent twice takes effect once within `dedupe_window`, and no
+  copy hides another's failure.
 - retry: the entry stays here and comes again at once, its delivery count one higher.
 - release: `XCLAIM ... RETRYCOUNT <attempt - 1> IDLE <a day> JUSTID`: the next delivery,
   here or by any consumer's next claim, has the same attempt.
@@ -99,12 +101,13 @@ class RedisTransport(Transport):
     """Redis Streams transport. `group` is the service; `consumer` names this process.
 
     A consumer restarted under the same name handles its own pending entries
-    first. Acks are sent in batches of `ack_batch` (and before every read), so a
-    consumer killed between a handling and its ack leaves at most about that many
-    plus its concurrency to be handled again. Call `aclose()` when done: it sends
-    the acks and gives back, without counting a delivery, what was received and
-    not handed out (also what a cancelled read took). Raises `ImproperlyConfigured`
-    for a `max_len` below 1.
+    first. Acks are sent as soon as the event loop is free: one round trip at a
+    time, the acks made while it is in flight together in the next, so an ack
+    reaches Redis about a round trip after the handling, and a consumer killed
+    between a handling and its ack leaves few to be handled again. Call `aclose()`
+    when done: it sends the acks and gives back, without counting a delivery, what
+    was received and not handed out (also what a cancelled read took). Raises
+    `ImproperlyConfigured` for a `max_len` below 1.
     """
 
     def __init__(
@@ -119,7 +122,6 @@ class RedisTransport(Transport):
         max_len: int | None = None,
         dedupe_window: float = 3600.0,
         timeout: float = 5.0,
-        ack_batch: int = 16,
     ) -> None:
         if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
             raise ImproperlyConfigured(
@@ -127,7 +129,6 @@ class RedisTransport(Transport):
             )
         self.url = url
         self.group = group
-        self.ack_batch = ack_batch
         self.consumer = consumer or _default_consumer()
         self.prefix = prefix
         self.claim_idle = claim_idle
@@ -145,10 +146,14 @@ class RedisTransport(Transport):
         self._again: deque[Envelope] = deque()  # failed, to be handed out again (held)
         self._claimed: deque[Envelope] = deque()  # claimed, not handed out yet (held)
         self._acks: list[tuple[Envelope, bool]] = []  # (envelope, whether it was handled)
+        self._acking: asyncio.Task[None] | None = None  # sends the acks in the background
+        self._ack_failure: TransportError | None = None  # raised by the next ack() or flush()
         self._next_claim = 0.0
         self._keeper: asyncio.Task[None] | None = None
         self._reading: asyncio.Task[None] | None = None  # the last receive's own task
+        self._read_state: _Read | None = None  # and its state
         self._steps: set[asyncio.Task[None]] = set()  # outcomes (retry, release, dead letter) in flight
+        self._releasing: tuple[list[Envelope], asyncio.Task[None]] | None = None  # this turn's give-backs
         self._sends = 0
         self._checked = False
         self._outbox: list[tuple[str, dict[str, Any], asyncio.Future[str]]] = []
@@ -215,23 +220,13 @@ class RedisTransport(Transport):
     async def _write(self, batch: list[tuple[str, dict[str, Any], asyncio.Future[str]]]) -> None:
         entries: list[Any] = []
         connected = False
+        expired = False
 
         def sending() -> None:
             nonlocal connected
             connected = True
 
-        try:
-            async with asyncio.timeout(self.timeout):
-                for start in range(0, len(batch), _WRITE_BATCH):
-                    connected = False
-                    chunk = batch[start : start + _WRITE_BATCH]
-                    keys = [key for key, _, _ in chunk]
-                    args = [
-                        value for _, fields, _ in chunk for value in (fields["i"], fields["h"], fields["b"])
-                    ]
-                    (added,) = await self._execute(functools.partial(_queue_add, keys, args), sending)
-                    entries.extend(added)
-        except Exception as exc:  # each unwritten send raises it (send() wraps Redis's own errors)
+        def fail(exc: BaseException) -> None:
             error = exc
             if not connected and isinstance(exc, RedisError | TimeoutError | OSError):
                 error = _Unsent()
@@ -239,10 +234,42 @@ class RedisTransport(Transport):
             for _, _, waiter in batch[len(entries) :]:
                 if not waiter.done():
                     waiter.set_exception(error)
-            batch = batch[: len(entries)]
-        for (_, _, waiter), entry in zip(batch, entries, strict=True):
-            if not waiter.done():
-                waiter.set_result(entry.decode() if isinstance(entry, bytes) else str(entry))
+
+        def expire() -> None:
+            # The deadline answers the senders itself, whatever becomes of the cancellation
+            # below: redis-py can swallow one that lands as a socket write completes.
+            nonlocal expired
+            expired = True
+            fail(TimeoutError())
+            cancel()
+
+        writing = asyncio.current_task()
+        assert writing is not None
+        cancel = writing.cancel
+        timer = asyncio.get_running_loop().call_later(self.timeout, expire)
+        try:
+            for start in range(0, len(batch), _WRITE_BATCH):
+                if expired:  # its senders were told: nothing more may be written
+                    break
+                connected = False
+                chunk = batch[start : start + _WRITE_BATCH]
+                keys = [key for key, _, _ in chunk]
+                args = [value for _, fields, _ in chunk for value in (fields["i"], fields["h"], fields["b"])]
+                (added,) = await self._execute(functools.partial(_queue_add, keys, args), sending)
+                entries.extend(added)
+        except asyncio.CancelledError:
+            if not expired:  # cancelled by someone else (the loop closing): so are its senders
+                for _, _, waiter in batch[len(entries) :]:
+                    waiter.cancel()
+                raise
+            # Timed out: the senders have their answer.
+        except Exception as exc:  # each unwritten send raises it (send() wraps Redis's own errors)
+            fail(exc)
+        finally:
+            timer.cancel()
+            for (_, _, waiter), entry in zip(batch, entries, strict=False):
+                if not waiter.done():
+                    waiter.set_result(entry.decode() if isinstance(entry, bytes) else str(entry))
 
     async def _trim_quietly(self, key: str) -> None:
         try:
@@ -305,6 +332,7 @@ class RedisTransport(Transport):
             await asyncio.wait([previous])  # an abandoned read ends at its next step
         loop = asyncio.get_running_loop()
         state = _Read(loop.create_future())
+        self._read_state = state
         reading = self._reading = loop.create_task(self._read(keys, max_count, wait, state))
         try:
             # The task answers through this future itself: the caller wakes at the next turn
@@ -357,6 +385,10 @@ class RedisTransport(Transport):
             self._claimed.extendleft(reversed(found))
         else:
             state.reply.set_result(found)
+
+    @property
+    def _read_waiting(self) -> bool:
+        return self._read_state is not None and self._read_state.waiting
 
     def _keep(self, reply: asyncio.Future[list[Envelope]]) -> None:
         """What a read whose caller was cancelled as it answered took waits to be handed out
@@ -480,7 +512,7 @@ class RedisTransport(Transport):
         envelope = wire.entry_envelope(key, self.prefix, entry_id, fields, attempt)
         target = fields.get(b"g")
         if target is not None and target.decode() != self.group:
-            self._acks.append((envelope, False))
+            self._queue_ack(envelope, False)
             return None
         return envelope
 
@@ -511,7 +543,7 @@ class RedisTransport(Transport):
         for envelope, seen in checked:
             receipt = wire.receipt(envelope)
             if seen or self._handling.setdefault(envelope.message_id, receipt) != receipt:
-                self._acks.append((envelope, False))
+                self._queue_ack(envelope, False)
             else:
                 fresh.append(envelope)
         return fresh
@@ -570,13 +602,46 @@ class RedisTransport(Transport):
     # -- outcomes ----------------------------------------------------------------------
 
     async def ack(self, envelope: Envelope) -> None:
-        self._acks.append((envelope, True))
-        if len(self._acks) >= self.ack_batch:
-            await self._flush_acks()
+        """Buffer the ack; it is sent as soon as the event loop is free, with the others made
+        meanwhile. Raises the `TransportError` of an earlier ack round trip that failed (its
+        acks are kept and sent again), so that the failure reaches the consumer's error hook."""
+        self._queue_ack(envelope, True)
+        failure, self._ack_failure = self._ack_failure, None
+        if failure is not None:
+            raise failure
+
+    def _queue_ack(self, envelope: Envelope, handled: bool) -> None:
+        self._acks.append((envelope, handled))
+        if self._acking is None:
+            self._acking = asyncio.get_running_loop().create_task(self._send_acks(), name="pybus-redis-acks")
+
+    async def _send_acks(self) -> None:
+        """Send the buffered acks until none are left: one round trip at a time, so the acks
+        made while one is in flight go together in the next. A failure is kept for the next
+        `ack()` or `flush()` to raise, and the acks wait for the next try (an ack, a read, a
+        flush or `aclose()`)."""
+        try:
+            while self._acks:
+                try:
+                    await self._flush_acks()
+                except Exception as exc:
+                    if not isinstance(exc, TransportError):  # _flush_acks wraps Redis's own errors
+                        exc = TransportError(f"Could not ack messages: {_describe(exc)}")
+                    self._ack_failure = exc
+                    return
+        finally:
+            self._acking = None
 
     async def flush(self) -> None:
-        """Send the acks buffered so far."""
-        await self._flush_acks()
+        """Send the acks buffered so far, waiting at most `timeout`; raise the failure of an
+        ack round trip since the last ack() (the acks are kept and sent again)."""
+        if self._acking is None and self._acks:
+            self._acking = asyncio.get_running_loop().create_task(self._send_acks(), name="pybus-redis-acks")
+        if self._acking is not None:
+            await self._bounded(self._acking, f"{len(self._acks)} ack(s)")
+        failure, self._ack_failure = self._ack_failure, None
+        if failure is not None:
+            raise failure
 
     async def _flush_acks(self, then: Callable[[Any], object] | None = None) -> Any:
         """Send the buffered acks, and what `then` queues after them in the same round
@@ -595,7 +660,10 @@ class RedisTransport(Transport):
         except BaseException as exc:
             self._acks[:0] = acks  # keep them: acked on the next flush
             if isinstance(exc, RedisError) and then is None:  # else the caller tells what failed
-                raise TransportError(f"Could not ack {len(acks)} message(s): {exc}") from exc
+                raise TransportError(
+                    f"Could not ack {len(acks)} message(s): {_describe(exc)}; they stay pending in Redis "
+                    "and the acks are sent again with the next ones (or by aclose())"
+                ) from exc
             raise
         for envelope, _ in acks:
             self._forget(envelope)
@@ -621,18 +689,35 @@ class RedisTransport(Transport):
                 self.group, now, "\n".join(message_ids), b"\n".join(entry_ids), expire,
             )  # fmt: skip
 
-    async def _through(self, step: Coroutine[Any, Any, None]) -> None:
+    async def _through(self, step: Coroutine[Any, Any, None], what: str) -> None:
         """Run `step`, an outcome's round trips, to its end even if the caller is cancelled
         meanwhile: Redis may have applied it already, and what it changes (the entry to try
         again, the entries no longer held) must be recorded here. `aclose()` waits for it."""
+        await self._bounded(self._step(step), what)
+
+    def _step(self, step: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(step)
         self._steps.add(task)
         task.add_done_callback(self._steps.discard)
+        return task
+
+    async def _bounded(self, task: asyncio.Task[None], what: str) -> None:
+        """Wait for `task`, at most `timeout`, and raise what it raised. Neither the caller's
+        cancellation nor the timeout interrupts the task: the caller stops waiting, which
+        no cancellation swallowed inside redis-py can delay (it waits on `asyncio.wait`),
+        and the task's failure is logged when nobody else hears of it."""
         try:
-            await asyncio.shield(task)
+            await asyncio.wait([task], timeout=self.timeout)
         except asyncio.CancelledError:
             task.add_done_callback(_log_failure)  # the caller is gone: nobody else would hear of it
             raise
+        if not task.done():
+            task.add_done_callback(_log_failure)
+            raise TransportError(
+                f"Redis did not answer within {self.timeout} s to {what}; it is still sent, and "
+                "what Redis has not applied stays pending, claimed again after claim_idle"
+            )
+        task.result()
 
     async def retry(self, envelope: Envelope, error: BaseException) -> None:
         """Hand the envelope out again from here, its delivery count (Redis's too) one higher.
@@ -642,7 +727,7 @@ class RedisTransport(Transport):
         is then claimed again after `claim_idle`. A cancellation of the caller does not
         interrupt it: the failure counts, and the entry waits here (given back by
         `aclose()` with that count)."""
-        await self._through(self._retry(envelope))
+        await self._through(self._retry(envelope), f"the retry of {_named(envelope)}")
 
     async def _retry(self, envelope: Envelope) -> None:
         key, entry_id = wire.receipt(envelope)
@@ -664,7 +749,19 @@ class RedisTransport(Transport):
         `attempt - 1` and its idle time past any `claim_idle`, so any consumer's next claim
         (or this consumer's next start) delivers it again with the same `attempt`. A
         cancellation of the caller does not interrupt it."""
-        await self._through(self._release([envelope]))
+        if self._releasing is None:  # the first of this turn: the give-backs of the turn go together
+            task = self._step(self._release_soon())
+            self._releasing = ([], task)
+        envelopes, task = self._releasing
+        envelopes.append(envelope)
+        await self._bounded(task, f"the give-back of {_named(envelope)}")
+
+    async def _release_soon(self) -> None:
+        # The first step runs once the turn that made this task is over.
+        assert self._releasing is not None
+        envelopes, _ = self._releasing
+        self._releasing = None
+        await self._release(envelopes)
 
     async def _release(self, envelopes: list[Envelope]) -> None:
         if not envelopes:
@@ -686,7 +783,7 @@ class RedisTransport(Transport):
         """Move the envelope to the dead-letter stream with `reason`, and ack it, in one
         `MULTI/EXEC`; a cancellation of the caller does not interrupt it. Raises
         `TransportError` when Redis refuses (the entry stays pending)."""
-        await self._through(self._dead_letter(envelope, reason))
+        await self._through(self._dead_letter(envelope, reason), f"the dead letter of {_named(envelope)}")
 
     async def _dead_letter(self, envelope: Envelope, reason: str) -> None:
         key, entry_id = wire.receipt(envelope)
@@ -712,29 +809,73 @@ class RedisTransport(Transport):
     async def aclose(self) -> None:
         """Let the writes, trims, reads and outcomes in flight finish, send the buffered acks,
         give back what was received and not handed out (retries, claimed entries, what a
-        cancelled read took) without counting a delivery, close the connections."""
+        cancelled read took) without counting a delivery, close the connections.
+
+        Returns within about `timeout`, also when Redis does not answer: past it the
+        connections are closed, which ends the round trips still waiting, and it raises
+        `TransportError`; what was not acked or given back stays pending in Redis and
+        is claimed again after `claim_idle`. It never relies on one cancellation being
+        delivered (redis-py can swallow one): a wait is cancelled again until it ends."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        left: set[asyncio.Task[Any]] = set()
         try:
-            busy: list[asyncio.Task[Any]] = [*self._writing, *self._trims.values(), *self._steps]
-            if self._reading is not None and not self._reading.done():
-                busy.append(self._reading)
-            if busy:
-                await asyncio.wait(busy)
+            busy: set[asyncio.Task[Any]] = {*self._writing, *self._trims.values(), *self._steps}
+            if self._acking is not None:
+                busy.add(self._acking)
+            if self._reading is not None:
+                busy.add(self._reading)
             if self._keeper is not None:
-                self._keeper.cancel()
-                await asyncio.wait([self._keeper])
-            await self._flush_acks()
-            waiting = [*self._again, *self._claimed]
-            self._again.clear()
-            self._claimed.clear()
-            await self._through(self._release(waiting))
+                busy.add(self._keeper)
+            left = await self._settle(busy, deadline)
+            if not left:
+                acking = self._acking = loop.create_task(self._send_acks(), name="pybus-redis-acks")
+                left = await self._settle({acking}, deadline)
+            if not left:
+                waiting = [*self._again, *self._claimed]
+                self._again.clear()
+                self._claimed.clear()
+                if waiting:
+                    left = await self._settle({self._step(self._release(waiting))}, deadline)
         finally:
-            await self.client.aclose()
+            await self.client.aclose()  # ends what still waits on a connection
+            if left:
+                await asyncio.wait(left, timeout=1.0)
+        failure, self._ack_failure = self._ack_failure, None
+        if left:
+            raise TransportError(
+                f"Redis did not answer within {self.timeout} s while the transport closed: "
+                f"{len(self._acks)} ack(s) unsent and {len(self._held)} entrie(s) not given back stay "
+                "pending in Redis and are delivered again after claim_idle"
+            )
+        if failure is not None:
+            raise failure
+
+    async def _settle(self, tasks: set[asyncio.Task[Any]], deadline: float) -> set[asyncio.Task[Any]]:
+        """Wait until `tasks` end or `deadline` (loop time) passes; return those still running.
+        The keep-alive, and a read waiting for new entries (which takes nothing), are
+        cancelled, again at each turn: redis-py can swallow a cancellation."""
+        loop = asyncio.get_running_loop()
+        pending = {task for task in tasks if not task.done()}
+        while pending:
+            for task in pending:
+                if task is self._keeper or (task is self._reading and self._read_waiting):
+                    task.cancel()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            _, pending = await asyncio.wait(pending, timeout=min(remaining, 0.05))
+        return pending
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
     error = None if task.cancelled() else task.exception()
     if error is not None:
         logger.warning("pybus: %s", _describe(error))
+
+
+def _named(envelope: Envelope) -> str:
+    return f"{envelope.name} (message id {envelope.message_id})"
 
 
 def _describe(error: BaseException | None) -> str:

@@ -119,7 +119,7 @@ class Routing:
         engines: tuple[EventEngine, RequestEngine, RequestEngine],
         *,
         concurrency: int,
-        prefetch: int | None,
+        prefetch: int,
         max_deliveries: int,
         wait: float,
     ) -> Consumer:

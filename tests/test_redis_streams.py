@@ -55,10 +55,15 @@ def shop(url: str, **options: object) -> Dispatcher:
 
 
 def worker(
-    url: str, handler: Callable[[Paid], object], *, consumer: str = "w1", **options: object
+    url: str,
+    handler: Callable[[Paid], object],
+    *,
+    consumer: str = "w1",
+    on_error: Callable[[BaseException, object], object] = lambda error, message: None,
+    **options: object,
 ) -> Dispatcher:
     transport = RedisTransport(url, group="billing", consumer=consumer, **options)  # type: ignore[arg-type]
-    dp = Dispatcher(transport=transport, on_error=lambda error, message: None)
+    dp = Dispatcher(transport=transport, on_error=on_error)
     dp.route(Paid)
     dp.events.bind(Paid, handler)
     return dp

@@ -1,0 +1,305 @@
+"""The Redis transport's acks and stops, against a real redis-server: acks sent while the
+next read still waits, and sends, consumer stops and dispatcher stops that return within
+their documented bounds when cancellations are lost inside redis-py, injected at random
+moments, or when the server is stalled (SIGSTOP)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from typing import Any
+
+import pytest
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from pybus import Dispatcher, State, TransportError
+from pybus.redis_streams import RedisTransport
+from pybus.transport import Envelope
+from tests.consuming import consuming, until
+from tests.redis_server import redis_server
+from tests.test_redis_recovery import untracked
+from tests.test_redis_streams import Paid, pending, publish, raw, worker
+
+#: What a stop may take past its drain timeout with a healthy redis-server: the
+#: give-backs and the last acks, one round trip each, on a machine running the suite.
+SLACK = 1.0
+
+
+@pytest.fixture
+def lost_cancellations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The first cancellation that lands in a redis-py socket write or read is lost: the
+    call goes on as if nothing had happened. CPython 3.11's `asyncio.wait_for`, which
+    redis-py wraps writes in, loses one that lands as the write completes; this is that
+    fault at every call, reads included, so that code relying on one cancellation is
+    caught. Writes take up to 2 ms, so that cancellations land in them. Yields a
+    one-item list counting the cancellations lost."""
+    lost = [0]
+    rng = random.Random(7)
+
+    async def uncancellable(call: Any) -> Any:
+        running = asyncio.ensure_future(call)
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            if not running.done():
+                lost[0] += 1  # and the call goes on; a second cancellation is not lost
+            try:
+                return await running
+            except asyncio.CancelledError:
+                running.cancel()
+                raise
+
+    send, read = AbstractConnection.send_packed_command, AbstractConnection.read_response
+
+    async def send_packed_command(self: Any, command: Any, check_health: bool = True) -> None:
+        async def write() -> None:
+            await asyncio.sleep(rng.uniform(0, 0.002))
+            await send(self, command, check_health)
+
+        await uncancellable(write())
+
+    async def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return await uncancellable(read(self, *args, **kwargs))
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", send_packed_command)
+    monkeypatch.setattr(AbstractConnection, "read_response", read_response)
+    return lost
+
+
+# -- acks ---------------------------------------------------------------------------------------
+
+
+async def test_acks_are_sent_while_the_next_read_still_waits(redis_url: str) -> None:
+    """A read waits up to `wait` (here 30 s) for new entries; the acks of what was handled
+    meanwhile do not wait for it: Redis has them within a round trip or so."""
+
+    async def handle(event: Paid) -> None:
+        await asyncio.sleep(0.01)  # by then the next read waits for new entries
+
+    dp = worker(redis_url, handle, claim_interval=60)
+    transport = dp.transport
+    assert isinstance(transport, RedisTransport)
+    async with consuming(dp, wait=30) as consumer:
+        await until(lambda: transport._read_waiting)
+        total = 0
+        for size in (1, 10, 1):
+            await publish(redis_url, size, start=total)
+            total += size
+            await until(lambda: consumer.handled == total)  # noqa: B023 - awaited in the loop
+            async with asyncio.timeout(1):
+                while await pending(redis_url):  # noqa: ASYNC110 - another process's state
+                    await asyncio.sleep(0.002)
+            assert transport._read_waiting  # the read after the handling has not returned
+        assert consumer.handled == 12
+
+
+async def test_an_ack_round_trip_that_fails_reaches_the_error_hook_and_its_acks_are_sent_later(
+    redis_url: str,
+) -> None:
+    errors: list[tuple[BaseException, object]] = []
+    handled: list[int] = []
+
+    async def handle(event: Paid) -> None:
+        await asyncio.sleep(0.01)  # the ack is sent while the next read waits, not with it
+        handled.append(event.n)
+
+    dp = worker(
+        redis_url, handle, claim_interval=60, on_error=lambda error, message: errors.append((error, message))
+    )
+    transport = dp.transport
+    assert isinstance(transport, RedisTransport)
+    original = transport._queue_acks
+    failing = [1]
+
+    def queue_acks(pipe: Any, acks: Any) -> None:
+        if failing and acks:
+            failing.pop()
+            raise RedisConnectionError("the connection dropped")
+        original(pipe, acks)
+
+    transport._queue_acks = queue_acks  # type: ignore[method-assign]
+    async with consuming(dp, wait=30) as consumer:
+        await until(lambda: transport._read_waiting)
+        await publish(redis_url, 1)
+        await until(lambda: consumer.handled == 1)
+        await until(lambda: transport._ack_failure is not None)
+        await publish(redis_url, 1, start=1)  # its ack() raises the failure: the hook hears of it
+        await until(lambda: len(errors) == 1)
+        async with asyncio.timeout(5):
+            while await pending(redis_url):  # noqa: ASYNC110 - another process's state
+                await asyncio.sleep(0.005)
+    error, message = errors[0]
+    assert isinstance(error, TransportError)
+    assert str(error) == (
+        "Could not ack 1 message(s): ConnectionError: the connection dropped; they stay pending in "
+        "Redis and the acks are sent again with the next ones (or by aclose())"
+    )
+    assert isinstance(message, Envelope)  # reported with the envelope whose ack() raised it
+    assert message.body == b'{"n":1}'
+    assert handled == [0, 1]  # each once: nothing was handled again
+
+
+# -- sends --------------------------------------------------------------------------------------
+
+
+async def test_a_send_to_a_stalled_redis_raises_within_its_timeout_though_cancellations_are_lost(
+    lost_cancellations: list[int],
+) -> None:
+    """A hundred sends to a redis-server stopped with SIGSTOP, each with the timeout
+    landing at another moment of redis-py's writes, which lose the cancellation: each
+    raises TransportError within its timeout. Before, the timeout cancelled the write
+    once, lost it, and the send waited for the socket timeout (35 s)."""
+    timeout, rng = 0.05, random.Random(5)
+    with redis_server() as (url, process):
+        transport = RedisTransport(url, group="shop", timeout=timeout)
+        producer = Dispatcher(transport=transport)
+        producer.route(Paid)
+        async with producer:
+            await producer.publish(Paid(0))  # connected, scripts loaded
+            process.send_signal(signal.SIGSTOP)
+            try:
+                for run in range(100):
+                    await asyncio.sleep(rng.uniform(0, 0.003))
+                    loop = asyncio.get_running_loop()
+                    sends = [
+                        loop.create_task(producer.publish(Paid(run))) for _ in range(rng.choice([1, 1, 3]))
+                    ]
+                    started = loop.time()
+                    done, late = await asyncio.wait(sends, timeout=timeout + 0.5)
+                    assert not late, f"run {run}: a send did not return within {timeout + 0.5} s"
+                    took = loop.time() - started
+                    assert took <= timeout + 0.5
+                    for send in done:
+                        error = send.exception()
+                        assert isinstance(error, TransportError), error
+                        assert "within 0.05 s" in str(error) or "no connection was made" in str(error)
+            finally:
+                process.send_signal(signal.SIGCONT)
+            with pytest.raises(
+                TransportError, match=r"did not answer within 0.05 s while the transport closed"
+            ):
+                await transport.aclose()  # the writes cut off still waited on their connections
+    assert lost_cancellations[0] > 0
+
+
+# -- consumer and dispatcher stops ----------------------------------------------------------------
+
+
+async def test_consumer_stops_return_within_their_bound_whatever_cancellations_land(
+    redis_url: str, lost_cancellations: list[int]
+) -> None:
+    """A hundred consumers, each stopped at a random moment with a random drain timeout,
+    while the stop call and the consumer's own task are cancelled at random moments and
+    redis-py loses cancellations: the consumer ends within drain + SLACK, and nothing it
+    took is left pending in Redis unless given back."""
+    rng = random.Random(11)
+    handled: set[int] = set()
+
+    async def handle(event: Paid) -> None:
+        await asyncio.sleep(rng.choice([0, 0, 0.002, 0.02]))
+        handled.add(event.n)
+
+    await publish(redis_url, 300)  # the later consumers wait for new entries: stop cancels that wait
+    client = raw(redis_url)
+    loop = asyncio.get_running_loop()
+    for run in range(100):
+        dp = worker(redis_url, handle, consumer=f"w{run}", claim_idle=30, timeout=2.0)
+        async with dp:
+            consumer = dp.consumer(
+                concurrency=rng.choice([1, 4]),
+                prefetch=rng.choice([1, 10, 100]),
+                wait=rng.choice([0.01, 1.0]),
+            )
+            running = loop.create_task(consumer.run())
+            await asyncio.sleep(rng.uniform(0, 0.1))  # some stop a consumer that waits for new entries
+            drain = rng.choice([0, 0.01, 0.05])
+            started = loop.time()
+            stopping = loop.create_task(consumer.stop(drain))
+            for _ in range(rng.randint(0, 3)):
+                await asyncio.sleep(rng.uniform(0, 0.005))
+                rng.choice([stopping, running]).cancel()
+            done, _ = await asyncio.wait([running], timeout=drain + SLACK)
+            assert done, f"run {run}: the consumer did not end within {drain + SLACK} s"
+            async with asyncio.timeout(SLACK):
+                await consumer.stop(drain)  # and a later stop returns at once
+            assert loop.time() - started <= drain + SLACK
+        left = await untracked(client)
+        assert left == [], f"run {run}"
+    await client.aclose()
+    assert len(handled) > 0
+    assert lost_cancellations[0] > 0
+
+
+async def test_dispatcher_stops_return_within_their_bound_whatever_cancellations_land(
+    redis_url: str, lost_cancellations: list[int]
+) -> None:
+    """A hundred `serve()`s, each stopped with `dp.stop(timeout)` at a random moment, the
+    stop call and serve() cancelled at random moments, redis-py losing cancellations: the
+    dispatcher is stopped within timeout + SLACK, its transport closed (no connection
+    left), and nothing it took is left pending in Redis unless given back."""
+    rng = random.Random(13)
+
+    async def handle(event: Paid) -> None:
+        await asyncio.sleep(rng.choice([0, 0.002, 0.02]))
+
+    await publish(redis_url, 300)  # the later dispatchers wait for new entries: stop cancels that wait
+    client = raw(redis_url)
+    loop = asyncio.get_running_loop()
+    for run in range(100):
+        dp = worker(redis_url, handle, consumer=f"w{run}", claim_idle=30, timeout=2.0)
+        serving = loop.create_task(
+            dp.serve(stop_signals=(), concurrency=rng.choice([1, 4]), wait=rng.choice([0.01, 1.0]))
+        )
+        await asyncio.sleep(rng.uniform(0, 0.1))  # some stop a consumer that waits for new entries
+        timeout = rng.choice([0, 0.01, 0.05])
+        started = loop.time()
+        stopping = loop.create_task(dp.stop(timeout))
+        for _ in range(rng.randint(0, 3)):
+            await asyncio.sleep(rng.uniform(0, 0.005))
+            rng.choice([stopping, serving]).cancel()
+        done, _ = await asyncio.wait([serving, stopping], timeout=timeout + SLACK)
+        assert len(done) == 2, f"run {run}: not stopped within {timeout + SLACK} s"
+        async with asyncio.timeout(SLACK):
+            await dp.stop()
+        assert loop.time() - started <= timeout + SLACK
+        assert dp.state is State.STOPPED
+        assert await untracked(client) == [], f"run {run}"
+    clients = await client.client_list()
+    assert len(clients) == 1, clients  # only this one: every dispatcher closed its connections
+    await client.aclose()
+    assert lost_cancellations[0] > 0
+
+
+async def test_a_stop_with_redis_stalled_returns_within_drain_plus_the_transport_timeout() -> None:
+    """redis-server stopped (SIGSTOP) while a worker consumes: dp.stop(0.1) returns within
+    the drain timeout plus the transport's `timeout` and the second it gives the round
+    trips it cut off to end, and the error hook hears that what it held stays pending."""
+    errors: list[BaseException] = []
+    handled: list[int] = []
+
+    async def handle(event: Paid) -> None:
+        await asyncio.sleep(0.01)
+        handled.append(event.n)
+
+    with redis_server() as (url, process):
+        await publish(url, 500)
+        dp = worker(
+            url, handle, claim_idle=30, timeout=0.5, on_error=lambda error, message: errors.append(error)
+        )
+        serving = asyncio.create_task(dp.serve(stop_signals=(), concurrency=4))
+        await until(lambda: len(handled) >= 20)
+        process.send_signal(signal.SIGSTOP)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            bound = 0.1 + 2 * 0.5 + SLACK  # the drain, the consumer's give-backs, the transport's close
+            await asyncio.wait([asyncio.create_task(dp.stop(0.1))], timeout=bound)
+            took = loop.time() - started
+            assert dp.state is State.STOPPED
+            assert took <= bound, took
+            await serving
+        finally:
+            process.send_signal(signal.SIGCONT)
+    assert any("did not answer within 0.5 s while the transport closed" in str(error) for error in errors)
