@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -187,6 +188,22 @@ async def test_a_send_to_a_stalled_redis_raises_within_its_timeout_though_cancel
 # -- consumer and dispatcher stops ----------------------------------------------------------------
 
 
+async def stopped_under_fire(
+    rng: random.Random, stop: Coroutine[Any, Any, int], running: asyncio.Task[Any], seconds: float, run: int
+) -> float:
+    """Start `stop`, cancel it or `running` 0-3 times at random moments, and fail unless
+    both end within `seconds + SLACK`; return when the stop started (loop time)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    stopping = loop.create_task(stop)
+    for _ in range(rng.randint(0, 3)):
+        await asyncio.sleep(rng.uniform(0, 0.005))
+        rng.choice([stopping, running]).cancel()
+    _, late = await asyncio.wait([stopping, running], timeout=seconds + SLACK)
+    assert not late, f"run {run}: not stopped within {seconds + SLACK} s"
+    return started
+
+
 async def test_consumer_stops_return_within_their_bound_whatever_cancellations_land(
     redis_url: str, lost_cancellations: list[int]
 ) -> None:
@@ -215,13 +232,7 @@ async def test_consumer_stops_return_within_their_bound_whatever_cancellations_l
             running = loop.create_task(consumer.run())
             await asyncio.sleep(rng.uniform(0, 0.1))  # some stop a consumer that waits for new entries
             drain = rng.choice([0, 0.01, 0.05])
-            started = loop.time()
-            stopping = loop.create_task(consumer.stop(drain))
-            for _ in range(rng.randint(0, 3)):
-                await asyncio.sleep(rng.uniform(0, 0.005))
-                rng.choice([stopping, running]).cancel()
-            done, _ = await asyncio.wait([running], timeout=drain + SLACK)
-            assert done, f"run {run}: the consumer did not end within {drain + SLACK} s"
+            started = await stopped_under_fire(rng, consumer.stop(drain), running, drain, run)
             async with asyncio.timeout(SLACK):
                 await consumer.stop(drain)  # and a later stop returns at once
             assert loop.time() - started <= drain + SLACK
@@ -254,13 +265,7 @@ async def test_dispatcher_stops_return_within_their_bound_whatever_cancellations
         )
         await asyncio.sleep(rng.uniform(0, 0.1))  # some stop a consumer that waits for new entries
         timeout = rng.choice([0, 0.01, 0.05])
-        started = loop.time()
-        stopping = loop.create_task(dp.stop(timeout))
-        for _ in range(rng.randint(0, 3)):
-            await asyncio.sleep(rng.uniform(0, 0.005))
-            rng.choice([stopping, serving]).cancel()
-        done, _ = await asyncio.wait([serving, stopping], timeout=timeout + SLACK)
-        assert len(done) == 2, f"run {run}: not stopped within {timeout + SLACK} s"
+        started = await stopped_under_fire(rng, dp.stop(timeout), serving, timeout, run)
         async with asyncio.timeout(SLACK):
             await dp.stop()
         assert loop.time() - started <= timeout + SLACK
