@@ -180,9 +180,8 @@ class Consumer:
                 await self._sleep(loop, self.pause_after_error)
                 continue
             self._receiving = None
-            if self._stop_requested:
-                for envelope in envelopes:  # received as stop() came: never started
-                    await self._give_back(envelope)
+            if self._stop_requested:  # received as stop() came: never started
+                await asyncio.gather(*(self._give_back(envelope) for envelope in envelopes))
                 return
             self._held += len(envelopes)
             self._ready.extend(envelopes)
@@ -415,11 +414,15 @@ class Consumer:
                 await asyncio.wait([receiving])
                 if not receiving.cancelled() and receiving.exception() is None:
                     unstarted.extend(receiving.result())
-            if lanes:
-                await asyncio.wait(lanes)
-            # Together: with the broker stalled, each waits for the transport's own timeout,
-            # once, not once per envelope.
-            await asyncio.gather(*(self._give_back(envelope) for envelope in unstarted), self._flush())
+            # All at once: the give-backs of the cancelled handlings (in their lanes), those
+            # of the envelopes never started and the last acks. With the broker stalled,
+            # the stop waits for the transport's own timeout once, not once per step or
+            # per envelope (a broker transport sends the give-backs of a turn together).
+            await asyncio.gather(
+                *(self._give_back(envelope) for envelope in unstarted),
+                asyncio.wait(lanes) if lanes else asyncio.sleep(0),
+                self._flush(),
+            )
         finally:
             self._state = "stopped"
             if self._finished is not None and not self._finished.done():

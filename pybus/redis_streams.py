@@ -66,6 +66,8 @@ __all__ = ["RedisTransport", "TransportError"]
 logger = logging.getLogger("pybus")
 
 
+#: Seconds between tries of acks whose round trip failed.
+_ACK_PAUSE = 0.5
 #: Entries per script call when many sends share a turn of the event loop.
 _WRITE_BATCH = 500
 #: Entries per claim; while a claim comes back full, the next one is made at once.
@@ -148,12 +150,15 @@ class RedisTransport(Transport):
         self._acks: list[tuple[Envelope, bool]] = []  # (envelope, whether it was handled)
         self._acking: asyncio.Task[None] | None = None  # sends the acks in the background
         self._ack_failure: TransportError | None = None  # raised by the next ack() or flush()
+        self._ack_pausing = False  # the ack task waits to try again after a failure
+        self._closed = False  # aclose() closed the connections
         self._next_claim = 0.0
         self._keeper: asyncio.Task[None] | None = None
         self._reading: asyncio.Task[None] | None = None  # the last receive's own task
         self._read_state: _Read | None = None  # and its state
         self._steps: set[asyncio.Task[None]] = set()  # outcomes (retry, release, dead letter) in flight
         self._releasing: tuple[list[Envelope], asyncio.Task[None]] | None = None  # this turn's give-backs
+        self._unheard: set[asyncio.Task[None]] = set()  # tasks whose failure is logged, nobody waiting
         self._sends = 0
         self._checked = False
         self._outbox: list[tuple[str, dict[str, Any], asyncio.Future[str]]] = []
@@ -161,6 +166,7 @@ class RedisTransport(Transport):
         self._trims: dict[str, asyncio.Task[None]] = {}
         self._done_key = f"{prefix}done:{group}"
         self._flushes = 0
+        self._takes = 0
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}{name}"
@@ -406,7 +412,11 @@ class RedisTransport(Transport):
     async def _receive(self, keys: list[str], max_count: int, wait: float, state: _Read) -> list[Envelope]:
         await self._prepare(keys)
         deadline = time.monotonic() + wait
-        take = (SHA["take"], 1 + len(keys), self._done_key, *keys, self.group, self.consumer, max_count)
+        self._takes += 1  # the stream each read starts at turns
+        take = (
+            SHA["take"], 1 + len(keys), self._done_key, *keys,
+            self.group, self.consumer, max_count, self._takes,
+        )  # fmt: skip
         while True:
             fresh = await self._take(keys, max_count)
             if fresh:
@@ -617,18 +627,22 @@ class RedisTransport(Transport):
 
     async def _send_acks(self) -> None:
         """Send the buffered acks until none are left: one round trip at a time, so the acks
-        made while one is in flight go together in the next. A failure is kept for the next
-        `ack()` or `flush()` to raise, and the acks wait for the next try (an ack, a read, a
-        flush or `aclose()`)."""
+        made while one is in flight go together in the next. After a failure, which the
+        next `ack()` or `flush()` raises, it tries again every `_ACK_PAUSE` seconds (and a
+        read sends them too) until they are sent."""
         try:
-            while self._acks:
+            while self._acks and not self._closed:
                 try:
                     await self._flush_acks()
                 except Exception as exc:
                     if not isinstance(exc, TransportError):  # _flush_acks wraps Redis's own errors
                         exc = TransportError(f"Could not ack messages: {_describe(exc)}")
                     self._ack_failure = exc
-                    return
+                    self._ack_pausing = True
+                    try:
+                        await asyncio.sleep(_ACK_PAUSE)
+                    finally:
+                        self._ack_pausing = False
         finally:
             self._acking = None
 
@@ -637,8 +651,12 @@ class RedisTransport(Transport):
         ack round trip since the last ack() (the acks are kept and sent again)."""
         if self._acking is None and self._acks:
             self._acking = asyncio.get_running_loop().create_task(self._send_acks(), name="pybus-redis-acks")
-        if self._acking is not None:
-            await self._bounded(self._acking, f"{len(self._acks)} ack(s)")
+        try:
+            if self._acking is not None:
+                await self._bounded(self._acking, f"{len(self._acks)} ack(s)")
+        except TransportError as cut:
+            failure, self._ack_failure = self._ack_failure, None
+            raise failure or cut from None
         failure, self._ack_failure = self._ack_failure, None
         if failure is not None:
             raise failure
@@ -695,6 +713,12 @@ class RedisTransport(Transport):
         again, the entries no longer held) must be recorded here. `aclose()` waits for it."""
         await self._bounded(self._step(step), what)
 
+    def _log_unheard(self, task: asyncio.Task[None]) -> None:
+        if task not in self._unheard:
+            self._unheard.add(task)
+            task.add_done_callback(_log_failure)
+            task.add_done_callback(self._unheard.discard)
+
     def _step(self, step: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(step)
         self._steps.add(task)
@@ -705,14 +729,14 @@ class RedisTransport(Transport):
         """Wait for `task`, at most `timeout`, and raise what it raised. Neither the caller's
         cancellation nor the timeout interrupts the task: the caller stops waiting, which
         no cancellation swallowed inside redis-py can delay (it waits on `asyncio.wait`),
-        and the task's failure is logged when nobody else hears of it."""
+        and the task's failure is logged (once) when nobody else hears of it."""
         try:
             await asyncio.wait([task], timeout=self.timeout)
         except asyncio.CancelledError:
-            task.add_done_callback(_log_failure)  # the caller is gone: nobody else would hear of it
+            self._log_unheard(task)  # the caller is gone: nobody else would hear of it
             raise
         if not task.done():
-            task.add_done_callback(_log_failure)
+            self._log_unheard(task)
             raise TransportError(
                 f"Redis did not answer within {self.timeout} s to {what}; it is still sent, and "
                 "what Redis has not applied stays pending, claimed again after claim_idle"
@@ -838,15 +862,16 @@ class RedisTransport(Transport):
                 if waiting:
                     left = await self._settle({self._step(self._release(waiting))}, deadline)
         finally:
+            self._closed = True  # acks that fail now are not tried again
             await self.client.aclose()  # ends what still waits on a connection
             if left:
-                await asyncio.wait(left, timeout=1.0)
+                await self._settle(left, loop.time() + 1.0)
         failure, self._ack_failure = self._ack_failure, None
         if left:
             raise TransportError(
-                f"Redis did not answer within {self.timeout} s while the transport closed: "
-                f"{len(self._acks)} ack(s) unsent and {len(self._held)} entrie(s) not given back stay "
-                "pending in Redis and are delivered again after claim_idle"
+                f"Redis did not answer within {self.timeout} s while the transport closed: the "
+                "entries it had not acked or given back stay pending in Redis and are delivered "
+                "again after claim_idle"
             )
         if failure is not None:
             raise failure
@@ -859,7 +884,11 @@ class RedisTransport(Transport):
         pending = {task for task in tasks if not task.done()}
         while pending:
             for task in pending:
-                if task is self._keeper or (task is self._reading and self._read_waiting):
+                if (
+                    task is self._keeper
+                    or (task is self._reading and self._read_waiting)
+                    or (task is self._acking and self._ack_pausing)  # aclose() sends them next
+                ):
                     task.cancel()
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -75,20 +75,30 @@ end
 return ids
 """
 
-# Reads up to ARGV[3] new entries of the streams KEYS[2], KEYS[3]... for consumer
-# ARGV[2] of group ARGV[1] (XREADGROUP without blocking), and tells for each entry
-# whether its message id (field i, written first) is marked done in KEYS[1]: the read
-# and the de-duplication check in one round trip, one ZMSCORE per 1,000 entries.
-# Returns {XREADGROUP's reply or {}, {a score or false per entry, in order}, newest},
-# where, when nothing was read, newest holds each stream's newest entry id ("0-0" for
-# none): any entry added after this call has a greater id, so an XREAD (which takes
-# nothing) blocking from those ids wakes for it.
+# Reads up to ARGV[3] new entries in all of the streams KEYS[2], KEYS[3]... for
+# consumer ARGV[2] of group ARGV[1] (XREADGROUP without blocking, one stream after the
+# other, starting at the stream ARGV[4] modulo their number, so that no stream waits
+# behind a busy one: XREADGROUP over several streams would take up to COUNT from each),
+# and tells for each entry whether its message id (field i, written first) is marked
+# done in KEYS[1]: the read and the de-duplication check in one round trip, one
+# ZMSCORE per 1,000 entries. Returns {XREADGROUP's reply or {}, {a score or false per
+# entry, in order}, newest}, where, when nothing was read, newest holds each stream's
+# newest entry id ("0-0" for none): any entry added after this call has a greater id,
+# so an XREAD (which takes nothing) blocking from those ids wakes for it.
 TAKE = """
-local args = {"GROUP", ARGV[1], ARGV[2], "COUNT", ARGV[3], "STREAMS"}
-for n = 2, #KEYS do args[#args + 1] = KEYS[n] end
-for n = 2, #KEYS do args[#args + 1] = ">" end
-local reply = redis.call("XREADGROUP", unpack(args))
-if not reply then
+local streams = #KEYS - 1
+local left = tonumber(ARGV[3])
+local reply = {}
+for step = 0, streams - 1 do
+    if left <= 0 then break end
+    local key = KEYS[2 + (tonumber(ARGV[4]) + step) % streams]
+    local got = redis.call("XREADGROUP", "GROUP", ARGV[1], ARGV[2], "COUNT", left, "STREAMS", key, ">")
+    if got then
+        reply[#reply + 1] = got[1]
+        left = left - #got[1][2]
+    end
+end
+if #reply == 0 then
     local newest = {}
     for n = 2, #KEYS do
         local last = redis.call("XREVRANGE", KEYS[n], "+", "-", "COUNT", 1)

@@ -126,6 +126,11 @@ async def test_an_ack_round_trip_that_fails_reaches_the_error_hook_and_its_acks_
         await publish(redis_url, 1)
         await until(lambda: consumer.handled == 1)
         await until(lambda: transport._ack_failure is not None)
+        # Tried again on its own, no other ack or read needed (the read still waits).
+        async with asyncio.timeout(2):
+            while await pending(redis_url):  # noqa: ASYNC110 - another process's state
+                await asyncio.sleep(0.005)
+        assert transport._read_waiting
         await publish(redis_url, 1, start=1)  # its ack() raises the failure: the hook hears of it
         await until(lambda: len(errors) == 1)
         async with asyncio.timeout(5):
@@ -140,6 +145,66 @@ async def test_an_ack_round_trip_that_fails_reaches_the_error_hook_and_its_acks_
     assert isinstance(message, Envelope)  # reported with the envelope whose ack() raised it
     assert message.body == b'{"n":1}'
     assert handled == [0, 1]  # each once: nothing was handled again
+
+
+async def test_a_consumer_of_several_streams_holds_no_more_than_concurrency_plus_prefetch(
+    redis_url: str,
+) -> None:
+    """XREADGROUP over several streams takes up to COUNT from each; a read of `prefetch`
+    takes `prefetch` in all, so a consumer of three routed names holds at most 1 + 2."""
+    release = asyncio.Event()
+
+    async def handle(event: Any) -> None:
+        await release.wait()
+
+    names = ["a", "b", "c"]
+    producer = Dispatcher(transport=RedisTransport(redis_url, group="shop"))
+    dp = Dispatcher(transport=RedisTransport(redis_url, group="billing", consumer="w1"))
+    for name in names:
+        producer.route(name, name=name)
+        dp.route(name, name=name)
+        dp.events.bind(name, handle)
+    async with producer:
+        for _ in range(10):
+            for name in names:
+                await producer.publish(name)
+    client = raw(redis_url)
+    most = 0
+    async with consuming(dp, concurrency=1, prefetch=2) as consumer:
+        await until(lambda: consumer.handled == 0 and consumer._held == 3)
+        for _ in range(40):
+            counts = [(await client.xpending(f"pybus:{name}", "billing"))["pending"] for name in names]
+            most = max(most, sum(counts))
+            await asyncio.sleep(0.005)
+        release.set()
+        await until(lambda: consumer.handled == 30)
+    await client.aclose()
+    assert producer.transport is not None
+    await producer.transport.aclose()
+    assert most == 3
+
+
+async def test_a_busy_stream_does_not_keep_a_consumer_from_its_other_streams(redis_url: str) -> None:
+    order: list[str] = []
+
+    async def handle(event: Any) -> None:
+        order.append(event)
+
+    producer = Dispatcher(transport=RedisTransport(redis_url, group="shop"))
+    dp = Dispatcher(transport=RedisTransport(redis_url, group="billing", consumer="w1"))
+    for name in ("busy", "quiet"):
+        producer.route(name, name=name)
+        dp.route(name, name=name)
+        dp.events.bind(name, handle)
+    async with producer:
+        for _ in range(50):
+            await producer.publish("busy")
+        await producer.publish("quiet")
+    async with consuming(dp, concurrency=1, prefetch=2) as consumer:
+        await until(lambda: consumer.handled == 51)
+    assert producer.transport is not None
+    await producer.transport.aclose()
+    assert order.index("quiet") < 6  # the reads start at each stream in turn
 
 
 # -- sends --------------------------------------------------------------------------------------
@@ -279,19 +344,20 @@ async def test_dispatcher_stops_return_within_their_bound_whatever_cancellations
 
 async def test_a_stop_with_redis_stalled_returns_within_drain_plus_the_transport_timeout() -> None:
     """redis-server stopped (SIGSTOP) while a worker consumes: dp.stop(0.1) returns within
-    the drain timeout plus the transport's `timeout` and the second it gives the round
-    trips it cut off to end, and the error hook hears that what it held stays pending."""
+    the drain timeout plus twice the transport's `timeout` (the consumer's give-backs and
+    acks, all at once; the transport's close), and the error hook hears that what it
+    held stays pending. Before, each step waited its own timeout, one after the other."""
     errors: list[BaseException] = []
     handled: list[int] = []
 
     async def handle(event: Paid) -> None:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01 if len(handled) < 20 else 5)  # then in flight at the deadline
         handled.append(event.n)
 
     with redis_server() as (url, process):
         await publish(url, 500)
         dp = worker(
-            url, handle, claim_idle=30, timeout=0.5, on_error=lambda error, message: errors.append(error)
+            url, handle, claim_idle=30, timeout=1.0, on_error=lambda error, message: errors.append(error)
         )
         serving = asyncio.create_task(dp.serve(stop_signals=(), concurrency=4))
         await until(lambda: len(handled) >= 20)
@@ -299,7 +365,9 @@ async def test_a_stop_with_redis_stalled_returns_within_drain_plus_the_transport
         try:
             loop = asyncio.get_running_loop()
             started = loop.time()
-            bound = 0.1 + 2 * 0.5 + SLACK  # the drain, the consumer's give-backs, the transport's close
+            # The drain, then the consumer's give-backs (of the cancelled handlings and of the
+            # read ahead) and last acks together, then the transport's close: 0.1 + 2 x 1.0 s.
+            bound = 0.1 + 2 * 1.0 + 0.6
             await asyncio.wait([asyncio.create_task(dp.stop(0.1))], timeout=bound)
             took = loop.time() - started
             assert dp.state is State.STOPPED
@@ -307,4 +375,4 @@ async def test_a_stop_with_redis_stalled_returns_within_drain_plus_the_transport
             await serving
         finally:
             process.send_signal(signal.SIGCONT)
-    assert any("did not answer within 0.5 s while the transport closed" in str(error) for error in errors)
+    assert any("did not answer within 1.0 s while the transport closed" in str(error) for error in errors)

@@ -447,6 +447,44 @@ class Holding(InMemoryTransport):
         await super().retry(envelope, error)
 
 
+class SlowGiveBack(InMemoryTransport):
+    """Each give-back takes 0.1 s; a stop comes as the first read returns."""
+
+    consumer: Consumer | None = None
+
+    async def receive(self, names: list[str], *, max_count: int, wait: float) -> list[Envelope]:  # type: ignore[override]
+        taken = await super().receive(names, max_count=max_count, wait=wait)
+        if taken and self.consumer is not None:
+            # What consumer.stop() does before its first await, landing between the read's
+            # reply and the reader waking for it.
+            asyncio.get_running_loop().call_soon(self.consumer.begin_stop, None)
+        return taken
+
+    async def release(self, envelope: Envelope) -> None:
+        await asyncio.sleep(0.1)
+        await super().release(envelope)
+
+
+async def test_a_batch_read_as_the_stop_came_is_given_back_at_once_not_one_by_one() -> None:
+    broker = InMemoryBroker()
+    async with producer(broker) as shop:
+        for n in range(10):
+            await shop.publish(OrderPaid(n, 1.0))
+    transport = SlowGiveBack(broker, group="billing")
+    worker = Dispatcher(transport=transport)
+    worker.route(OrderPaid)
+    worker.events.bind(OrderPaid, print)
+    async with worker:
+        consumer = transport.consumer = worker.consumer(concurrency=10, prefetch=10)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await consumer.run()
+        took = loop.time() - started
+    assert consumer.released == 10
+    assert consumer.handled == 0
+    assert took < 0.5  # together: 0.1 s; one by one it took 1 s
+
+
 async def test_the_next_read_is_sent_while_a_batch_is_handled_and_never_beyond_what_it_may_hold() -> None:
     broker = InMemoryBroker()
     transport = Holding(broker, "g")
