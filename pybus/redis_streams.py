@@ -843,6 +843,7 @@ class RedisTransport(Transport):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         left: set[asyncio.Task[Any]] = set()
+        unclean: BaseException | None = None
         try:
             busy: set[asyncio.Task[Any]] = {*self._writing, *self._trims.values(), *self._steps}
             if self._acking is not None:
@@ -863,7 +864,10 @@ class RedisTransport(Transport):
                     left = await self._settle({self._step(self._release(waiting))}, deadline)
         finally:
             self._closed = True  # acks that fail now are not tried again
-            await self.client.aclose()  # ends what still waits on a connection
+            try:
+                await self.client.aclose()  # ends what still waits on a connection
+            except (RedisError, OSError) as exc:  # a socket that would not close in time: closed anyway
+                unclean = exc
             if left:
                 await self._settle(left, loop.time() + 1.0)
         failure, self._ack_failure = self._ack_failure, None
@@ -872,7 +876,11 @@ class RedisTransport(Transport):
                 f"Redis did not answer within {self.timeout} s while the transport closed: the "
                 "entries it had not acked or given back stay pending in Redis and are delivered "
                 "again after claim_idle"
-            )
+            ) from unclean
+        if unclean is not None:
+            raise TransportError(
+                f"The connections to Redis did not close cleanly: {_describe(unclean)}"
+            ) from unclean
         if failure is not None:
             raise failure
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pybus import Dispatcher, State, TransportError
 from pybus.redis_streams import RedisTransport
@@ -250,7 +251,32 @@ async def test_a_send_to_a_stalled_redis_raises_within_its_timeout_though_cancel
     assert lost_cancellations[0] > 0
 
 
+async def test_connections_that_do_not_close_cleanly_are_a_transport_error(redis_url: str) -> None:
+    transport = RedisTransport(redis_url, group="shop")
+    producer = Dispatcher(transport=transport)
+    producer.route(Paid)
+    async with producer:
+        await producer.publish(Paid(0))
+    original = transport.client.aclose
+
+    async def aclose() -> None:
+        await original()
+        raise RedisTimeoutError("Timed out closing connection after 5.0")
+
+    transport.client.aclose = aclose
+    with pytest.raises(TransportError) as raised:
+        await transport.aclose()
+    assert str(raised.value) == (
+        "The connections to Redis did not close cleanly: TimeoutError: Timed out closing connection after 5.0"
+    )
+
+
 # -- consumer and dispatcher stops ----------------------------------------------------------------
+
+
+def hearing(errors: list[str]) -> Callable[[BaseException, object], None]:
+    """An error hook that keeps what it hears in `errors`."""
+    return lambda error, message: errors.append(f"{type(error).__name__}: {error}")
 
 
 async def stopped_under_fire(
@@ -287,7 +313,8 @@ async def test_consumer_stops_return_within_their_bound_whatever_cancellations_l
     client = raw(redis_url)
     loop = asyncio.get_running_loop()
     for run in range(100):
-        dp = worker(redis_url, handle, consumer=f"w{run}", claim_idle=30, timeout=2.0)
+        errors: list[str] = []
+        dp = worker(redis_url, handle, consumer=f"w{run}", claim_idle=30, timeout=2, on_error=hearing(errors))
         async with dp:
             consumer = dp.consumer(
                 concurrency=rng.choice([1, 4]),
@@ -302,7 +329,7 @@ async def test_consumer_stops_return_within_their_bound_whatever_cancellations_l
                 await consumer.stop(drain)  # and a later stop returns at once
             assert loop.time() - started <= drain + SLACK
         left = await untracked(client)
-        assert left == [], f"run {run}"
+        assert left == [], f"run {run}: left pending untracked; the error hook heard {errors}"
     await client.aclose()
     assert len(handled) > 0
     assert lost_cancellations[0] > 0
