@@ -32,6 +32,7 @@ from pybus.errors import (
     TransportError,
     WouldDeadlock,
     drain_seconds,
+    each_failure,
     whole_number,
 )
 from pybus.handlers import positive_seconds
@@ -304,7 +305,10 @@ class Consumer:
         # The broker learns the outcome first: what the error hook does cannot delay or
         # interrupt it.
         self.failed += 1
-        exc.add_note(f"delivery {envelope.attempt} of {envelope.name} (message id {envelope.message_id})")
+        failures = each_failure(exc)  # each failing handler's own exception
+        delivery = f"delivery {envelope.attempt} of {envelope.name} (message id {envelope.message_id})"
+        for failure in failures:
+            failure.add_note(delivery)
         try:
             if envelope.attempt >= self.max_deliveries:
                 reason = f"failed {envelope.attempt} times; last error: {type(exc).__name__}: {exc}\n"
@@ -313,7 +317,8 @@ class Consumer:
             else:
                 await self.transport.retry(envelope, exc)
         finally:
-            await self._report(exc, message)
+            for failure in failures:
+                await self._report(failure, message)
 
     async def _give_back(self, envelope: Envelope) -> None:
         """Release an envelope that was not handled; if the transport refuses, it stays

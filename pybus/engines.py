@@ -22,6 +22,7 @@ from pybus.errors import (
     CALLS,
     CascadeDepthExceeded,
     DispatcherClosed,
+    HandlerFailures,
     HandlerNotFound,
     ImproperlyConfigured,
     InvalidMessage,
@@ -611,7 +612,7 @@ def _grouped(summary: str, failures: list[Exception]) -> Exception:
                     + "; ".join(f"{type(other).__name__}: {other}" for other in others)
                 )
             return failure
-    return ExceptionGroup(summary, failures)
+    return HandlerFailures(summary, failures)
 
 
 def _annotate(exc: Exception, plan: CallPlan, event: object) -> Exception:

@@ -173,6 +173,21 @@ class HandlerNotFound(PyBusError, LookupError):
         super().__init__(f"No handler registered for {kind} {name}; {hint}")
 
 
+class HandlerFailures(ExceptionGroup[Exception]):
+    """The failures of the event handlers one `publish` ran, follow-ups included (or, from
+    `execute`/`query`, of the follow-ups of a handling that succeeded), each with a note
+    naming its handler. An `ExceptionGroup`: handle it with `except*`. A background
+    handling gives each failure to the error hook on its own (see `each_failure`)."""
+
+
+def each_failure(error: BaseException) -> list[BaseException]:
+    """The handlers' own exceptions in a `HandlerFailures`; else `[error]`. A handler that
+    raised an `ExceptionGroup` of its own is one failure: it is not split."""
+    if isinstance(error, HandlerFailures):
+        return list(error.exceptions)
+    return [error]
+
+
 class CascadeDepthExceeded(PyBusError, RecursionError):
     """Follow-up events nested deeper than the dispatcher's `max_cascade_depth`.
 

@@ -36,6 +36,7 @@ from pybus.errors import (
     Kind,
     QueueFull,
     WouldDeadlock,
+    each_failure,
     key_name,
     message_key,
 )
@@ -487,11 +488,13 @@ class WorkerPool:
                 else:
                     self.failed += 1
                     try:
-                        error.add_note(
+                        where = (
                             f"while handling {self.kind} {key_name(message_key(message))} in the background "
                             f"({self._handlers_of(message)})"
                         )
-                        await supervisor.report(error, message, context)
+                        for failure in each_failure(error):  # each failing handler's own exception
+                            failure.add_note(where)
+                            await supervisor.report(failure, message, context)
                     finally:
                         self._done(message, context, key)
                     alive = alive and (not lane.dirty or await lane.settle())  # the hook's own cancel()

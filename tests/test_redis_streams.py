@@ -156,7 +156,7 @@ async def test_g4_a_poison_message_is_dead_lettered_after_max_deliveries(redis_u
     assert deliveries == 4
     reasons = sorted(letter.reason for letter in letters)
     assert reasons[0].startswith("Cannot decode a message named")
-    assert reasons[1].startswith("failed 4 times; last error: ExceptionGroup: ")
+    assert reasons[1].startswith("failed 4 times; last error: HandlerFailures: ")
     assert "Boom: poison" in reasons[1]
     poison = next(letter for letter in letters if letter.envelope.attempt == 4)
     assert poison.error == f"{Boom.__module__}.Boom: poison"

@@ -141,6 +141,37 @@ async def test_follow_ups_are_written_before_the_ack_with_the_causal_ids() -> No
     assert broker.groups[("warehouse", default_name(ShipOrder))].pending == {}  # acked
 
 
+async def test_a_consumer_reports_each_failing_event_handler_once_per_delivery() -> None:
+    broker = InMemoryBroker()
+    errors: list[tuple[BaseException, object]] = []
+    worker = Dispatcher(
+        transport=InMemoryTransport(broker, group="billing"), on_error=lambda e, m: errors.append((e, m))
+    )
+    worker.route(OrderPaid)
+
+    @worker.events.register(OrderPaid)
+    async def bill(event: OrderPaid) -> None:
+        raise Boom("bill failed")
+
+    @worker.events.register(OrderPaid)
+    async def mail(event: OrderPaid) -> None:
+        raise Boom("mail failed")
+
+    async with producer(broker) as shop:
+        await shop.publish(OrderPaid(1, 1.0))
+    async with consuming(worker, max_deliveries=2) as consumer:
+        await until(lambda: consumer.dead_lettered == 1)
+    assert consumer.failed == 2  # deliveries, not handlers
+    assert [(str(error), message) for error, message in errors] == [
+        ("bill failed", OrderPaid(1, 1.0)),
+        ("mail failed", OrderPaid(1, 1.0)),
+        ("bill failed", OrderPaid(1, 1.0)),
+        ("mail failed", OrderPaid(1, 1.0)),
+    ]
+    for (error, _), delivery in zip(errors, [1, 1, 2, 2], strict=True):
+        assert error.__notes__[-1].startswith(f"delivery {delivery} of {default_name(OrderPaid)}")
+
+
 async def test_a_failing_message_comes_back_then_is_dead_lettered() -> None:
     broker = InMemoryBroker()
     attempts: dict[int, int] = {}
@@ -164,7 +195,7 @@ async def test_a_failing_message_comes_back_then_is_dead_lettered() -> None:
     assert attempts == {0: 3, 1: 2, 2: 1, 3: 1, 4: 1}
     (dead,) = broker.dead_letters
     assert dead.envelope.attempt == 3
-    assert dead.reason.startswith("failed 3 times; last error: ExceptionGroup: ")
+    assert dead.reason.startswith("failed 3 times; last error: HandlerFailures: ")
     assert "Boom: order 0" in dead.reason
     assert "Traceback" in dead.reason
     assert len(errors) == 4  # three deliveries of order 0, one of order 1
@@ -780,8 +811,8 @@ async def test_a_handler_that_cancels_its_own_task_never_interrupts_the_ack_or_r
     else:
         assert sorted(handled) == [(0, 1), (0, 2), (1, 1)]
         assert consumer.failed == 1
-        [error] = errors
-        assert isinstance(error, ExceptionGroup)
+        [error] = errors  # the handler's own exception
+        assert isinstance(error, Boom)
 
 
 async def test_a_consumer_cancelled_and_then_every_task_cancelled_still_gives_back() -> None:

@@ -23,6 +23,7 @@ from pybus import (
     ImproperlyConfigured,
     QueueFull,
 )
+from pybus.errors import HandlerFailures
 from pybus.workers import EngineStatistics
 
 
@@ -576,9 +577,43 @@ async def test_a_handler_that_swallows_cancellation_does_not_keep_its_worker_ali
     assert (stats.handled, stats.unhandled) == (1, 1)
 
 
-async def test_background_event_failures_name_the_handlers() -> None:
+@pytest.mark.parametrize("concurrent_events", [False, True])
+async def test_the_error_hook_hears_each_failing_event_handler_once_with_its_own_exception(
+    concurrent_events: bool,
+) -> None:
     errors = Errors()
-    dp = Dispatcher(on_error=errors)
+    dp = Dispatcher(on_error=errors, concurrent_events=concurrent_events)
+    raised: dict[str, BaseException] = {}
+
+    @dp.events.register(Tick)
+    async def first(event: Tick) -> None:
+        raised["first"] = Boom("first failed")
+        raise raised["first"]
+
+    @dp.events.register(Tick)
+    async def fine(event: Tick) -> None:
+        return None
+
+    @dp.events.register(Tick)
+    async def third(event: Tick) -> None:
+        # A group of its own is one failure: reported as it is, not split.
+        raised["third"] = ExceptionGroup("third's own", [ValueError("a"), KeyError("b")])
+        raise raised["third"]
+
+    async with dp:
+        await dp.events.send(Tick(1))
+    assert [message for _, message in errors.seen] == [Tick(1), Tick(1)]
+    assert [error for error, _ in errors.seen] == [raised["first"], raised["third"]]  # the same objects
+    for (error, _), name in zip(errors.seen, ["first", "third"], strict=True):
+        raised_by, where = error.__notes__
+        assert raised_by.startswith(f"raised by {name} (")
+        assert raised_by.endswith("handling event Tick")
+        assert where.startswith("while handling event Tick in the background (first (")
+        assert "), fine (" in where
+
+
+async def test_a_publish_raises_the_handler_failures_as_one_group() -> None:
+    dp = Dispatcher()
 
     @dp.events.register(Tick)
     async def first(event: Tick) -> None:
@@ -586,16 +621,13 @@ async def test_background_event_failures_name_the_handlers() -> None:
 
     @dp.events.register(Tick)
     async def second(event: Tick) -> None:
-        return None
+        raise Boom("second failed")
 
     async with dp:
-        await dp.events.send(Tick(1))
-    ((error, message),) = errors.seen
-    assert isinstance(error, ExceptionGroup)
-    assert message == Tick(1)
-    note = error.__notes__[-1]
-    assert note.startswith("while handling event Tick in the background (first (")
-    assert "), second (" in note
+        with pytest.raises(HandlerFailures) as raised:
+            await dp.publish(Tick(1))
+    assert isinstance(raised.value, ExceptionGroup)  # except* works as before
+    assert [str(error) for error in raised.value.exceptions] == ["first failed", "second failed"]
 
 
 async def test_timeout_on_a_collecting_class_handler() -> None:
