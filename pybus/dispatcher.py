@@ -37,7 +37,7 @@ from pybus.routers import EventRouter, RequestRouter, bind_any
 from pybus.settings import Settings
 from pybus.transport import Transport
 from pybus.transport_routes import Routing
-from pybus.workers import EngineStatistics, ErrorHook, Statistics, Supervisor, WorkerPool
+from pybus.workers import EngineStatistics, ErrorHook, Statistics, Supervisor, WorkerPool, checked_hook
 
 R = TypeVar("R")
 logger = logging.getLogger("pybus")
@@ -121,6 +121,16 @@ class Dispatcher:
 
     def __repr__(self) -> str:
         return f"<Dispatcher {self.state.value}>"
+
+    @property
+    def on_error(self) -> ErrorHook:
+        """The error hook: `on_error(error, message)` for background failures."""
+        return self._supervisor.on_error
+
+    @on_error.setter
+    def on_error(self, hook: ErrorHook | None) -> None:
+        # Checked as the constructor checks it; None puts the default (logging) back.
+        self._supervisor.on_error = checked_hook(hook)
 
     # -- routers -----------------------------------------------------------
 

@@ -1152,3 +1152,28 @@ async def test_a_send_right_after_a_worker_ended_from_outside_starts_another() -
     stats = dp.statistics().commands
     assert (stats.handled, stats.failed, stats.unhandled) == (2, 0, 1)
     await dp.stop()
+
+
+async def test_an_error_hook_assigned_later_hears_the_failures_that_follow() -> None:
+    dp = Dispatcher()
+    default = dp.on_error
+    first, second = Errors(), Errors()
+    dp.on_error = first  # before start()
+
+    @dp.commands.register(Job)
+    async def fail(cmd: Job) -> None:
+        raise Boom(f"job {cmd.n}")
+
+    async with dp:
+        await dp.commands.send(Job(1))
+        await dp.join()
+        dp.on_error = second  # while running
+        await dp.commands.send(Job(2))
+        await dp.join()
+    assert [str(error) for error, _ in first.seen] == ["job 1"]
+    assert [str(error) for error, _ in second.seen] == ["job 2"]
+    assert dp.on_error is second
+    with pytest.raises(ImproperlyConfigured, match=r"must accept two positional arguments"):
+        dp.on_error = lambda error: None  # type: ignore[assignment]
+    dp.on_error = None
+    assert dp.on_error is default  # the default hook back
