@@ -1,5 +1,6 @@
 """pybus: an asyncio dispatcher for commands, queries and events."""
 
+from pybus.context import HandlingContext
 from pybus.dispatcher import Dispatcher
 from pybus.engines import EventEngine, RequestEngine
 from pybus.errors import (
@@ -25,7 +26,7 @@ from pybus.errors import (
 from pybus.handlers import HandlerProtocol
 from pybus.lifecycle import State
 from pybus.messages import Command, Event, Query
-from pybus.middleware import CallNext, HandlingContext, Middleware
+from pybus.middleware import CallNext, Middleware
 from pybus.providers import Factory, Singleton
 from pybus.routers import EventRouter, RequestRouter
 

@@ -21,10 +21,10 @@ import contextvars
 import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextvars import ContextVar
 from typing import Any
 
 from pybus.cleanup import CleanupTask
+from pybus.context import current_delivery
 from pybus.errors import (
     DecodeError,
     ImproperlyConfigured,
@@ -40,9 +40,10 @@ from pybus.lanes import LaneTask, current_lane, running_in, start_in
 from pybus.transport import Envelope, Transport
 from pybus.workers import Supervisor, wake_first
 
-#: The envelope being handled in this context: routed sends made while handling
-#: it carry its correlation id, and its message id as their causation id.
-current_envelope: ContextVar[Envelope | None] = ContextVar("pybus_envelope", default=None)
+#: The envelope being handled in this context (`pybus.context.current_delivery`, under
+#: the name the transports use): routed sends made while handling it carry its
+#: correlation id, and its message id as their causation id.
+current_envelope = current_delivery
 
 #: How a message of each kind is handled: the engines' deliver/handle methods.
 Handlers = Mapping[Kind, Callable[[Any], Awaitable[object]]]

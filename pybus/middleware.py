@@ -20,52 +20,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, cast
 
-from pybus.consumer import current_envelope
-from pybus.errors import ImproperlyConfigured, Kind, key_name
+from pybus.context import HandlingContext
+from pybus.errors import ImproperlyConfigured, key_name
 from pybus.handlers import CallPlan, awaiting, callable_name
-
-
-@dataclass(frozen=True, slots=True)
-class HandlingContext:
-    """Which handling a middleware wraps: its kind, key and handler.
-
-    `attempt` is the delivery count when the handling runs in a transport
-    consumer (for the routed message and for the local follow-ups of its
-    handling), else 1. `message_id`, `correlation_id` and `causation_id` are
-    the ids of the transport envelope, and None for a handling that did not
-    come from a transport.
-    """
-
-    kind: Kind
-    key: object
-    handler: str
-    location: str
-
-    @property
-    def attempt(self) -> int:
-        envelope = current_envelope.get()
-        return 1 if envelope is None else envelope.attempt
-
-    @property
-    def message_id(self) -> str | None:
-        envelope = current_envelope.get()
-        return None if envelope is None else envelope.message_id
-
-    @property
-    def correlation_id(self) -> str | None:
-        envelope = current_envelope.get()
-        return None if envelope is None else envelope.correlation_id
-
-    @property
-    def causation_id(self) -> str | None:
-        envelope = current_envelope.get()
-        return None if envelope is None else envelope.causation_id
-
-    def __str__(self) -> str:
-        return f"{self.kind} {key_name(self.key)} -> {self.handler}"
 
 
 class CallNext(Protocol):
