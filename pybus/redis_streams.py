@@ -623,7 +623,13 @@ class RedisTransport(Transport):
     def _queue_ack(self, envelope: Envelope, handled: bool) -> None:
         self._acks.append((envelope, handled))
         if self._acking is None:
-            self._acking = asyncio.get_running_loop().create_task(self._send_acks(), name="pybus-redis-acks")
+            self._start_acking()
+
+    def _start_acking(self) -> asyncio.Task[None]:
+        task = self._acking = asyncio.get_running_loop().create_task(
+            self._send_acks(), name="pybus-redis-acks"
+        )
+        return task
 
     async def _send_acks(self) -> None:
         """Send the buffered acks until none are left: one round trip at a time, so the acks
@@ -650,7 +656,7 @@ class RedisTransport(Transport):
         """Send the acks buffered so far, waiting at most `timeout`; raise the failure of an
         ack round trip since the last ack() (the acks are kept and sent again)."""
         if self._acking is None and self._acks:
-            self._acking = asyncio.get_running_loop().create_task(self._send_acks(), name="pybus-redis-acks")
+            self._start_acking()
         try:
             if self._acking is not None:
                 await self._bounded(self._acking, f"{len(self._acks)} ack(s)")
@@ -844,6 +850,7 @@ class RedisTransport(Transport):
         deadline = loop.time() + self.timeout
         left: set[asyncio.Task[Any]] = set()
         unclean: BaseException | None = None
+        failure: BaseException | None = None  # the give-back's, else an ack round trip's
         try:
             busy: set[asyncio.Task[Any]] = {*self._writing, *self._trims.values(), *self._steps}
             if self._acking is not None:
@@ -854,14 +861,16 @@ class RedisTransport(Transport):
                 busy.add(self._keeper)
             left = await self._settle(busy, deadline)
             if not left:
-                acking = self._acking = loop.create_task(self._send_acks(), name="pybus-redis-acks")
-                left = await self._settle({acking}, deadline)
+                left = await self._settle({self._start_acking()}, deadline)
             if not left:
                 waiting = [*self._again, *self._claimed]
                 self._again.clear()
                 self._claimed.clear()
                 if waiting:
-                    left = await self._settle({self._step(self._release(waiting))}, deadline)
+                    giving_back = self._step(self._release(waiting))
+                    left = await self._settle({giving_back}, deadline)
+                    if not left and not giving_back.cancelled() and giving_back.exception() is not None:
+                        failure = giving_back.exception()  # raised below, after the close
         finally:
             self._closed = True  # acks that fail now are not tried again
             try:
@@ -870,7 +879,8 @@ class RedisTransport(Transport):
                 unclean = exc
             if left:
                 await self._settle(left, loop.time() + 1.0)
-        failure, self._ack_failure = self._ack_failure, None
+        ack_failure, self._ack_failure = self._ack_failure, None
+        failure = failure or ack_failure
         if left:
             raise TransportError(
                 f"Redis did not answer within {self.timeout} s while the transport closed: the "

@@ -17,12 +17,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pybus import Dispatcher, State, TransportError
+from pybus.codec import default_name
 from pybus.redis_streams import RedisTransport
 from pybus.transport import Envelope
 from tests.consuming import consuming, until
 from tests.redis_server import redis_server
 from tests.test_redis_recovery import untracked
-from tests.test_redis_streams import Paid, pending, publish, raw, worker
+from tests.test_redis_streams import Boom, Paid, pending, publish, raw, worker
 
 #: What a stop may take past its drain timeout with a healthy redis-server: the
 #: give-backs and the last acks, one round trip each, on a machine running the suite.
@@ -269,6 +270,22 @@ async def test_connections_that_do_not_close_cleanly_are_a_transport_error(redis
     assert str(raised.value) == (
         "The connections to Redis did not close cleanly: TimeoutError: Timed out closing connection after 5.0"
     )
+
+
+async def test_a_give_back_that_fails_as_the_transport_closes_is_raised_by_aclose(redis_url: str) -> None:
+    """aclose() gives back what waits to be handed out again; when Redis refuses, the entry
+    stays pending, and the caller (the dispatcher's error hook) must hear of it."""
+    await publish(redis_url, 1)
+    transport = RedisTransport(redis_url, group="billing", consumer="w1")
+    (taken,) = await transport.receive([default_name(Paid)], max_count=1, wait=1)
+    await transport.retry(taken, Boom("failed once"))  # waits in the transport for its next try
+
+    async def refusing(calls: Any, limit: str = "") -> Any:
+        raise RedisConnectionError("the connection dropped")
+
+    transport._hold = refusing  # type: ignore[method-assign]
+    with pytest.raises(TransportError, match=r"^Could not give back 1 message\(s\) .*the connection dropped"):
+        await transport.aclose()
 
 
 # -- consumer and dispatcher stops ----------------------------------------------------------------
