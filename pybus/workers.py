@@ -253,7 +253,7 @@ class WorkerPool:
         self._limit = capacity
         self._idle_lanes: deque[asyncio.Future[None]] = deque()
         self._senders: deque[asyncio.Future[bool]] = deque()
-        self._lanes: set[LaneTask] = set()
+        self._lanes: set[asyncio.Task[None]] = set()
         self._live = 0  # lanes running; a send (or join) replaces those that ended
         self._loop: asyncio.AbstractEventLoop | None = None  # where the lanes run
         self._thread = -1  # the thread of that loop
@@ -400,7 +400,7 @@ class WorkerPool:
     def _lane_ended(self, lane: asyncio.Task[None]) -> None:
         """Count `lane` out, once: from its last step (so that a send right after starts
         another), or from its done callback (a lane cancelled before its first step)."""
-        if not isinstance(lane, LaneTask) or lane not in self._lanes:
+        if lane not in self._lanes:
             return
         self._lanes.remove(lane)
         self._live -= 1

@@ -479,9 +479,16 @@ class Holding(InMemoryTransport):
 
 
 class SlowGiveBack(InMemoryTransport):
-    """Each give-back takes 0.1 s; a stop comes as the first read returns."""
+    """Each give-back waits for the broker (`gate`); a stop comes as the first read
+    returns. Counts the give-backs under way at once."""
 
     consumer: Consumer | None = None
+
+    def __init__(self, broker: InMemoryBroker, group: str) -> None:
+        super().__init__(broker, group=group)
+        self.gate = asyncio.Event()
+        self.under_way = 0
+        self.most_at_once = 0
 
     async def receive(self, names: list[str], *, max_count: int, wait: float) -> list[Envelope]:  # type: ignore[override]
         taken = await super().receive(names, max_count=max_count, wait=wait)
@@ -492,7 +499,12 @@ class SlowGiveBack(InMemoryTransport):
         return taken
 
     async def release(self, envelope: Envelope) -> None:
-        await asyncio.sleep(0.1)
+        self.under_way += 1
+        self.most_at_once = max(self.most_at_once, self.under_way)
+        if self.under_way == 10:
+            self.gate.set()  # the broker answers once all ten are asked for
+        await self.gate.wait()
+        self.under_way -= 1
         await super().release(envelope)
 
 
@@ -507,13 +519,11 @@ async def test_a_batch_read_as_the_stop_came_is_given_back_at_once_not_one_by_on
     worker.events.bind(OrderPaid, print)
     async with worker:
         consumer = transport.consumer = worker.consumer(concurrency=10, prefetch=10)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await consumer.run()
-        took = loop.time() - started
+        # One by one, the first give-back would wait for the gate for ever.
+        await asyncio.wait_for(consumer.run(), 5)
+    assert transport.most_at_once == 10  # all asked for together
     assert consumer.released == 10
     assert consumer.handled == 0
-    assert took < 0.5  # together: 0.1 s; one by one it took 1 s
 
 
 async def test_the_next_read_is_sent_while_a_batch_is_handled_and_never_beyond_what_it_may_hold() -> None:
