@@ -294,19 +294,22 @@ class Consumer:
             if error is None:
                 self.handled += 1
                 await self.transport.ack(envelope)
-            else:
-                await self._failed(envelope, message, error)
+            elif not await self._failed(envelope, message, error, lane):
+                alive = False
             if not alive:
                 raise asyncio.CancelledError
         except Exception as exc:  # an ack, retry or dead-letter the broker refused
             # Not acked: the transport delivers it again (a broker reclaims it).
             await self._report(exc, envelope)
 
-    async def _failed(self, envelope: Envelope, message: object, exc: BaseException) -> None:
+    async def _failed(self, envelope: Envelope, message: object, exc: BaseException, lane: LaneTask) -> bool:
+        """Retry or dead-letter `envelope`, then report each failure; False when a
+        cancellation from outside arrived meanwhile (the lane ends)."""
         # The broker learns the outcome first: what the error hook does cannot delay or
         # interrupt it.
         self.failed += 1
-        failures = each_failure(exc)  # each failing handler's own exception
+        alive = True
+        failures = each_failure(exc, message)  # each failing handler's own exception
         delivery = f"delivery {envelope.attempt} of {envelope.name} (message id {envelope.message_id})"
         for failure in failures:
             failure.add_note(delivery)
@@ -320,6 +323,9 @@ class Consumer:
         finally:
             for failure in failures:
                 await self._report(failure, message)
+                # The hook's own cancel() must not reach its next call.
+                alive = (not lane.dirty or await lane.settle()) and alive
+        return alive
 
     async def _give_back(self, envelope: Envelope) -> None:
         """Release an envelope that was not handled; if the transport refuses, it stays

@@ -22,11 +22,11 @@ from pybus.errors import (
     CALLS,
     CascadeDepthExceeded,
     DispatcherClosed,
-    HandlerFailures,
     HandlerNotFound,
     ImproperlyConfigured,
     InvalidMessage,
     Kind,
+    handler_failures,
     key_name,
     message_key,
 )
@@ -217,6 +217,11 @@ class EventEngine(_Engine):
                 if failed is None:
                     failed = []
                 failed.append((invoke, exc))
+            except BaseException as exc:  # a cancellation: it propagates at once
+                if failed is not None:
+                    plans = {plan.invoke: plan for plan in self._plans[event.__class__]}
+                    _failed_before(exc, [_annotate(error, plans[invoke], event) for invoke, error in failed])
+                raise
             else:
                 if result is not None:
                     if followups is None:
@@ -233,7 +238,7 @@ class EventEngine(_Engine):
         if followups is not None:
             await self.cascade(followups, failures)
         if failures:
-            raise _publish_failed(event, failures)
+            raise _grouped(event, _publishing(event, failures), failures)
 
     async def _publish(self, event: object) -> None:
         if self.closed:
@@ -292,7 +297,7 @@ class EventEngine(_Engine):
         if followups:
             await self.cascade(followups, failures)
         if failures:
-            raise _publish_failed(event, failures)
+            raise _grouped(event, _publishing(event, failures), failures)
 
     def wants(self, event: object) -> bool:
         """False when publishing `event` would certainly do nothing (no handler, no error)."""
@@ -360,9 +365,10 @@ class EventEngine(_Engine):
                 failures.append(_annotate(exc, plan, event))
                 if observer is not None:
                     observer.failed("event", event, plan.handler, exc)
-            except asyncio.CancelledError as exc:
-                if observer is not None:
+            except BaseException as exc:  # a cancellation: it propagates at once
+                if observer is not None and isinstance(exc, asyncio.CancelledError):
                     observer.failed("event", event, plan.handler, exc)
+                _failed_before(exc, failures)
                 raise
             else:
                 if observer is not None:
@@ -413,6 +419,7 @@ class EventEngine(_Engine):
             for index, plan in enumerate(plans):
                 group.create_task(run(index, plan))
         if cancelled:
+            _failed_before(cancelled[0], [*failures, *(error for error in errors if error is not None)])
             raise cancelled[0]
         for output, error in zip(outputs, errors, strict=True):
             if error is None:
@@ -555,6 +562,7 @@ class RequestEngine(_Engine):
         await self._events.cascade(events, failures)
         if failures:
             raise _grouped(
+                message,
                 f"{self.kind} {key_name(message_key(message))} succeeded, but "
                 f"{len(failures)} follow-up event handler(s) failed",
                 failures,
@@ -589,13 +597,11 @@ def _check_message(call: str, message: object) -> None:
         raise InvalidMessage(call, message)
 
 
-def _publish_failed(event: object, failures: list[Exception]) -> Exception:
-    return _grouped(
-        f"publishing {key_name(message_key(event))}: {len(failures)} event handler(s) failed", failures
-    )
+def _publishing(event: object, failures: list[Exception]) -> str:
+    return f"publishing {key_name(message_key(event))}: {len(failures)} event handler(s) failed"
 
 
-def _grouped(summary: str, failures: list[Exception]) -> Exception:
+def _grouped(message: object, summary: str, failures: list[Exception]) -> Exception:
     """The failures as one `ExceptionGroup`, except for a recursion error, which passes up alone.
 
     A cycle of handlers that publish or execute inside each other ends in a
@@ -612,7 +618,17 @@ def _grouped(summary: str, failures: list[Exception]) -> Exception:
                     + "; ".join(f"{type(other).__name__}: {other}" for other in others)
                 )
             return failure
-    return HandlerFailures(summary, failures)
+    return handler_failures(message, summary, failures)
+
+
+def _failed_before(cancellation: BaseException, failures: list[Exception]) -> None:
+    """A cancellation ends a publish at once, before its failures are raised: they would be
+    lost, so they are named in a note on it (which reaches the caller or the error hook)."""
+    if failures:
+        cancellation.add_note(
+            f"{len(failures)} other event handler failure(s) of this publish, not raised because of it: "
+            + "; ".join(f"{type(failure).__name__}: {failure}" for failure in failures)
+        )
 
 
 def _annotate(exc: Exception, plan: CallPlan, event: object) -> Exception:

@@ -176,14 +176,25 @@ class HandlerNotFound(PyBusError, LookupError):
 class HandlerFailures(ExceptionGroup[Exception]):
     """The failures of the event handlers one `publish` ran, follow-ups included (or, from
     `execute`/`query`, of the follow-ups of a handling that succeeded), each with a note
-    naming its handler. An `ExceptionGroup`: handle it with `except*`. A background
-    handling gives each failure to the error hook on its own (see `each_failure`)."""
+    naming its handler. An `ExceptionGroup`: handle it with `except*`. `handled` is the
+    message whose handling raised it. A background handling gives each failure to the
+    error hook on its own (see `each_failure`)."""
+
+    handled: object = None
 
 
-def each_failure(error: BaseException) -> list[BaseException]:
-    """The handlers' own exceptions in a `HandlerFailures`; else `[error]`. A handler that
-    raised an `ExceptionGroup` of its own is one failure: it is not split."""
-    if isinstance(error, HandlerFailures):
+def handler_failures(message: object, summary: str, failures: list[Exception]) -> HandlerFailures:
+    group = HandlerFailures(summary, failures)
+    group.handled = message
+    return group
+
+
+def each_failure(error: BaseException, message: object) -> list[BaseException]:
+    """The handlers' own exceptions when `error` is the `HandlerFailures` of the handling of
+    `message`; else `[error]`. A handler's own exception is one failure, never split: an
+    `ExceptionGroup` it raised, or the `HandlerFailures` of a `publish` it awaited (which
+    names another message)."""
+    if isinstance(error, HandlerFailures) and error.handled is message:
         return list(error.exceptions)
     return [error]
 

@@ -110,6 +110,11 @@ def checked_hook(on_error: object) -> ErrorHook:
         ) from None
     except ValueError:  # no signature to inspect: the call will tell
         pass
+    if inspect.isgeneratorfunction(on_error) or inspect.isasyncgenfunction(on_error):
+        raise ImproperlyConfigured(
+            f"on_error={on_error!r} is a generator function (it yields): calling it runs none of its "
+            "code, so every failure would vanish; write it as a def or async def that does not yield"
+        )
     return on_error
 
 
@@ -492,12 +497,13 @@ class WorkerPool:
                             f"while handling {self.kind} {key_name(message_key(message))} in the background "
                             f"({self._handlers_of(message)})"
                         )
-                        for failure in each_failure(error):  # each failing handler's own exception
+                        for failure in each_failure(error, message):  # each failing handler's own
                             failure.add_note(where)
                             await supervisor.report(failure, message, context)
+                            # The hook's own cancel() must not reach its next call.
+                            alive = (not lane.dirty or await lane.settle()) and alive
                     finally:
                         self._done(message, context, key)
-                    alive = alive and (not lane.dirty or await lane.settle())  # the hook's own cancel()
                 if not alive:
                     return  # cancelled from outside as the handling ended
         finally:

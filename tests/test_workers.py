@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -612,6 +614,91 @@ async def test_the_error_hook_hears_each_failing_event_handler_once_with_its_own
         assert "), fine (" in where
 
 
+async def test_a_command_handler_that_lets_an_inner_publish_fail_is_one_failure() -> None:
+    """The HandlerFailures a handler's own `await dp.publish()` raised is that handler's
+    exception: the hook gets it whole, once, as `execute` would raise it."""
+    errors = Errors()
+    dp = Dispatcher(on_error=errors)
+    raised: list[BaseException] = []
+
+    @dp.events.register(Tick)
+    async def first(event: Tick) -> None:
+        raise Boom("first")
+
+    @dp.events.register(Tick)
+    async def second(event: Tick) -> None:
+        raise Boom("second")
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        try:
+            await dp.publish(Tick(cmd.n))
+        except HandlerFailures as exc:
+            raised.append(exc)
+            raise
+
+    async with dp:
+        await dp.commands.send(Job(1))
+    ((error, message),) = errors.seen
+    assert error is raised[0]
+    assert message == Job(1)
+
+
+async def test_an_error_hook_that_cancels_its_own_task_does_not_cut_its_next_call_short() -> None:
+    heard: list[str] = []
+
+    async def hook(error: BaseException, message: object) -> None:
+        if str(error) == "first":
+            asyncio.current_task().cancel()  # type: ignore[union-attr]  # and never awaits it
+            heard.append("first")
+            return
+        await asyncio.sleep(0.01)  # the next call waits: the request must not land here
+        heard.append(str(error))
+
+    dp = Dispatcher(on_error=hook)
+
+    @dp.events.register(Tick)
+    async def first(event: Tick) -> None:
+        raise Boom("first")
+
+    @dp.events.register(Tick)
+    async def second(event: Tick) -> None:
+        raise Boom("second")
+
+    async with dp:
+        await dp.events.send(Tick(1))
+        await dp.events.send(Tick(2))
+    assert sorted(heard) == ["first", "first", "second", "second"]  # no call cut short
+
+
+@pytest.mark.parametrize("concurrent_events", [False, True])
+async def test_a_handler_cancelling_itself_does_not_hide_the_other_handlers_failures(
+    concurrent_events: bool,
+) -> None:
+    """A CancelledError propagates at once, before the publish raises its failures: they
+    reach the error hook named in a note on it, not nowhere."""
+    errors = Errors()
+    dp = Dispatcher(on_error=errors, concurrent_events=concurrent_events)
+
+    @dp.events.register(Tick)
+    async def fails(event: Tick) -> None:
+        raise Boom("fails failed")
+
+    @dp.events.register(Tick)
+    async def cancels(event: Tick) -> None:
+        asyncio.current_task().cancel()  # type: ignore[union-attr]
+        await asyncio.sleep(0)
+
+    async with dp:
+        await dp.events.send(Tick(1))
+    ((error, message),) = errors.seen
+    assert isinstance(error, asyncio.CancelledError)
+    assert message == Tick(1)
+    assert error.__notes__[0] == (
+        "1 other event handler failure(s) of this publish, not raised because of it: Boom: fails failed"
+    )
+
+
 async def test_a_publish_raises_the_handler_failures_as_one_group() -> None:
     dp = Dispatcher()
 
@@ -1177,3 +1264,17 @@ async def test_an_error_hook_assigned_later_hears_the_failures_that_follow() -> 
         dp.on_error = lambda error: None  # type: ignore[assignment]
     dp.on_error = None
     assert dp.on_error is default  # the default hook back
+
+
+async def _yielding_hook(error: BaseException, message: object) -> AsyncIterator[None]:
+    yield
+
+
+def _generator_hook(error: BaseException, message: object) -> Iterator[None]:
+    yield
+
+
+@pytest.mark.parametrize("hook", [_yielding_hook, _generator_hook])
+def test_a_generator_function_is_refused_as_error_hook(hook: Any) -> None:
+    with pytest.raises(ImproperlyConfigured, match=r"is a generator function \(it yields\)"):
+        Dispatcher(on_error=hook)
