@@ -49,6 +49,17 @@ class Probe:
     n: int
 
 
+def two_failing_handlers(dp: Dispatcher) -> None:
+    """Tick handlers `first` and `second`, raising Boom("first") and Boom("second")."""
+    for name in ("first", "second"):
+
+        async def failing(event: Tick, name: str = name) -> None:
+            raise Boom(name)
+
+        failing.__name__ = failing.__qualname__ = name
+        dp.events.bind(Tick, failing)
+
+
 class Errors:
     """An on_error hook that records what it is given."""
 
@@ -621,13 +632,7 @@ async def test_a_command_handler_that_lets_an_inner_publish_fail_is_one_failure(
     dp = Dispatcher(on_error=errors)
     raised: list[BaseException] = []
 
-    @dp.events.register(Tick)
-    async def first(event: Tick) -> None:
-        raise Boom("first")
-
-    @dp.events.register(Tick)
-    async def second(event: Tick) -> None:
-        raise Boom("second")
+    two_failing_handlers(dp)
 
     @dp.commands.register(Job)
     async def job(cmd: Job) -> None:
@@ -657,13 +662,7 @@ async def test_an_error_hook_that_cancels_its_own_task_does_not_cut_its_next_cal
 
     dp = Dispatcher(on_error=hook)
 
-    @dp.events.register(Tick)
-    async def first(event: Tick) -> None:
-        raise Boom("first")
-
-    @dp.events.register(Tick)
-    async def second(event: Tick) -> None:
-        raise Boom("second")
+    two_failing_handlers(dp)
 
     async with dp:
         await dp.events.send(Tick(1))
@@ -702,19 +701,13 @@ async def test_a_handler_cancelling_itself_does_not_hide_the_other_handlers_fail
 async def test_a_publish_raises_the_handler_failures_as_one_group() -> None:
     dp = Dispatcher()
 
-    @dp.events.register(Tick)
-    async def first(event: Tick) -> None:
-        raise Boom("first failed")
-
-    @dp.events.register(Tick)
-    async def second(event: Tick) -> None:
-        raise Boom("second failed")
+    two_failing_handlers(dp)
 
     async with dp:
         with pytest.raises(HandlerFailures) as raised:
             await dp.publish(Tick(1))
     assert isinstance(raised.value, ExceptionGroup)  # except* works as before
-    assert [str(error) for error in raised.value.exceptions] == ["first failed", "second failed"]
+    assert [str(error) for error in raised.value.exceptions] == ["first", "second"]
 
 
 async def test_timeout_on_a_collecting_class_handler() -> None:
