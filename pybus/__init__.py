@@ -1,6 +1,6 @@
 """pybus: an asyncio dispatcher for commands, queries and events."""
 
-from pybus.context import HandlingContext
+from pybus.context import HandlingContext, current_context
 from pybus.dispatcher import Dispatcher
 from pybus.engines import EventEngine, RequestEngine
 from pybus.errors import (
@@ -28,6 +28,7 @@ from pybus.lifecycle import State
 from pybus.messages import Command, Event, Query
 from pybus.middleware import CallNext, Middleware
 from pybus.providers import Factory, Singleton
+from pybus.retry import Retry
 from pybus.routers import EventRouter, RequestRouter
 
 __version__ = "0.1.0"
@@ -64,11 +65,13 @@ __all__ = [
     "QueueFull",
     "RequestEngine",
     "RequestRouter",
+    "Retry",
     "Singleton",
     "State",
     "TrackingTimeout",
     "TransportError",
     "WouldDeadlock",
     "__version__",
+    "current_context",
     "dispatcher",
 ]

@@ -45,8 +45,9 @@ from pybus.workers import Supervisor, wake_first
 #: correlation id, and its message id as their causation id.
 current_envelope = current_delivery
 
-#: How a message of each kind is handled: the engines' deliver/handle methods.
-Handlers = Mapping[Kind, Callable[[Any], Awaitable[object]]]
+#: How a message of each kind is handled: the engines' deliver methods, given the
+#: message and the envelope it came in.
+Handlers = Mapping[Kind, Callable[[Any, Envelope], Awaitable[object]]]
 
 
 class Consumer:
@@ -279,7 +280,7 @@ class Consumer:
                 return
             error: BaseException | None = None
             try:
-                await self._handlers[envelope.kind](message)
+                await self._handlers[envelope.kind](message, envelope)
             except asyncio.CancelledError as exc:
                 if self._state == "stopping" or lane.cancelled_from_outside():
                     await self._give_back(envelope)  # stopped mid-handling: not a failed delivery

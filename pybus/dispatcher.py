@@ -33,6 +33,7 @@ from pybus.messages import Command, Query
 from pybus.middleware import Middleware, checked
 from pybus.observer import Observer
 from pybus.providers import Provider, Resolver
+from pybus.retry import Retry, checked_retry
 from pybus.routers import EventRouter, RequestRouter, bind_any
 from pybus.settings import Settings
 from pybus.transport import Transport
@@ -70,6 +71,10 @@ class Dispatcher:
     - `transport` carries the messages given to `route()` to other processes.
     - `middleware` wraps every handler, outside the routers' and the
       registrations' middleware (see `add_middleware`).
+    - `retry` (a `pybus.Retry`) is the retry policy of every handler whose
+      registration and router set none.
+    - `context=True` tracks every handling's context (`pybus.current_context()`)
+      even when nothing else asks for it; see `tracks_context`.
 
     `async with dp:` starts the dispatcher on entry and, on exit, drains the
     background queues and stops it.
@@ -90,6 +95,8 @@ class Dispatcher:
         default_timeout: float | None = None,
         transport: Transport | None = None,
         middleware: Iterable[Middleware] = (),
+        retry: Retry | None = None,
+        context: bool = False,
     ) -> None:
         self._events_router_cls = events_router_cls or EventRouter
         self._commands_router_cls = commands_router_cls or RequestRouter
@@ -116,6 +123,11 @@ class Dispatcher:
         self.transport = transport
         self._routing = Routing(transport, self._supervisor)
         self._middleware = checked(middleware, "every handler")
+        self._retry = checked_retry(retry, "every handler")
+        if not isinstance(context, bool):
+            raise ImproperlyConfigured(f"context must be True or False, not {context!r}")
+        self._context = context
+        self._tracked = False
         self._lifecycle = Lifecycle(self._supervisor, self.resolver, transport)
         self._bind_calls(functools.partial(_refuse, DispatcherNotStarted))
 
@@ -200,6 +212,45 @@ class Dispatcher:
         return self._middleware
 
     @property
+    def retry(self) -> Retry | None:
+        """The dispatcher-wide retry policy (None: handlers are not retried unless their
+        registration or router says so). Settable until `start()`."""
+        return self._retry
+
+    @retry.setter
+    def retry(self, policy: Retry | None) -> None:
+        if self.state is not State.NEW:
+            raise DispatcherFrozen("event", None, f"retry policy {policy}", target="every handler")
+        self._retry = checked_retry(policy, "every handler")
+
+    @property
+    def tracks_context(self) -> bool:
+        """Whether handlings run inside their `HandlingContext` (`pybus.current_context()`).
+
+        Decided by `start()`: True when something uses the context (any middleware,
+        any retry policy, a transport route, a handler parameter annotated
+        `HandlingContext`) or `Dispatcher(context=True)`; else False, and
+        `execute` pays nothing for it. An attached observer or tracked session
+        turns it on while attached. False before `start()`.
+        """
+        return self._tracked or any(engine.tracking for engine in self._started_engines())
+
+    def _started_engines(self) -> tuple[EventEngine | RequestEngine, ...]:
+        return tuple(
+            engine for engine in (self.events.engine, self.commands.engine, self.queries.engine) if engine
+        )
+
+    def _uses_context(self) -> bool:
+        routers = self._routers().values()
+        handlers = [h for router in routers for found in router.handlers.values() for h in found]
+        return (
+            self._context
+            or bool(self._middleware or self._retry is not None or self._routing.routes)
+            or any(router.middleware or router.retry is not None for router in routers)
+            or any(h.middleware or h.retry is not None or h.context_params for h in handlers)
+        )
+
+    @property
     def routes(self) -> Mapping[object, str]:
         """The routed keys and the names they travel under (read-only)."""
         return MappingProxyType({key: name for key, (name, _) in self._routing.routes.items()})
@@ -250,7 +301,10 @@ class Dispatcher:
             workers=self.workers,
             default_timeout=self.default_timeout,
             middleware=self._middleware,
+            retry=self._retry,
+            tracked=self._uses_context(),
         )
+        self._tracked = settings.tracked
         supervisor = self._supervisor
         events = self.events.freeze(
             settings, supervisor, foreign=_except(kinds, "event"), forwarder=forwarders.get("event")
@@ -491,6 +545,12 @@ class Dispatcher:
         events, commands, queries = self._engines("override a handler")
         router = self._routers()[kind]
         registration = router.inspect(key, handler, argname, **bound)
+        if registration.context_params and not self._tracked:
+            raise ImproperlyConfigured(
+                f"Cannot override the handler of {key_name(key)} with {registration}: it takes a "
+                "HandlingContext, and this dispatcher does not track handlings (nothing asked for it "
+                "at start()); create it with Dispatcher(context=True)"
+            )
         plan = router.compile_plan(registration)
         if kind == "event":
             previous_events = events.replace(key, (plan,))

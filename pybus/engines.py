@@ -18,6 +18,17 @@ from inspect import isawaitable
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
+from pybus.context import (
+    Delivery,
+    Ids,
+    Record,
+    _current,
+    _numbers,
+    child_ids,
+    child_of,
+    delivered_ids,
+    remember_failure,
+)
 from pybus.errors import (
     CALLS,
     CascadeDepthExceeded,
@@ -30,8 +41,9 @@ from pybus.errors import (
     key_name,
     message_key,
 )
-from pybus.handlers import CallPlan, positive_seconds, route_record, within
+from pybus.handlers import CallPlan, positive_seconds, within
 from pybus.settings import Settings
+from pybus.tracking import call, call_tracked, retried
 from pybus.workers import Supervisor, WorkerPool
 
 if TYPE_CHECKING:
@@ -42,11 +54,17 @@ _NO_PLANS: tuple[CallPlan, ...] = ()
 
 
 class _Engine:
-    """What both engines share: the observer switch and the closing of the fast paths."""
+    """What both engines share: the observer switch and the closing of the fast paths.
+
+    `tracked` (decided at start) and `tracking` (also while an observer is attached)
+    say whether handler calls run inside their handling context (`pybus.context`).
+    """
 
     observer: Observer | None
     closed: bool
     workers: WorkerPool
+    tracked: bool
+    tracking: bool
     _fast: dict[object, Any]
     _fast_all: dict[object, Any]
 
@@ -54,6 +72,7 @@ class _Engine:
         """Report to `observer` from now on (None: stop), taking the general paths meanwhile."""
         self.observer = observer
         self.workers.observer = observer
+        self.tracking = self.tracked or observer is not None
         self._fast = self._fast_all if observer is None and not self.closed else {}
 
     def close(self) -> None:
@@ -92,9 +111,9 @@ class EventEngine(_Engine):
         self._local: dict[type, tuple[CallPlan, ...]] = {}  # local_plans, by class
         self._forward: tuple[CallPlan, ...] = ()
         if forwarder is not None:
-            forward = forwarder.forward
-            self._forward = (CallPlan(route_record("event", forward, "transport"), forward, True, None),)
+            self._forward = (CallPlan(forwarder.handler, forwarder.forward, True, None),)
         self._foreign = foreign
+        self.tracked = self.tracking = settings.tracked
         self._concurrent = settings.concurrent_events
         self._max_depth = settings.max_cascade_depth
         #: Refuses every call once the dispatcher has stopped (see `close`).
@@ -146,6 +165,7 @@ class EventEngine(_Engine):
         if (
             plans
             and not self._concurrent
+            and not self.tracked
             and key not in self._routed
             and all(p.is_async and p.collect is None for p in plans)
         ):
@@ -266,24 +286,28 @@ class EventEngine(_Engine):
         finally:
             observer.finished("event", event)
 
-    async def deliver(self, event: object) -> None:
+    async def deliver(self, event: object, delivery: Delivery) -> None:
         """Run this process's handlers of an event that came from the transport, then its
-        follow-ups (routed follow-ups go to the transport). Raises like `publish`."""
-        await self._run(event, self.local_plans(message_key(event)))
+        follow-ups (routed follow-ups go to the transport). Raises like `publish`.
 
-    async def _run(self, event: object, plans: tuple[CallPlan, ...]) -> None:
+        The handlings carry the delivery's ids, attempt and headers."""
+        await self._run(event, self.local_plans(message_key(event)), delivered_ids(delivery))
+
+    async def _run(self, event: object, plans: tuple[CallPlan, ...], ids: Ids | None = None) -> None:
+        if ids is None and self.tracking:
+            ids = child_ids(_current.get())
         observer = self.observer
         if observer is None:
-            await self._publish_observed(event, plans, None)
+            await self._publish_observed(event, plans, None, ids)
             return
         observer.started("event", event)
         try:
-            await self._publish_observed(event, plans, observer)
+            await self._publish_observed(event, plans, observer, ids)
         finally:
             observer.finished("event", event)
 
     async def _publish_observed(
-        self, event: object, plans: tuple[CallPlan, ...], observer: Observer | None
+        self, event: object, plans: tuple[CallPlan, ...], observer: Observer | None, ids: Ids | None
     ) -> None:
         if not plans:
             _check_message("dp.publish()", event)
@@ -293,9 +317,9 @@ class EventEngine(_Engine):
             return
         followups: list[Any] = []
         failures: list[Exception] = []
-        await self._fan_out(event, plans, followups, failures)
+        await self._fan_out(event, plans, followups, failures, ids)
         if followups:
-            await self.cascade(followups, failures)
+            await self.cascade(followups, failures, None if ids is None else [ids] * len(followups))
         if failures:
             raise _grouped(event, _publishing(event, failures), failures)
 
@@ -310,12 +334,19 @@ class EventEngine(_Engine):
                 self.wanted[event.__class__] = wanted
         return wanted
 
-    async def cascade(self, events: list[Any], failures: list[Exception]) -> None:
-        """Publish follow-up events breadth-first, appending handler failures to `failures`."""
+    async def cascade(
+        self, events: list[Any], failures: list[Exception], parents: list[Ids] | None = None
+    ) -> None:
+        """Publish follow-up events breadth-first, appending handler failures to `failures`.
+
+        While tracking, `parents[i]` are the ids of the message whose handling produced
+        `events[i]`: each follow-up is a child of it (same correlation, caused by it).
+        """
         depth = 1
         while events:
             produced: list[Any] = []
-            for event in events:
+            produced_by: list[Ids] | None = None if parents is None else []
+            for index, event in enumerate(events):
                 plans = self._plans.get(event.__class__)
                 if plans is None:
                     plans = self._resolve(event)
@@ -327,14 +358,20 @@ class EventEngine(_Engine):
                             else None
                         )
                         raise CascadeDepthExceeded(self._max_depth, message_key(event)) from cause
-                    await self._fan_out(event, plans, produced, failures)
+                    if parents is None or produced_by is None:
+                        await self._fan_out(event, plans, produced, failures)
+                        continue
+                    ids = child_of(parents[index])
+                    before = len(produced)
+                    await self._fan_out(event, plans, produced, failures, ids)
+                    produced_by.extend([ids] * (len(produced) - before))
                 elif (kind := self._foreign.get(message_key(event))) is not None:
                     error = HandlerNotFound("event", message_key(event), registered_as=kind)
                     error.add_note("it was returned or collected by a handler as a follow-up event")
                     failures.append(error)
                 elif self.observer is not None:
                     self.observer.no_handler(event)
-            events = produced
+            events, parents = produced, produced_by
             depth += 1
 
     def _check_foreign(self, event: object) -> None:
@@ -348,14 +385,17 @@ class EventEngine(_Engine):
         plans: tuple[CallPlan, ...],
         followups: list[Any],
         failures: list[Exception],
+        ids: Ids | None = None,
     ) -> None:
         if self._concurrent and len(plans) > 1:
-            await self._fan_out_concurrently(event, plans, followups, failures)
+            await self._fan_out_concurrently(event, plans, followups, failures, ids)
             return
         observer = self.observer
         for plan in plans:
             try:
-                if plan.collect is None:
+                if ids is not None:
+                    result = await call_tracked(plan, event, followups, ids)
+                elif plan.collect is None:
                     result = plan.invoke(event)
                     if plan.is_async or isawaitable(result):
                         result = await result
@@ -382,6 +422,7 @@ class EventEngine(_Engine):
         plans: tuple[CallPlan, ...],
         followups: list[Any],
         failures: list[Exception],
+        ids: Ids | None,
     ) -> None:
         # Each handler gets its own list so follow-ups keep registration order,
         # whatever order the handlers finish in.
@@ -397,7 +438,10 @@ class EventEngine(_Engine):
 
         async def run(index: int, plan: CallPlan) -> None:
             try:
-                result = await call_plan(plan, event, outputs[index])
+                if ids is None:
+                    result = await call(plan, event, outputs[index])
+                else:
+                    result = await call_tracked(plan, event, outputs[index], ids)
             except asyncio.CancelledError as exc:
                 if parent is not None and parent.cancelling():
                     raise  # the group is being cancelled
@@ -449,11 +493,18 @@ class RequestEngine(_Engine):
         #: Refuses every call once the dispatcher has stopped (see `close`).
         self.closed = False
         self._plans = dict(plans)
-        # Plain async handlers, called by handle's fast path without looking at the plan;
-        # `_fast` is empty while an observer is attached.
-        self._fast_all = {key: p.invoke for key, p in plans.items() if p.is_async and p.collect is None}
+        self.tracked = self.tracking = settings.tracked
+        # Plain async handlers, called by handle's fast path without looking at the plan
+        # (their plans, when tracked); `_fast` is empty while an observer is attached.
+        self._fast_all = {
+            key: self._fast_entry(p) for key, p in plans.items() if p.is_async and p.collect is None
+        }
         self._fast = self._fast_all
         self.observer: Observer | None = None
+        if self.tracked:
+            # Decided once: the tracked fast path is what execute/query, the workers and
+            # the consumer call.
+            setattr(self, "handle", self._handle_tracked)  # noqa: B010 - shadows the method
         self._events = events
         self._wanted = events.wanted
         self._foreign = foreign
@@ -477,8 +528,11 @@ class RequestEngine(_Engine):
         if plan is not None:
             self._plans[key] = plan
             if plan.is_async and plan.collect is None:
-                self._fast_all[key] = plan.invoke
+                self._fast_all[key] = self._fast_entry(plan)
         return previous
+
+    def _fast_entry(self, plan: CallPlan) -> Any:
+        return plan if self.tracked else plan.invoke
 
     def handles(self, message: object) -> bool:
         """True when a handler is registered for `message`'s key."""
@@ -528,23 +582,74 @@ class RequestEngine(_Engine):
                 await self._follow_up([result], message)
         return result
 
-    async def _handle(self, message: object) -> Any:
+    async def _handle_tracked(self, message: object, timeout: float | None = None) -> Any:
+        """`handle`, for a tracked dispatcher: the handler runs inside its handling context.
+
+        The plain async handler's case is written out (a record, a context variable
+        set and reset); a failure goes to the handler's retry policy, if any.
+        """
+        if timeout is not None:
+            _check_timeout(CALLS[self.kind], timeout)
+            return await within(timeout, self._handle_tracked(message), _late(self.kind, message, timeout))
+        plan = self._fast.get(message.__class__)
+        if plan is None:
+            return await self._handle(message)
+        parent = _current.get()
+        number = next(_numbers)
+        if parent is None:
+            ids: Ids = (number, number, None, None)
+        else:
+            above = parent[2]
+            ids = (number, above[1], above[0], above[3])
+        record: Record = (plan.handler, 1, ids)
+        token = _current.set(record)
+        try:
+            result = await plan.invoke(message)
+        except Exception as exc:
+            _current.reset(token)
+            if plan.retry is None:
+                remember_failure(exc, record)
+                raise
+            result = await retried(plan, message, [], record, exc)
+        except BaseException as exc:
+            _current.reset(token)
+            remember_failure(exc, record)
+            raise
+        else:
+            _current.reset(token)
+        if result is not None:
+            wanted = self._wanted.get(result.__class__)
+            if wanted or (wanted is None and self._events.wants(result)):
+                await self._follow_up([result], message, ids)
+        return result
+
+    async def deliver(self, message: object, delivery: Delivery) -> Any:
+        """Run the handler of a message that came from the transport (with the delivery's
+        ids, attempt and headers in its context), then its follow-ups."""
+        return await self._handle(message, delivered_ids(delivery))
+
+    async def _handle(self, message: object, ids: Ids | None = None) -> Any:
         if self.closed:
             raise DispatcherClosed(self.kind, message)
         plan = self.plan_for(message)
+        if ids is None and self.tracking:
+            ids = child_ids(_current.get())
         observer = self.observer
         if observer is None:
-            return await self._run(plan, message, None)
+            return await self._run(plan, message, None, ids)
         observer.started(self.kind, message)
         try:
-            return await self._run(plan, message, observer)
+            return await self._run(plan, message, observer, ids)
         finally:
             observer.finished(self.kind, message)
 
-    async def _run(self, plan: CallPlan, message: object, observer: Observer | None) -> Any:
+    async def _run(self, plan: CallPlan, message: object, observer: Observer | None, ids: Ids | None) -> Any:
         followups: list[Any] = []
         try:
-            result = await call_plan(plan, message, followups)
+            if ids is None:
+                result = await call(plan, message, followups)
+            else:
+                result = await call_tracked(plan, message, followups, ids)
         except (Exception, asyncio.CancelledError) as exc:
             if observer is not None:
                 observer.failed(self.kind, message, plan.handler, exc)
@@ -554,12 +659,12 @@ class RequestEngine(_Engine):
         if result is not None and self._events.wants(result):
             followups.append(result)
         if followups:
-            await self._follow_up(followups, message)
+            await self._follow_up(followups, message, ids)
         return result
 
-    async def _follow_up(self, events: list[Any], message: object) -> None:
+    async def _follow_up(self, events: list[Any], message: object, ids: Ids | None = None) -> None:
         failures: list[Exception] = []
-        await self._events.cascade(events, failures)
+        await self._events.cascade(events, failures, None if ids is None else [ids] * len(events))
         if failures:
             raise _grouped(
                 message,
@@ -567,16 +672,6 @@ class RequestEngine(_Engine):
                 f"{len(failures)} follow-up event handler(s) failed",
                 failures,
             )
-
-
-async def call_plan(plan: CallPlan, message: object, followups: list[Any]) -> Any:
-    """Run one handler and return its result; collected events go to `followups`."""
-    if plan.collect is not None:
-        return await plan.collect(message, followups)
-    result = plan.invoke(message)
-    if plan.is_async or isawaitable(result):
-        result = await result
-    return result
 
 
 def _late(kind: Kind, message: object, seconds: float) -> str:

@@ -17,13 +17,15 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeGuard
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeGuard, get_args, get_type_hints
 
+from pybus.context import HandlingContext, current_context
 from pybus.errors import HandlerSignatureError, ImproperlyConfigured, Kind, key_name
 from pybus.providers import Provider, Resolver, Singleton
 
 if TYPE_CHECKING:
     from pybus.middleware import Middleware
+    from pybus.retry import Retry
 
 _MISSING: Final = object()
 _EMPTY = inspect.Parameter.empty
@@ -79,6 +81,10 @@ class Handler:
     emits: tuple[object, ...] = ()
     #: The registration's own middleware (checked by the router), outermost first.
     middleware: tuple[Middleware, ...] = ()
+    #: The registration's own retry policy (None: the router's or the dispatcher's).
+    retry: Retry | None = None
+    #: Parameters annotated `HandlingContext`: each call receives the current one.
+    context_params: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.name} ({self.location})"
@@ -109,13 +115,15 @@ class CallPlan:
     `invoke(message)` returns the result, or an awaitable of it when `is_async`.
     When `collect` is set (a `HandlerProtocol` class or instance), the engines
     call `await collect(message, followups)` instead, which appends the
-    collected events to `followups` and returns the handler's result.
+    collected events to `followups` and returns the handler's result. `retry`
+    is the policy the engines apply when the call fails (tracked dispatchers only).
     """
 
     handler: Handler
     invoke: Callable[[Any], Any]
     is_async: bool
     collect: Callable[[Any, list[Any]], Awaitable[Any]] | None
+    retry: Retry | None = None
 
 
 def callable_name(target: object) -> str:
@@ -176,6 +184,7 @@ def inspect_handler(
     timeout: float | None = None,
     emits: Iterable[object] = (),
     middleware: tuple[Middleware, ...] = (),
+    retry: Retry | None = None,
 ) -> Handler:
     """Check that `target` can handle `key` as registered, and describe how to call it.
 
@@ -206,8 +215,12 @@ def inspect_handler(
         params = list(sig.parameters.values())
         call_bound = bound
     where = f"{name}.{method}" if is_class else name
-    message_param, by_keyword = _message_param(kind, key, where, params, argname, call_bound)
-    _check_rest(kind, key, where, params, message_param, call_bound, is_class)
+    context_params = _context_params(kind, key, where, func, params, argname, call_bound)
+    rest = [param for param in params if param.name not in context_params]
+    message_param, by_keyword = _message_param(kind, key, where, rest, argname, call_bound)
+    if message_param is not None and not by_keyword and rest and params[0] is not rest[0]:
+        by_keyword = True  # a HandlingContext parameter comes first: the message goes by name
+    _check_rest(kind, key, where, rest, message_param, call_bound, is_class)
     if cls is not None and check_init:
         _check_init(kind, key, name, cls, bound)
     collects = method is not None and callable(getattr(target, "dump_events", None))
@@ -227,7 +240,58 @@ def inspect_handler(
         timeout=_check_timeout(kind, key, name, timeout),
         emits=_check_emits(kind, key, name, emits),
         middleware=middleware,
+        retry=retry,
+        context_params=context_params,
     )
+
+
+def _context_params(
+    kind: Kind,
+    key: object,
+    where: str,
+    func: Callable[..., Any],
+    params: list[inspect.Parameter],
+    argname: str | None,
+    bound: Mapping[str, object],
+) -> tuple[str, ...]:
+    """The parameters annotated `HandlingContext` (string annotations resolved when they can be)."""
+    try:
+        hints = get_type_hints(func.func if isinstance(func, functools.partial) else func)
+    except Exception:  # an annotation that does not resolve: read the text
+        hints = {}
+    found: list[str] = []
+    for param in params:
+        annotation = hints.get(param.name, param.annotation)
+        if _is_context(annotation):
+            if param.name in bound or param.name == argname:
+                raise HandlerSignatureError(
+                    kind, key, where,
+                    f"parameter {param.name!r} is annotated HandlingContext, which pybus passes to "
+                    f"each call, but it is also {'bound' if param.name in bound else 'named by argname='}; "
+                    "drop one of them",
+                )  # fmt: skip
+            if param.kind in (_POSITIONAL_ONLY, _VAR_POSITIONAL, _VAR_KEYWORD):
+                raise HandlerSignatureError(
+                    kind, key, where,
+                    f"parameter {param.name!r} is annotated HandlingContext but cannot be passed by "
+                    "keyword; make it a normal or keyword-only parameter",
+                )  # fmt: skip
+            found.append(param.name)
+    return tuple(found)
+
+
+_CONTEXT_NAMES = frozenset({"HandlingContext", "pybus.HandlingContext", "pybus.context.HandlingContext"})
+
+
+def _is_context(annotation: object) -> bool:
+    """`HandlingContext`, or `HandlingContext | None` (as a class or as text)."""
+    if isinstance(annotation, str):
+        names = {part.strip() for part in annotation.split("|")}
+        return bool(names & _CONTEXT_NAMES) and names <= _CONTEXT_NAMES | {"None"}
+    if annotation is HandlingContext:
+        return True
+    args = get_args(annotation)
+    return HandlingContext in args and all(arg in (HandlingContext, type(None)) for arg in args)
 
 
 def _refuse_generator(kind: Kind, key: object, name: str, func: Callable[..., Any]) -> None:
@@ -446,7 +510,7 @@ def _compile(handler: Handler, resolver: Resolver, handler_factory: Callable[...
     target: Any = handler.target
     method = handler.method
     bound = dict(handler.bound)
-    call = _caller(handler.message_param, handler.message_by_keyword)
+    call = _caller(handler.message_param, handler.message_by_keyword, handler.context_params)
     has_providers = any(isinstance(value, Provider) for value in bound.values())
     if handler.collects_events or (handler.is_class and (has_providers or handler_factory is not None)):
         return _scoped_plan(handler, resolver, handler_factory, call)
@@ -457,8 +521,13 @@ def _compile(handler: Handler, resolver: Resolver, handler_factory: Callable[...
 
         return CallPlan(handler, invoke, handler.is_async, None)
     func = getattr(target, method) if method else target
+    positional = (
+        handler.message_param is not None and not handler.message_by_keyword and not handler.context_params
+    )
+    if not has_providers and handler.context_params:
+        return CallPlan(handler, _context_invoke(handler, func, call, bound), handler.is_async, None)
     if not has_providers:
-        if handler.message_param is not None and not handler.message_by_keyword:
+        if positional:
             # The common case costs nothing: the function itself, or a C-level partial.
             return CallPlan(
                 handler, functools.partial(func, **bound) if bound else func, handler.is_async, None
@@ -471,9 +540,23 @@ def _compile(handler: Handler, resolver: Resolver, handler_factory: Callable[...
     # For an async handler both paths return a coroutine, so the plan stays async
     # (and eligible for the engines' fast paths); a sync handler's result is
     # awaited only when it is the coroutine of the first, resolving handling.
-    positional = handler.message_param is not None and not handler.message_by_keyword
     with_singletons = _singleton_invoke(func, positional, call, bound, singletons, resolver, scoped.invoke)
     return CallPlan(handler, with_singletons, handler.is_async, None)
+
+
+def _context_invoke(
+    handler: Handler, func: Callable[..., Any], call: Caller, bound: dict[str, object]
+) -> Callable[[Any], Any]:
+    """A call that passes the current `HandlingContext` to the parameters that take it."""
+    if handler.message_param is not None and not handler.message_by_keyword and not bound:
+        if len(handler.context_params) == 1:
+            (name,) = handler.context_params
+
+            def invoke_with_context(message: Any) -> Any:
+                return func(message, **{name: current_context()})
+
+            return invoke_with_context
+    return lambda message: call(func, message, bound)
 
 
 def _singleton_invoke(
@@ -580,8 +663,16 @@ def _scoped_plan(
 Caller = Callable[[Callable[..., Any], Any, Mapping[str, Any]], Any]
 
 
-def _caller(param: str | None, by_keyword: bool) -> Caller:
-    """A function that calls `func` with `message` the way the handler takes it."""
+def _caller(param: str | None, by_keyword: bool, context: tuple[str, ...] = ()) -> Caller:
+    """A function that calls `func` with `message` the way the handler takes it (and the
+    current `HandlingContext` for each of the `context` parameters)."""
+    if context:
+        plain = _caller(param, by_keyword)
+
+        def with_context(func: Callable[..., Any], message: Any, kwargs: Mapping[str, Any]) -> Any:
+            return plain(func, message, {**kwargs, **dict.fromkeys(context, current_context())})
+
+        return with_context
     if param is None:
         return lambda func, message, kwargs: func(**kwargs)
     if by_keyword:

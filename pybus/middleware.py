@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from typing import Any, Protocol, TypeAlias, cast
 
-from pybus.context import HandlingContext
+from pybus.context import HandlingContext, Registration, current_record, wrap
 from pybus.errors import ImproperlyConfigured, key_name
 from pybus.handlers import CallPlan, awaiting, callable_name
 
@@ -30,8 +30,10 @@ from pybus.handlers import CallPlan, awaiting, callable_name
 class CallNext(Protocol):
     """What a middleware calls to run the rest of the chain and the handler."""
 
-    #: The handling this chain belongs to.
-    context: HandlingContext
+    @property
+    def context(self) -> HandlingContext:
+        """The handling this chain runs for (`pybus.current_context()` in it)."""
+        ...
 
     def __call__(self, message: Any, /) -> Awaitable[Any]: ...
 
@@ -80,9 +82,8 @@ def with_middleware(plan: CallPlan, middleware: tuple[Middleware, ...]) -> CallP
     if not middleware:
         return plan
     handler = plan.handler
-    context = HandlingContext(handler.kind, handler.key, handler.name, handler.location)
     if plan.collect is None:
-        return CallPlan(handler, _chain(awaiting(plan), middleware, context), True, None)
+        return CallPlan(handler, _chain(awaiting(plan), middleware, handler), True, None)
     collect = plan.collect
 
     async def innermost(message: Any) -> Any:
@@ -95,7 +96,7 @@ def with_middleware(plan: CallPlan, middleware: tuple[Middleware, ...]) -> CallP
         sink[:] = events
         return result
 
-    chain = _chain(innermost, middleware, context)
+    chain = _chain(innermost, middleware, handler)
 
     async def run(message: Any, followups: list[Any] | None = None) -> Any:
         assert followups is not None  # the engines call a collecting plan's `collect`
@@ -116,16 +117,30 @@ def with_middleware(plan: CallPlan, middleware: tuple[Middleware, ...]) -> CallP
 _collected: ContextVar[list[Any] | None] = ContextVar("pybus_collected", default=None)
 
 
+class _CallNext(functools.partial[Awaitable[Any]]):
+    """The rest of a chain: a C-level partial whose `context` is the running handling's."""
+
+    handler: Registration
+
+    @property
+    def context(self) -> HandlingContext:
+        record = current_record()
+        if record is None:  # pragma: no cover - the engines track every dispatcher with middleware
+            return HandlingContext(self.handler.kind, self.handler.key, self.handler.name)
+        return wrap(record)
+
+
 def _chain(
-    call: Callable[[Any], Awaitable[Any]], middleware: tuple[Middleware, ...], context: HandlingContext
+    call: Callable[[Any], Awaitable[Any]], middleware: tuple[Middleware, ...], handler: Registration
 ) -> Callable[[Any], Awaitable[Any]]:
-    # Each call_next is a function of its own (a C-level partial for the
-    # handler itself), so it can carry `.context` without another frame.
-    call_next: Any = functools.partial(call)
+    # Each layer hands its middleware the rest of the chain as a partial, which costs
+    # no Python frame of its own.
+    inner: Callable[[Any], Awaitable[Any]] = call
     for mw in reversed(middleware):
-        call_next.context = context
-        call_next = _layer(mw, call_next)
-    return cast(Callable[[Any], Awaitable[Any]], call_next)
+        call_next = _CallNext(inner)
+        call_next.handler = handler
+        inner = _layer(mw, call_next)
+    return inner
 
 
 def _layer(mw: Middleware, call_next: CallNext) -> Callable[[Any], Awaitable[Any]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -21,12 +22,29 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
-from pybus.transport import Envelope
+from pybus.transport import NO_HEADERS, Envelope
 
 Entry = tuple[str, bytes, dict[bytes, bytes]]  # stream key, entry id, fields
 Receipt = tuple[str, bytes]  # stream key, entry id
 
 _header = msgspec.json.Encoder()
+_header_fields = msgspec.json.Decoder(list[str | dict[str, str] | None]).decode
+
+
+def _read_header(data: bytes) -> list[Any]:
+    """kind, name, message id, correlation id, causation id[, headers]; ValueError otherwise."""
+    header = _header_fields(data)
+    ids, more = header[:5], header[5:]
+    if (
+        len(ids) != 5
+        or not all(isinstance(item, str) for item in ids[:4])
+        or not isinstance(ids[4], str | None)
+        or len(more) > 1
+        or (more and not isinstance(more[0], dict))
+    ):
+        raise ValueError("not a pybus header")
+    return header
+
 
 # Marks the ids (ARGV[3], one per line) done at time ARGV[2], acks the entries
 # (ARGV[4], one per line) of stream KEYS[2] in group ARGV[1], and forgets marks
@@ -284,14 +302,17 @@ async def durability_warnings(client: Any) -> list[str]:
 
 def entry_fields(envelope: Envelope) -> dict[str, str | bytes]:
     """An entry's fields: `i`, the message id (first, for the de-duplication check),
-    `h`, the header as a JSON array, and `b`, the body."""
-    header = (
+    `h`, the header as a JSON array (kind, name, message id, correlation id, causation
+    id, and the envelope's headers as an object when it has any), and `b`, the body."""
+    header: tuple[object, ...] = (
         envelope.kind,
         envelope.name,
         envelope.message_id,
         envelope.correlation_id,
         envelope.causation_id,
     )
+    if envelope.headers:
+        header = (*header, dict(envelope.headers))
     return {"i": envelope.message_id, "h": _header.encode(header), "b": envelope.body}
 
 
@@ -301,8 +322,9 @@ def entry_envelope(
     """The envelope of an entry of stream `key`, delivered `attempt` times."""
     handle = (key, entry_id)
     try:
-        kind, name, message_id, correlation_id, causation_id = msgspec.json.decode(fields[b"h"])
-    except (KeyError, ValueError, msgspec.DecodeError):
+        kind, name, message_id, correlation_id, causation_id, *more = _read_header(fields[b"h"])
+        headers = MappingProxyType(more[0]) if more else NO_HEADERS
+    except (KeyError, ValueError, TypeError, msgspec.DecodeError):
         # Not written by pybus: handed on as it is, the codec dead-letters it.
         name = key.removeprefix(prefix)
         fallback = entry_id.decode()
@@ -310,7 +332,7 @@ def entry_envelope(
     if kind not in ("command", "query"):
         kind = "event"
     body = fields.get(b"b", b"")
-    return Envelope(kind, name, body, message_id, correlation_id, causation_id, attempt, handle)
+    return Envelope(kind, name, body, message_id, correlation_id, causation_id, attempt, handle, headers)
 
 
 def receipt(envelope: Envelope) -> Receipt:

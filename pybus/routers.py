@@ -9,6 +9,7 @@ overriding `bind` is enough.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
@@ -28,6 +29,7 @@ from pybus.errors import (
 )
 from pybus.handlers import CallPlan, Handler, callable_name, compile_handler, inspect_handler
 from pybus.middleware import Middleware, checked, with_middleware
+from pybus.retry import Retry, checked_retry
 from pybus.settings import Settings
 
 if TYPE_CHECKING:
@@ -83,6 +85,7 @@ class _Router(Generic[E]):
         self._frozen = False
         self._closed = False
         self._middleware: tuple[Middleware, ...] = ()
+        self._retry: Retry | None = None
         # Given by freeze(): the dispatcher's settings, and the routed keys of this kind.
         self._settings = Settings()
         self._forwarder: Forwarder | None = None
@@ -101,6 +104,7 @@ class _Router(Generic[E]):
         timeout: float | None = None,
         emits: Iterable[object] = (),
         middleware: Iterable[Middleware] = (),
+        retry: Retry | None = None,
         **initkwargs: Any,
     ) -> HandlerDecorator[M]: ...
     @overload
@@ -113,6 +117,7 @@ class _Router(Generic[E]):
         timeout: float | None = None,
         emits: Iterable[object] = (),
         middleware: Iterable[Middleware] = (),
+        retry: Retry | None = None,
         **initkwargs: Any,
     ) -> Callable[[H], H]: ...
     @overload
@@ -125,6 +130,7 @@ class _Router(Generic[E]):
         timeout: float | None = None,
         emits: Iterable[object] = (),
         middleware: Iterable[Middleware] = (),
+        retry: Retry | None = None,
         **initkwargs: Any,
     ) -> Callable[[H], H]: ...
     def register(
@@ -136,6 +142,7 @@ class _Router(Generic[E]):
         timeout: float | None = None,
         emits: Iterable[object] = (),
         middleware: Iterable[Middleware] = (),
+        retry: Retry | None = None,
         **initkwargs: Any,
     ) -> Any:
         """Decorator form of `bind`; returns the handler unchanged.
@@ -171,7 +178,7 @@ class _Router(Generic[E]):
             self._unapplied.pop(decorator, None)
             bind_any(
                 self, key, handler, argname=argname, timeout=timeout, emits=emits,
-                middleware=middleware, **initkwargs,
+                middleware=middleware, retry=retry, **initkwargs,
             )  # fmt: skip
             return handler
 
@@ -210,6 +217,7 @@ class _Router(Generic[E]):
         timeout: float | None = None,
         emits: Iterable[object] = (),
         middleware: Iterable[Middleware] = (),
+        retry: Retry | None = None,
         **initkwargs: Any,
     ) -> Handler: ...
     @overload
@@ -223,6 +231,7 @@ class _Router(Generic[E]):
         timeout: float | None = None,
         emits: Iterable[object] = (),
         middleware: Iterable[Middleware] = (),
+        retry: Retry | None = None,
         **initkwargs: Any,
     ) -> Handler: ...
     @overload
@@ -236,6 +245,7 @@ class _Router(Generic[E]):
         timeout: float | None = None,
         emits: Iterable[object] = (),
         middleware: Iterable[Middleware] = (),
+        retry: Retry | None = None,
         **initkwargs: Any,
     ) -> Handler: ...
     def bind(
@@ -248,6 +258,7 @@ class _Router(Generic[E]):
         timeout: float | None = None,
         emits: Iterable[object] = (),
         middleware: Iterable[Middleware] = (),
+        retry: Retry | None = None,
         **initkwargs: Any,
     ) -> Handler:
         """Register `handler` for messages whose key is `key` and return the inspected registration.
@@ -260,7 +271,10 @@ class _Router(Generic[E]):
         that runs longer (default: the dispatcher's `default_timeout`). `emits`
         declares the message types the handler returns, collects or sends, for
         `pybus graph` (return annotations are read too). `middleware` wraps
-        this handler only, inside the dispatcher's and the router's. The other
+        this handler only, inside the dispatcher's and the router's. `retry` (a
+        `pybus.Retry`) is this handler's retry policy, instead of the router's or
+        the dispatcher's. A parameter annotated `HandlingContext` receives the
+        current handling context at each call. The other
         keyword arguments are bound values: passed to `__init__` for a class
         handler, to each call otherwise.
 
@@ -279,8 +293,9 @@ class _Router(Generic[E]):
                 "belongs to one kind, so give the two roles their own message classes"
             )
         registration = self.inspect(
-            key, handler, argname, timeout=timeout, emits=emits, middleware=middleware, **initkwargs
-        )
+            key, handler, argname, timeout=timeout, emits=emits, middleware=middleware, retry=retry,
+            **initkwargs,
+        )  # fmt: skip
         self._add(registration)
         return registration
 
@@ -293,6 +308,7 @@ class _Router(Generic[E]):
         timeout: float | None = None,
         emits: Iterable[object] = (),
         middleware: Iterable[Middleware] = (),
+        retry: Retry | None = None,
         **initkwargs: Any,
     ) -> Handler:
         """Check `handler` for `key` as `bind` does, without registering it (for `override_handler`)."""
@@ -306,6 +322,7 @@ class _Router(Generic[E]):
             timeout=timeout,
             emits=emits,
             middleware=checked(middleware, f"{self.kind} {key_name(key)}"),
+            retry=checked_retry(retry, f"{self.kind} {key_name(key)}"),
         )
         self.dispatcher.resolver.adopt(initkwargs)
         return registration
@@ -341,13 +358,36 @@ class _Router(Generic[E]):
         """This router's middleware, outermost first."""
         return self._middleware
 
+    @property
+    def retry(self) -> Retry | None:
+        """The retry policy of this router's handlers that set none of their own
+        (None: the dispatcher's). Settable until `start()`."""
+        return self._retry
+
+    @retry.setter
+    def retry(self, policy: Retry | None) -> None:
+        if self._frozen or self._closed:
+            self._check_open(f"retry policy {policy}", None, target=f"every {self.kind}")
+        self._retry = checked_retry(policy, f"every {self.kind}")
+
     def compile_plan(self, handler: Handler) -> CallPlan:
         """The call plan of a registration: its timeout (or the dispatcher's default),
-        inside the dispatcher's, this router's and its own middleware."""
+        inside the dispatcher's, this router's and its own middleware, with the
+        closest retry policy."""
         settings = self._settings
         timeout = handler.timeout if handler.timeout is not None else settings.default_timeout
         plan = compile_handler(handler, self.dispatcher.resolver, settings.handler_factory, timeout)
-        return with_middleware(plan, self.middleware_for(handler))
+        plan = with_middleware(plan, self.middleware_for(handler))
+        policy = self.retry_for(handler)
+        return plan if policy is None else dataclasses.replace(plan, retry=policy)
+
+    def retry_for(self, handler: Handler) -> Retry | None:
+        """The retry policy of a registration: its own, else this router's, else the dispatcher's."""
+        if handler.retry is not None:
+            return handler.retry
+        if self._retry is not None:
+            return self._retry
+        return self._settings.retry if self._frozen else self.dispatcher.retry
 
     def middleware_for(self, handler: Handler) -> tuple[Middleware, ...]:
         """The middleware around a registration, outermost first: the dispatcher's,

@@ -8,13 +8,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pybus.middleware import Middleware
+    from pybus.retry import Retry
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     """What `Dispatcher(...)` was given, as it was when the dispatcher started.
 
-    `middleware` is the dispatcher-wide middleware, outermost first.
+    `middleware` is the dispatcher-wide middleware, outermost first; `retry` the
+    dispatcher-wide retry policy; `tracked` says whether handlings run inside their
+    handling context (see `pybus.context`), decided by `start()`.
     """
 
     concurrent_events: bool = False
@@ -24,3 +27,5 @@ class Settings:
     workers: int = 4
     default_timeout: float | None = None
     middleware: tuple[Middleware, ...] = ()
+    retry: Retry | None = None
+    tracked: bool = False

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Self
 
 from pybus.errors import Kind
+
+#: The headers of an envelope that has none.
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(slots=True, eq=False)
@@ -31,7 +35,9 @@ class Envelope:
 
     `correlation_id` is the id of the first message of the causal chain,
     `causation_id` the id of the message whose handling sent this one (None
-    for a message sent from outside any routed handling). `receipt` is the
+    for a message sent from outside any handling). `headers` are strings the
+    transport carries with the message (e.g. the OpenTelemetry trace context);
+    the consumer shows them in the handling context. `receipt` is the
     transport's own handle for `ack`/`retry`/`dead_letter`.
 
     Treat it as read-only (a transport makes a new one with
@@ -48,6 +54,7 @@ class Envelope:
     causation_id: str | None = None
     attempt: int = 1
     receipt: object = None
+    headers: Mapping[str, str] = field(default_factory=lambda: NO_HEADERS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,17 +10,18 @@ messages this process has handlers for.
 from __future__ import annotations
 
 import functools
-import itertools
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from pybus.codec import JsonCodec, default_name
-from pybus.consumer import Consumer, current_envelope
+from pybus.consumer import Consumer
+from pybus.context import child_ids, current_record, ident
 from pybus.errors import ImproperlyConfigured, Kind
+from pybus.handlers import Handler, route_record
 from pybus.messages import Command, Query
-from pybus.transport import Envelope, Transport
+from pybus.transport import NO_HEADERS, Envelope, Transport
 from pybus.workers import Supervisor
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ class Forwarder:
 
     keys: frozenset[object]
     forward: Callable[[object], Awaitable[None]]
+    #: The registration-like record the engines name the transport by.
+    handler: Handler
 
 
 def route_kind(key: object, kinds: Mapping[object, Kind]) -> Kind:
@@ -56,10 +59,10 @@ class Routing:
         self.routes: dict[object, tuple[str, Kind | None]] = {}
         self.codec: JsonCodec | None = None
         self._supervisor = supervisor
-        # Message ids: random per process, then a counter (a uuid4 per message costs
-        # more than the rest of a send).
-        self._id_prefix = f"{uuid.uuid4().hex}-"
-        self._ids = itertools.count(1)
+        self._handlers: dict[Kind, Handler] = {}
+        #: Called with the headers of each envelope sent, to add to them (e.g. the
+        #: OpenTelemetry trace context); in the sender's context.
+        self.outgoing: list[Callable[[dict[str, str]], None]] = []
 
     def add(self, key: object, name: str | None, kind: Kind | None) -> None:
         if key is str or not isinstance(key, type | str):
@@ -86,7 +89,9 @@ class Routing:
                 key for key, (_, given) in self.routes.items() if (given or route_kind(key, kinds)) == kind
             )
             if keys:
-                found[kind] = Forwarder(keys, functools.partial(self.forward, kind))
+                forward = functools.partial(self.forward, kind)
+                handler = self._handlers[kind] = route_record(kind, forward, "transport")
+                found[kind] = Forwarder(keys, forward, handler)
         return found
 
     async def forward(self, kind: Kind, message: object) -> None:
@@ -101,16 +106,23 @@ class Routing:
         transport, codec = self.transport, self.codec
         if transport is None or codec is None:  # pragma: no cover - forwarders() sets both with the routes
             raise ImproperlyConfigured("No transport is attached")
-        parent = current_envelope.get()
-        message_id = f"{self._id_prefix}{next(self._ids):x}"
+        record = current_record()
+        if record is not None and record[0] is self._handlers.get(kind):
+            ids = record[2]  # published by an engine, which gave the message its ids
+        else:
+            ids = child_ids(record)  # sent: a child of the handling it is sent from, if any
+        headers: dict[str, str] = {}
+        for add in self.outgoing:
+            add(headers)
         await transport.send(
             Envelope(
                 kind=kind,
                 name=codec.name_of(message),
                 body=codec.encode(message),
-                message_id=message_id,
-                correlation_id=parent.correlation_id if parent else message_id,
-                causation_id=parent.message_id if parent else None,
+                message_id=ident(ids[0]),
+                correlation_id=ident(ids[1]),
+                causation_id=None if ids[2] is None else ident(ids[2]),
+                headers=MappingProxyType(headers) if headers else NO_HEADERS,
             )
         )
 
@@ -137,7 +149,7 @@ class Routing:
         return Consumer(
             self.transport,
             self.codec,
-            {"event": events.deliver, "command": commands.handle, "query": queries.handle},
+            {"event": events.deliver, "command": commands.deliver, "query": queries.deliver},
             names,
             supervisor=self._supervisor,
             concurrency=concurrency,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from threading import get_ident
 from typing import Any
 
+from pybus.context import _current, failure_record
 from pybus.errors import (
     ROUTERS,
     DispatcherClosed,
@@ -189,10 +190,16 @@ class Supervisor:
     async def report(self, error: BaseException, message: object, context: contextvars.Context) -> None:
         """Hand a failure to the error hook, in `context` (the failing message's own).
 
-        An async hook is awaited. A hook that fails, also with `CancelledError` (a
-        cancelled inner task, its own task cancelled), is logged, never raised; only a
-        cancellation of the worker from outside, or the shutdown's, propagates.
+        When the failure escaped from a tracked handling, the hook runs in that
+        handling's context (`pybus.current_context()` returns it). An async hook is
+        awaited. A hook that fails, also with `CancelledError` (a cancelled inner
+        task, its own task cancelled), is logged, never raised; only a cancellation
+        of the worker from outside, or the shutdown's, propagates.
         """
+        record = failure_record(error)
+        if record is not None:
+            context = context.copy()
+            context.run(_current.set, record)
         try:
             result = context.run(self.on_error, error, message)
             if inspect.isawaitable(result):

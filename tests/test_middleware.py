@@ -217,7 +217,9 @@ async def test_the_context_names_the_handling() -> None:
     )
     assert (charge.kind, charge.key, charge.handler) == ("query", Charge, "price")
     assert charge.location.endswith(f"test_middleware.py:{price.__code__.co_firstlineno}")
-    assert (charge.message_id, charge.correlation_id, charge.causation_id) == (None, None, None)
+    # A top-level call starts a correlation of its own: its message is the root.
+    assert charge.correlation_id == charge.message_id != shutdown.message_id
+    assert charge.causation_id is None
     assert str(charge) == "query Charge -> price"
 
 
@@ -225,11 +227,11 @@ async def test_under_a_consumer_the_context_carries_the_delivery_attempt_and_ids
     broker = InMemoryBroker()
     shop = Dispatcher(transport=InMemoryTransport(broker))
     shop.route(Charged)
-    seen: list[tuple[int, str | None, str | None]] = []
+    seen: list[tuple[int, int, str | None, str | None]] = []
 
     async def remember(message: Any, call_next: CallNext) -> Any:
         context = call_next.context
-        seen.append((context.attempt, context.message_id, context.correlation_id))
+        seen.append((context.delivery, context.attempt, context.message_id, context.correlation_id))
         return await call_next(message)
 
     worker = Dispatcher(transport=InMemoryTransport(broker, group="billing"), on_error=lambda e, m: None)
@@ -243,8 +245,9 @@ async def test_under_a_consumer_the_context_carries_the_delivery_attempt_and_ids
     async with shop, consuming(worker) as consumer:
         await shop.publish(Charged(1))
         await until(lambda: consumer.handled == 1)
-    (first, first_id, correlation), (second, second_id, _) = seen
-    assert (first, second) == (1, 2)
+    (first, attempt, first_id, correlation), (second, again, second_id, _) = seen
+    assert (first, second) == (1, 2)  # the transport's delivery count
+    assert attempt == again == 1  # no in-process retry policy: one attempt per delivery
     assert first_id is not None
     assert first_id == second_id == correlation
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from pybus import Dispatcher, Event, TransportError
+from pybus import Dispatcher, Event, HandlingContext, TransportError, current_context
 from pybus.codec import default_name
 from pybus.consumer import Consumer
 from pybus.redis_dead_letters import RedisDeadLetters
@@ -485,3 +485,40 @@ async def test_a_retry_never_takes_back_an_entry_another_consumer_claimed(redis_
     assert (owner, deliveries) == (b"other", 2)  # still the other consumer's; no delivery added
     await slow.aclose()
     await client.aclose()
+
+
+async def test_ids_and_headers_cross_redis_into_the_workers_handling_context(redis_url: str) -> None:
+    sender = Dispatcher(transport=RedisTransport(redis_url, group="shop"))
+    sender.route(Paid)
+    sender._routing.outgoing.append(lambda headers: headers.update(traceparent="00-abc-def-01"))
+    sent: list[HandlingContext] = []
+
+    @sender.commands.register(Charge)
+    async def charge(cmd: Charge) -> Paid:
+        context = current_context()
+        assert context is not None
+        sent.append(context)
+        return Paid(cmd.n)
+
+    got: list[HandlingContext] = []
+
+    def remember(event: Paid) -> None:
+        context = current_context()
+        assert context is not None
+        got.append(context)
+
+    async with sender, consuming(worker(redis_url, remember)) as consumer:
+        await sender.execute(Charge(1))
+        await until(lambda: consumer.handled == 1)
+    assert sender.transport is not None
+    await sender.transport.aclose()
+    (root,), (delivered,) = sent, got
+    assert delivered.correlation_id == delivered.causation_id == root.message_id
+    assert delivered.message_id != root.message_id
+    assert dict(delivered.headers) == {"traceparent": "00-abc-def-01"}
+    assert (delivered.kind, delivered.handler, delivered.delivery) == ("event", "remember", 1)
+
+
+@dataclass(frozen=True)
+class Charge:
+    n: int

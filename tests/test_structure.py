@@ -7,7 +7,14 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "pybus"
-CORE = {"pybus.engines", "pybus.handlers", "pybus.middleware", "pybus.context"}
+CORE = {
+    "pybus.engines",
+    "pybus.handlers",
+    "pybus.middleware",
+    "pybus.context",
+    "pybus.tracking",
+    "pybus.retry",
+}
 TRANSPORT = {"pybus.consumer", "pybus.transport", "pybus.transport_routes", "pybus.codec"}
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from pybus import CallNext, Dispatcher, Factory, Middleware, Singleton
+from pybus import CallNext, Dispatcher, Factory, HandlingContext, Middleware, Retry, Singleton
 
 
 @dataclass(slots=True)
@@ -129,6 +129,30 @@ def crowded_dispatcher(types: int) -> tuple[Dispatcher, type]:
     return dp, classes[types // 2]
 
 
+@dataclass(slots=True)
+class Audited:
+    n: int
+
+
+async def audit(event: Audited, context: HandlingContext) -> None:
+    return None
+
+
+async def handle_cmd_in_context(cmd: Cmd, context: HandlingContext) -> None:
+    return None
+
+
+def tracked_dispatcher(*, retry: Retry | None = None, takes_context: bool = False) -> Dispatcher:
+    """`execute(Cmd)` in an app whose tracking is on because one handler elsewhere takes a
+    `HandlingContext` (or, with `takes_context`, this one does)."""
+    dp = Dispatcher(retry=retry)
+    dp.commands.bind(Cmd, handle_cmd_in_context if takes_context else handle_cmd)
+    dp.events.bind(Audited, audit)
+    dp.start()
+    assert dp.tracks_context
+    return dp
+
+
 def _init(self: object, n: int) -> None:
     self.n = n  # type: ignore[attr-defined]
 
@@ -238,6 +262,17 @@ async def run(iterations: int, rounds: int) -> list[tuple[str, float, float]]:
             executing(middleware_dispatcher([pass_through] * 3), Cmd),
             direct_cmd,
         ),
+        ("execute, tracking on", executing(tracked_dispatcher(), Cmd), direct_cmd),
+        (
+            "execute, tracking on, Retry never fires",
+            executing(tracked_dispatcher(retry=Retry(attempts=3)), Cmd),
+            direct_cmd,
+        ),
+        (
+            "execute, handler takes HandlingContext",
+            executing(tracked_dispatcher(takes_context=True), Cmd),
+            direct_cmd,
+        ),
     ]
     for name, via, direct in pairs:
         ns = await best_ns(via, iterations, rounds)
@@ -257,6 +292,14 @@ def main() -> None:
     print(f"{'case':<38} {'pybus ns/msg':>13} {'direct ns/msg':>14} {'ratio':>7} {'msg/s':>11}")
     for name, ns, base in rows:
         print(f"{name:<38} {ns:>13.0f} {base:>14.0f} {ns / base:>6.2f}x {1e9 / ns:>11,.0f}")
+    by_name = {name: value for name, value, _ in rows}
+    print()
+    tracking = by_name["execute, tracking on"] - by_name["execute"]
+    print(f"tracking on, over off:           {tracking:+6.0f} ns per execute")
+    retry = by_name["execute, tracking on, Retry never fires"] - by_name["execute, tracking on"]
+    print(f"a Retry that never fires:        {retry:+6.0f} ns per execute (over tracking on)")
+    context = by_name["execute, handler takes HandlingContext"] - by_name["execute, tracking on"]
+    print(f"a HandlingContext parameter:     {context:+6.0f} ns per execute (over tracking on)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""Retry policies: run a failing handler again, after a delay, inside the same handling.
+
+A `Retry` is given per registration (`register(Key, retry=...)`), per router
+(`dp.events.retry = ...`) or per dispatcher (`Dispatcher(retry=...)`); the
+closest one wins. The engines apply it (see `pybus.tracking.retried`): a
+handler that raises an exception the policy retries is called again, with the
+same message and the same message id, `attempt` one higher, after
+`delay_for(attempt)` seconds of `asyncio.sleep`. Only that handler runs again:
+for an event, the handlers that succeeded are not repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pybus.errors import ImproperlyConfigured
+
+#: What the engines await between attempts (tests replace it to record delays).
+sleep = asyncio.sleep
+
+
+def _exception_types(
+    name: str, given: type[BaseException] | Iterable[type[BaseException]]
+) -> tuple[type[Exception], ...]:
+    types = (given,) if isinstance(given, type) else tuple(given)
+    for item in types:
+        if not isinstance(item, type) or not issubclass(item, BaseException):
+            raise ImproperlyConfigured(f"Retry({name}=...) takes exception classes, not {item!r}")
+        if not issubclass(item, Exception):
+            raise ImproperlyConfigured(
+                f"Retry({name}=...) cannot name {item.__name__}: only Exception subclasses are retried; "
+                "a cancellation (asyncio.CancelledError), KeyboardInterrupt and SystemExit always end "
+                "the handling at once"
+            )
+    return types  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Call a failing handler again, up to `attempts` calls in all.
+
+    The delay before attempt `n + 1` is `delay * multiplier ** (n - 1)`, at most
+    `max_delay`, then lengthened by a random share of itself up to `jitter`
+    (0.2: up to 20% longer; jitter never shortens a delay). An exception is
+    retried when it is an instance of one of `on` and of none of `never`;
+    cancellations never are.
+
+    Timeouts: a registration's `timeout` bounds each attempt, and its
+    `TimeoutError` is a failure like any other (retried unless `never` names
+    `TimeoutError`). A `timeout=` given to `execute`/`query`/`publish` bounds
+    the whole call, retries and delays included: when it expires the handling is
+    cancelled, and a cancellation is not retried.
+    """
+
+    attempts: int = 3
+    delay: float = 0.1
+    multiplier: float = 2.0
+    max_delay: float = 30.0
+    jitter: float = 0.0
+    on: tuple[type[Exception], ...] = field(default=(Exception,))
+    never: tuple[type[Exception], ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ImproperlyConfigured(
+                f"Retry(attempts={self.attempts!r}): attempts counts every call, the first included: "
+                "a whole number >= 1 (1: never retry)"
+            )
+        for name, minimum in (("delay", 0.0), ("multiplier", 1.0), ("max_delay", 0.0), ("jitter", 0.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
+                raise ImproperlyConfigured(f"Retry({name}={value!r}): a number >= {minimum:g}")
+        object.__setattr__(self, "on", _exception_types("on", self.on))
+        object.__setattr__(self, "never", _exception_types("never", self.never))
+
+    def delay_for(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt `attempt` (from 1), before the next; no sleeping."""
+        base = min(self.delay * self.multiplier ** (attempt - 1), self.max_delay)
+        if self.jitter:
+            base += base * self.jitter * random.random()
+        return base
+
+    def retries(self, error: BaseException, attempt: int) -> bool:
+        """True when failed attempt `attempt` (from 1) with `error` is to be tried again."""
+        return attempt < self.attempts and isinstance(error, self.on) and not isinstance(error, self.never)
+
+    def __str__(self) -> str:
+        text = f"Retry(attempts={self.attempts}, delay={self.delay:g}"
+        if self.multiplier != 1:
+            text += f", multiplier={self.multiplier:g}, max_delay={self.max_delay:g}"
+        if self.jitter:
+            text += f", jitter={self.jitter:g}"
+        if self.on != (Exception,):
+            text += f", on=({', '.join(t.__name__ for t in self.on)})"
+        if self.never:
+            text += f", never=({', '.join(t.__name__ for t in self.never)})"
+        return text + ")"
+
+
+def checked_retry(value: object, where: str) -> Retry | None:
+    """`value` if it is a `Retry` or None; else `ImproperlyConfigured` naming `where`."""
+    if value is None or isinstance(value, Retry):
+        return value
+    raise ImproperlyConfigured(
+        f"retry= for {where} takes a pybus.Retry policy (e.g. Retry(attempts=3, delay=0.1)) or None, "
+        f"not {value!r}"
+    )
