@@ -36,6 +36,7 @@ from pybus.providers import Provider, Resolver
 from pybus.retry import Retry, checked_retry
 from pybus.routers import EventRouter, RequestRouter, bind_any
 from pybus.settings import Settings
+from pybus.tracking import Instrumentation
 from pybus.transport import Transport
 from pybus.transport_routes import Routing
 from pybus.workers import EngineStatistics, ErrorHook, Statistics, Supervisor, WorkerPool, checked_hook
@@ -128,6 +129,7 @@ class Dispatcher:
             raise ImproperlyConfigured(f"context must be True or False, not {context!r}")
         self._context = context
         self._tracked = False
+        self._instrumentation: Instrumentation | None = None
         self._lifecycle = Lifecycle(self._supervisor, self.resolver, transport)
         self._bind_calls(functools.partial(_refuse, DispatcherNotStarted))
 
@@ -224,6 +226,19 @@ class Dispatcher:
         self._retry = checked_retry(policy, "every handler")
 
     @property
+    def instrumentation(self) -> Instrumentation | None:
+        """What is told when each message's handling starts and ends (set by
+        `pybus.otel.instrument(dp)`); settable until `start()`. Setting one turns
+        context tracking on."""
+        return self._instrumentation
+
+    @instrumentation.setter
+    def instrumentation(self, instrument: Instrumentation | None) -> None:
+        if self.state is not State.NEW:
+            raise DispatcherFrozen("event", None, f"instrumentation {instrument!r}", target="every handler")
+        self._instrumentation = instrument
+
+    @property
     def tracks_context(self) -> bool:
         """Whether handlings run inside their `HandlingContext` (`pybus.current_context()`).
 
@@ -245,6 +260,7 @@ class Dispatcher:
         handlers = [h for router in routers for found in router.handlers.values() for h in found]
         return (
             self._context
+            or self._instrumentation is not None
             or bool(self._middleware or self._retry is not None or self._routing.routes)
             or any(router.middleware or router.retry is not None for router in routers)
             or any(h.middleware or h.retry is not None or h.context_params for h in handlers)
@@ -303,6 +319,7 @@ class Dispatcher:
             middleware=self._middleware,
             retry=self._retry,
             tracked=self._uses_context(),
+            instrument=self._instrumentation,
         )
         self._tracked = settings.tracked
         supervisor = self._supervisor

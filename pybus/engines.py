@@ -43,7 +43,7 @@ from pybus.errors import (
 )
 from pybus.handlers import CallPlan, positive_seconds, within
 from pybus.settings import Settings
-from pybus.tracking import call, call_tracked, retried
+from pybus.tracking import call, call_tracked, instrumented, retried
 from pybus.workers import Supervisor, WorkerPool
 
 if TYPE_CHECKING:
@@ -114,6 +114,7 @@ class EventEngine(_Engine):
             self._forward = (CallPlan(forwarder.handler, forwarder.forward, True, None),)
         self._foreign = foreign
         self.tracked = self.tracking = settings.tracked
+        self._instrument = settings.instrument
         self._concurrent = settings.concurrent_events
         self._max_depth = settings.max_cascade_depth
         #: Refuses every call once the dispatcher has stopped (see `close`).
@@ -296,6 +297,12 @@ class EventEngine(_Engine):
     async def _run(self, event: object, plans: tuple[CallPlan, ...], ids: Ids | None = None) -> None:
         if ids is None and self.tracking:
             ids = child_ids(_current.get())
+        if self._instrument is not None and ids is not None and plans:
+            await instrumented(self._instrument, "event", event, ids, self._observed(event, plans, ids))
+        else:
+            await self._observed(event, plans, ids)
+
+    async def _observed(self, event: object, plans: tuple[CallPlan, ...], ids: Ids | None) -> None:
         observer = self.observer
         if observer is None:
             await self._publish_observed(event, plans, None, ids)
@@ -363,7 +370,11 @@ class EventEngine(_Engine):
                         continue
                     ids = child_of(parents[index])
                     before = len(produced)
-                    await self._fan_out(event, plans, produced, failures, ids)
+                    if self._instrument is None:
+                        await self._fan_out(event, plans, produced, failures, ids)
+                    else:
+                        handling = self._fan_out(event, plans, produced, failures, ids)
+                        await instrumented(self._instrument, "event", event, ids, handling)
                     produced_by.extend([ids] * (len(produced) - before))
                 elif (kind := self._foreign.get(message_key(event))) is not None:
                     error = HandlerNotFound("event", message_key(event), registered_as=kind)
@@ -494,11 +505,10 @@ class RequestEngine(_Engine):
         self.closed = False
         self._plans = dict(plans)
         self.tracked = self.tracking = settings.tracked
+        self._instrument = settings.instrument
         # Plain async handlers, called by handle's fast path without looking at the plan
         # (their plans, when tracked); `_fast` is empty while an observer is attached.
-        self._fast_all = {
-            key: self._fast_entry(p) for key, p in plans.items() if p.is_async and p.collect is None
-        }
+        self._fast_all = {key: self._fast_entry(p) for key, p in plans.items() if self._fast_ok(p)}
         self._fast = self._fast_all
         self.observer: Observer | None = None
         if self.tracked:
@@ -527,9 +537,13 @@ class RequestEngine(_Engine):
         self._fast_all.pop(key, None)
         if plan is not None:
             self._plans[key] = plan
-            if plan.is_async and plan.collect is None:
+            if self._fast_ok(plan):
                 self._fast_all[key] = self._fast_entry(plan)
         return previous
+
+    def _fast_ok(self, plan: CallPlan) -> bool:
+        # An instrumented dispatcher takes the general path, which tells the instrumentation.
+        return plan.is_async and plan.collect is None and self._instrument is None
 
     def _fast_entry(self, plan: CallPlan) -> Any:
         return plan if self.tracked else plan.invoke
@@ -634,6 +648,12 @@ class RequestEngine(_Engine):
         plan = self.plan_for(message)
         if ids is None and self.tracking:
             ids = child_ids(_current.get())
+        if self._instrument is not None and ids is not None:
+            handling = self._observed(plan, message, ids)
+            return await instrumented(self._instrument, self.kind, message, ids, handling)
+        return await self._observed(plan, message, ids)
+
+    async def _observed(self, plan: CallPlan, message: object, ids: Ids | None) -> Any:
         observer = self.observer
         if observer is None:
             return await self._run(plan, message, None, ids)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pybus.middleware import Middleware
     from pybus.retry import Retry
+    from pybus.tracking import Instrumentation
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,3 +30,4 @@ class Settings:
     middleware: tuple[Middleware, ...] = ()
     retry: Retry | None = None
     tracked: bool = False
+    instrument: Instrumentation | None = None

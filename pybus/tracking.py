@@ -9,14 +9,45 @@ general paths call `call_tracked`.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from inspect import isawaitable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pybus.retry as _retry
 from pybus.context import Ids, Record, _current, remember_failure
+from pybus.errors import Kind
 
 if TYPE_CHECKING:
     from pybus.handlers import CallPlan
+
+
+class Instrumentation(Protocol):
+    """Told when each message's handling starts and ends (OpenTelemetry's message spans).
+
+    `started` runs in the context of the code that handles the message, before its
+    first handler; `finished` when its handlers are done (for a top-level call, its
+    follow-ups too), with the exception that ends it, if any. Neither may raise.
+    """
+
+    def started(self, kind: Kind, message: object, ids: Ids) -> object:
+        """Return a token that `finished` receives."""
+        ...
+
+    def finished(self, token: object, error: BaseException | None) -> None: ...
+
+
+async def instrumented(
+    instrument: Instrumentation, kind: Kind, message: object, ids: Ids, work: Awaitable[Any]
+) -> Any:
+    """Await `work`, the handling of `message`, between `instrument`'s two calls."""
+    token = instrument.started(kind, message, ids)
+    try:
+        result = await work
+    except BaseException as exc:
+        instrument.finished(token, exc)
+        raise
+    instrument.finished(token, None)
+    return result
 
 
 async def call(plan: CallPlan, message: object, followups: list[Any]) -> Any:

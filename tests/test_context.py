@@ -13,6 +13,7 @@ import pytest
 from pybus import (
     CallNext,
     Dispatcher,
+    DispatcherFrozen,
     HandlerSignatureError,
     HandlingContext,
     ImproperlyConfigured,
@@ -453,3 +454,64 @@ async def test_routed_messages_carry_the_ids_and_headers_across_the_transport() 
     assert noted.causation_id == shipped.message_id
     assert dict(noted.headers) == {"tenant": "acme"}
     assert noted.delivery == shipped.delivery == 1
+
+
+class Recording:
+    """An instrumentation that records what it is told, as (event, kind, key, ids) lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, object, str]] = []
+
+    def started(self, kind: Any, message: object, ids: Any) -> object:
+        context = current_context()
+        self.lines.append(("started", kind, type(message), str(ids[0])))
+        assert context is None or context.message_id != str(ids[0])  # the caller's, not yet its own
+        return (kind, type(message), ids)
+
+    def finished(self, token: Any, error: BaseException | None) -> None:
+        kind, key, _ = token
+        self.lines.append(("finished", kind, key, type(error).__name__ if error else "ok"))
+
+
+async def test_an_instrumentation_is_told_of_each_message_and_turns_the_fast_path_off() -> None:
+    dp = Dispatcher()
+    recording = Recording()
+    dp.instrumentation = recording
+
+    @dp.commands.register(Open)
+    async def open_(cmd: Open) -> Opened:
+        if cmd.n < 0:
+            raise ValueError("negative")
+        return Opened(cmd.n)
+
+    @dp.events.register(Opened)
+    async def note(event: Opened) -> Noted:
+        return Noted(event.n)
+
+    @dp.events.register(Noted)
+    async def noted(event: Noted) -> None:
+        pass
+
+    async with dp:
+        assert dp.tracks_context
+        with pytest.raises(DispatcherFrozen):
+            dp.instrumentation = None
+        await dp.execute(Open(1))
+        with pytest.raises(ValueError, match="negative"):
+            await dp.execute(Open(-1))
+        await dp.publish(Noted(2))
+    steps = [
+        (step, kind, key, last if step == "finished" else "") for step, kind, key, last in recording.lines
+    ]
+    assert steps == [
+        ("started", "command", Open, ""),
+        ("started", "event", Opened, ""),
+        ("finished", "event", Opened, "ok"),
+        ("started", "event", Noted, ""),
+        ("finished", "event", Noted, "ok"),
+        ("finished", "command", Open, "ok"),  # a top-level call ends after its follow-ups
+        ("started", "command", Open, ""),
+        ("finished", "command", Open, "ValueError"),
+        ("started", "event", Noted, ""),
+        ("finished", "event", Noted, "ok"),
+    ]
