@@ -271,6 +271,18 @@ class Dispatcher:
         """The routed keys and the names they travel under (read-only)."""
         return MappingProxyType({key: name for key, (name, _) in self._routing.routes.items()})
 
+    def add_header_source(self, source: Callable[[dict[str, str]], None]) -> None:
+        """Call `source(headers)` for every routed message this dispatcher sends, in the
+        sender's context, to add strings to the envelope's headers (the worker reads them
+        as `current_context().headers`). Raises `DispatcherFrozen` after `start()`."""
+        if self.state is not State.NEW:
+            raise DispatcherFrozen(
+                "event", None, f"header source {callable_name(source)}", target="every route"
+            )
+        if not callable(source):
+            raise ImproperlyConfigured(f"add_header_source() takes a function f(headers), not {source!r}")
+        self._routing.outgoing.append(source)
+
     def route(self, key: object, /, *, name: str | None = None, kind: Kind | None = None) -> None:
         """Send messages of `key` through the transport instead of handling them here.
 

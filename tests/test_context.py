@@ -414,7 +414,7 @@ async def test_routed_messages_carry_the_ids_and_headers_across_the_transport() 
     broker = InMemoryBroker()
     shop = Dispatcher(transport=InMemoryTransport(broker))
     shop.route(Shipped)
-    shop._routing.outgoing.append(lambda headers: headers.update(tenant="acme"))
+    shop.add_header_source(lambda headers: headers.update(tenant="acme"))
     sent: list[HandlingContext] = []
 
     @shop.commands.register(Open)
@@ -515,3 +515,12 @@ async def test_an_instrumentation_is_told_of_each_message_and_turns_the_fast_pat
         ("started", "event", Noted, ""),
         ("finished", "event", Noted, "ok"),
     ]
+
+
+async def test_header_sources_are_functions_added_before_start() -> None:
+    dp = Dispatcher()
+    with pytest.raises(ImproperlyConfigured, match=r"takes a function f\(headers\)"):
+        dp.add_header_source("tenant")  # type: ignore[arg-type]
+    async with dp:
+        with pytest.raises(DispatcherFrozen):
+            dp.add_header_source(lambda headers: None)

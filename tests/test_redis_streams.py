@@ -490,7 +490,7 @@ async def test_a_retry_never_takes_back_an_entry_another_consumer_claimed(redis_
 async def test_ids_and_headers_cross_redis_into_the_workers_handling_context(redis_url: str) -> None:
     sender = Dispatcher(transport=RedisTransport(redis_url, group="shop"))
     sender.route(Paid)
-    sender._routing.outgoing.append(lambda headers: headers.update(traceparent="00-abc-def-01"))
+    sender.add_header_source(lambda headers: headers.update(traceparent="00-abc-def-01"))
     sent: list[HandlingContext] = []
 
     @sender.commands.register(Charge)
