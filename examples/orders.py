@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pybus import Command, Dispatcher, Event, Query
 from pybus.middleware import LoggingMiddleware
+from pybus.retry import Retry
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ def build(mailer: Mailer) -> Dispatcher:
     async def reserve_later(event: OrderPlaced) -> None:
         await dp.commands.send(ReserveStock(event.order_id, event.sku), key=event.sku)
 
-    @dp.commands.register(ReserveStock)
+    # The warehouse times out now and then: up to 3 attempts, 50 ms apart, then 100 ms.
+    @dp.commands.register(ReserveStock, retry=Retry(attempts=3, delay=0.05), timeout=2)
     async def reserve_stock(cmd: ReserveStock) -> StockReserved:
         await asyncio.sleep(0.05)  # the warehouse is slow
         return StockReserved(cmd.order_id)

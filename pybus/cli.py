@@ -117,7 +117,10 @@ def _where(exc: BaseException) -> str:
 
 def format_routes(found: list[Route]) -> str:
     """The routes as an aligned text table (locations relative to the working directory)."""
-    header = ("KIND", "KEY", "HANDLER", "LOCATION", "INJECTED", "TIMEOUT", "MIDDLEWARE", "EMITS", "TRANSPORT")
+    header = (
+        "KIND", "KEY", "HANDLER", "LOCATION", "INJECTED", "TIMEOUT", "RETRY", "MIDDLEWARE", "EMITS",
+        "TRANSPORT",
+    )  # fmt: skip
     rows: list[tuple[str, ...]] = [header]
     for route in found:
         emits = ", ".join(route.emits) or "-"
@@ -129,6 +132,7 @@ def format_routes(found: list[Route]) -> str:
                 _relative(route.location),
                 ", ".join(f"{name}={value}" for name, value in route.injected.items()) or "-",
                 "-" if route.timeout is None else f"{route.timeout:g} s",
+                "-" if route.retry is None else route.retry.removeprefix("Retry(")[:-1].replace(", ", ","),
                 ", ".join(route.middleware) or "-",
                 emits if route.output_known else f"{emits} ?",
                 route.transport or "-",
@@ -138,9 +142,10 @@ def format_routes(found: list[Route]) -> str:
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
-    lines.append(
-        "?: output not fully known (no return annotation, or collected events not declared with emits=)"
-    )
+    if any(not route.output_known for route in found):
+        lines.append(
+            "?: output not fully known (no return annotation, or collected events not declared with emits=)"
+        )
     return "\n".join(lines)
 
 

@@ -143,6 +143,10 @@ def _chain(
     return inner
 
 
+def _is_level(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _layer(mw: Middleware, call_next: CallNext) -> Callable[[Any], Awaitable[Any]]:
     def layer(message: Any) -> Awaitable[Any]:
         return mw(message, call_next)
@@ -150,33 +154,57 @@ def _layer(mw: Middleware, call_next: CallNext) -> Callable[[Any], Awaitable[Any
     return layer
 
 
+_DEFAULT: Any = object()
+
+
 class LoggingMiddleware:
     """Logs each handling twice: what was asked, before the handler runs, and
     the outcome with its duration, after.
 
-    Records go to `logger` (default: the `pybus` logger) at the levels given
-    (`before=None` skips the first record), with structured fields in `extra`:
-    `pybus_kind`, `pybus_key`, `pybus_handler`, `pybus_attempt` and
-    `pybus_message` (`describe(message)`, default `repr`); the second record adds
-    `pybus_outcome` ("ok", "failed" or "cancelled") and `pybus_duration_ms`, and
-    for a failure `pybus_error` and the traceback, at `failure_level`. The
-    handler's exception is re-raised unchanged. `on_timing(context, seconds,
-    exception_or_None)` is called after every handling: a hook for metrics.
+    Records go to `logger` (default: the `pybus` logger; a name is accepted) at
+    `level` (default INFO; `before` and `after` set the two records' levels
+    apart, `before=None` skips the first record), with structured fields in
+    `extra`: `pybus_kind`, `pybus_key`, `pybus_handler`, `pybus_attempt`,
+    `pybus_delivery`, `pybus_message_id`, `pybus_correlation_id`,
+    `pybus_causation_id` and `pybus_message` (`describe(message)`, default
+    `repr`); the second record adds `pybus_outcome` ("ok", "failed" or
+    "cancelled") and `pybus_duration_ms`, and for a failure `pybus_error` and the
+    traceback, at `failure_level`. The handler's exception is re-raised
+    unchanged. `on_timing(context, seconds, exception_or_None)` is called after
+    every handling: a hook for metrics.
     """
 
     def __init__(
         self,
         *,
-        logger: logging.Logger | None = None,
-        before: int | None = logging.INFO,
-        after: int = logging.INFO,
+        level: int = logging.INFO,
+        logger: logging.Logger | str | None = None,
+        before: int | None = _DEFAULT,
+        after: int = _DEFAULT,
         failure_level: int = logging.ERROR,
         describe: Callable[[Any], object] = repr,
         on_timing: Callable[[HandlingContext, float, BaseException | None], None] | None = None,
     ) -> None:
-        self.logger = logger or logging.getLogger("pybus")
-        self.before = before
-        self.after = after
+        for name, value in (
+            ("level", level),
+            ("before", before),
+            ("after", after),
+            ("failure_level", failure_level),
+        ):
+            if value is not _DEFAULT and not (value is None and name == "before") and not _is_level(value):
+                raise ImproperlyConfigured(
+                    f"LoggingMiddleware({name}={value!r}): a logging level is an int such as logging.INFO"
+                    + (" (or None: no first record)" if name == "before" else "")
+                )
+        if logger is not None and not isinstance(logger, logging.Logger | str):
+            raise ImproperlyConfigured(
+                f"LoggingMiddleware(logger={logger!r}): pass a logging.Logger or a logger's name"
+            )
+        self.logger = (
+            logging.getLogger(logger or "pybus") if not isinstance(logger, logging.Logger) else logger
+        )
+        self.before = level if before is _DEFAULT else before
+        self.after = level if after is _DEFAULT else after
         self.failure_level = failure_level
         self.describe = describe
         self.on_timing = on_timing
@@ -205,6 +233,10 @@ class LoggingMiddleware:
             "pybus_key": key_name(context.key),
             "pybus_handler": context.handler,
             "pybus_attempt": context.attempt,
+            "pybus_delivery": context.delivery,
+            "pybus_message_id": context.message_id,
+            "pybus_correlation_id": context.correlation_id,
+            "pybus_causation_id": context.causation_id,
             "pybus_message": self.describe(message),
         }
 

@@ -22,6 +22,7 @@ from pybus.errors import Kind, key_name
 from pybus.handlers import Handler, callable_name
 from pybus.messages import Event
 from pybus.providers import Provider
+from pybus.retry import Retry
 from pybus.routers import EventRouter, RequestRouter
 
 
@@ -39,6 +40,8 @@ class Route:
     output_known: bool
     transport: str | None = None
     middleware: list[str] = field(default_factory=list)
+    #: The retry policy that applies (the registration's, the router's or the dispatcher's).
+    retry: str | None = None
 
 
 @dataclass(slots=True)
@@ -101,6 +104,10 @@ def qualified_name(handler: Handler) -> str:
     target = handler.target
     module = getattr(target, "__module__", None) or type(target).__module__
     return f"{module}.{handler.name}"
+
+
+def _describe_retry(policy: Retry | None) -> str | None:
+    return None if policy is None else str(policy)
 
 
 def _describe_bound(value: object) -> str:
@@ -179,6 +186,7 @@ def routes(dp: Dispatcher) -> list[Route]:
                     callable_name(mw).removesuffix(" instance")
                     for mw in _router(dp, handler).middleware_for(handler)
                 ],
+                retry=_describe_retry(_router(dp, handler).retry_for(handler)),
             )
         )
     for key, name in routed.items():

@@ -15,7 +15,7 @@ import pydantic
 import pytest
 
 from pybus import Dispatcher, Event, Singleton
-from pybus.cli import UsageError, build_message, find_message, load_dispatcher, main, to_json
+from pybus.cli import UsageError, build_message, find_message, format_routes, load_dispatcher, main, to_json
 from pybus.routes import message_flow, routes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,11 +38,16 @@ def test_routes_table() -> None:
         "LOCATION",
         "INJECTED",
         "TIMEOUT",
+        "RETRY",
         "MIDDLEWARE",
         "EMITS",
         "TRANSPORT",
     ]
-    rows = [line.split() for line in lines[1:-1]]
+    starts = [lines[0].index(name) for name in lines[0].split()]
+    rows = [
+        [line[start:end].strip() for start, end in zip(starts, [*starts[1:], None], strict=True)]
+        for line in lines[1:]
+    ]
     assert [(row[0], row[1], row[2]) for row in rows] == [
         ("command", "PlaceOrder", "examples.orders.place_order"),
         ("command", "ReserveStock", "examples.orders.reserve_stock"),
@@ -52,7 +57,10 @@ def test_routes_table() -> None:
     ]
     assert rows[0][3].startswith("examples/orders.py:")
     assert rows[4][4] == "mailer=<Mailer>"
-    assert [row[6] for row in rows] == ["LoggingMiddleware"] * 2 + ["-"] * 3
+    assert rows[1][5] == "2 s"
+    assert [row[6] for row in rows] == ["-", "attempts=3,delay=0.05,multiplier=2,max_delay=30", "-", "-", "-"]
+    assert [row[7] for row in rows] == ["LoggingMiddleware"] * 2 + ["-"] * 3
+    assert len(lines) == 6  # no "?" legend: every row's output is known
 
 
 def test_routes_json() -> None:
@@ -67,7 +75,10 @@ def test_routes_json() -> None:
         ("event", "StockReserved", []),
     ]
     assert all(r["output_known"] for r in found)
-    assert found[0]["location"].endswith("examples/orders.py:59")
+    assert [r["retry"] for r in found] == [
+        None, "Retry(attempts=3, delay=0.05, multiplier=2, max_delay=30)", None, None, None,
+    ]  # fmt: skip
+    assert found[0]["location"].endswith("examples/orders.py:60")
 
 
 def test_mermaid_graph_edges_match_the_app() -> None:
@@ -276,6 +287,9 @@ def test_return_annotations_are_read_as_the_runtime_publishes_them() -> None:
     dp.events.bind(Shipped, local_return)
     (route,) = routes(dp)
     assert not route.output_known
+    table = format_routes([route]).splitlines()
+    assert table[1].split()[-2:] == ["?", "-"]  # the row says it ...
+    assert table[-1].startswith("?: output not fully known")  # ... and the legend explains it
 
 
 def test_emits_must_name_message_types() -> None:

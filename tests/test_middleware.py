@@ -439,3 +439,46 @@ async def test_logging_middleware_levels_and_description_are_configurable(
     assert cancelled.__dict__["pybus_message"] == "<Charge>"
     assert cancelled.__dict__["pybus_outcome"] == "cancelled"
     assert repr(quiet) == "LoggingMiddleware(logger='pybus')"
+
+
+async def test_logging_middleware_levels_logger_name_and_the_ids_of_the_cascade(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dp = Dispatcher(middleware=[LoggingMiddleware(level=logging.DEBUG, logger="test.ids")])
+
+    @dp.commands.register(Charge)
+    async def charge(cmd: Charge) -> Charged:
+        return Charged(cmd.amount)
+
+    @dp.events.register(Charged)
+    async def receipt(event: Charged) -> None:
+        pass
+
+    caplog.set_level(logging.DEBUG, logger="test.ids")
+    async with dp:
+        await dp.execute(Charge(5))
+    records = caplog.records
+    assert {record.name for record in records} == {"test.ids"}
+    assert {record.levelno for record in records} == {logging.DEBUG}
+    command, _, event, _ = records
+    assert command.__dict__["pybus_correlation_id"] == command.__dict__["pybus_message_id"]
+    assert command.__dict__["pybus_causation_id"] is None
+    assert event.__dict__["pybus_correlation_id"] == command.__dict__["pybus_message_id"]
+    assert event.__dict__["pybus_causation_id"] == command.__dict__["pybus_message_id"]
+    assert (event.__dict__["pybus_attempt"], event.__dict__["pybus_delivery"]) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("options", "text"),
+    [
+        ({"level": "INFO"}, r"LoggingMiddleware\(level='INFO'\): a logging level is an int"),
+        ({"before": True}, r"LoggingMiddleware\(before=True\).*\(or None: no first record\)"),
+        ({"failure_level": None}, r"LoggingMiddleware\(failure_level=None\)"),
+        ({"logger": 3}, r"pass a logging.Logger or a logger's name"),
+    ],
+)
+def test_logging_middleware_refuses_what_is_not_a_level_or_a_logger(
+    options: dict[str, Any], text: str
+) -> None:
+    with pytest.raises(ImproperlyConfigured, match=text):
+        LoggingMiddleware(**options)
