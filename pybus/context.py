@@ -249,8 +249,15 @@ def current_context() -> HandlingContext | None:
 
 
 def remember_failure(error: BaseException, record: Record) -> None:
-    """Note on `error` the handling it escaped from first (the error hook runs in it)."""
-    if getattr(error, "_pybus_handling", None) is None:
+    """Note on `error` the handling it escaped from first (the error hook runs in it).
+
+    An error that propagates out of nested handlings keeps the innermost one: those
+    handlings share a correlation id. The same exception object raised again by an
+    unrelated handling (a module-level instance) belongs to another correlation, and
+    gets that handling.
+    """
+    known: Record | None = getattr(error, "_pybus_handling", None)
+    if known is None or known[2][1] != record[2][1]:
         error._pybus_handling = record  # type: ignore[attr-defined]
 
 

@@ -524,3 +524,32 @@ async def test_header_sources_are_functions_added_before_start() -> None:
     async with dp:
         with pytest.raises(DispatcherFrozen):
             dp.add_header_source(lambda headers: None)
+
+
+SHARED = ValueError("the same exception object, raised by every handling")
+
+
+async def test_an_exception_object_raised_again_by_another_handling_is_reported_in_that_one() -> None:
+    heard: list[tuple[object, str | None]] = []
+
+    def on_error(error: BaseException, message: object) -> None:
+        context = current_context()
+        heard.append((message, context.message_id if context else None))
+
+    ids: dict[int, str] = {}
+    dp = Dispatcher(context=True, on_error=on_error)
+
+    @dp.events.register(Noted)
+    async def fails(event: Noted) -> None:
+        context = current_context()
+        assert context is not None
+        ids[event.n] = context.message_id
+        raise SHARED
+
+    async with dp:
+        with pytest.raises(ExceptionGroup):
+            await dp.publish(Noted(0))  # raised to the caller: marked with this handling
+        for n in (1, 2):
+            await dp.send(Noted(n))
+            await dp.join()
+    assert heard == [(Noted(1), ids[1]), (Noted(2), ids[2])]
