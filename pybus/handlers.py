@@ -441,6 +441,17 @@ def _check_bound_accepted(
 
 def _check_init(kind: Kind, key: object, name: str, cls: type, bound: Mapping[str, object]) -> None:
     params = list(_signature(kind, key, name, cls).parameters.values())
+    try:
+        hints = get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not resolve: read the text
+        hints = {}
+    for param in params:
+        if param.default is _EMPTY and _is_context(hints.get(param.name, param.annotation)):
+            raise HandlerSignatureError(
+                kind, key, f"{name}.__init__",
+                f"parameter {param.name!r} is annotated HandlingContext, which pybus passes to the "
+                "handling method, not to __init__: take it as a parameter of handle()",
+            )  # fmt: skip
     _check_rest(kind, key, f"{name}.__init__", params, None, bound, is_class=False)
 
 

@@ -334,6 +334,18 @@ def test_a_handling_context_parameter_that_cannot_be_passed_is_refused() -> None
         dp.commands.bind(Open, positional)
 
 
+def test_a_class_handler_takes_the_context_in_handle_not_in_init() -> None:
+    class Handler:
+        def __init__(self, context: HandlingContext) -> None:
+            self.context = context
+
+        async def handle(self, cmd: Open) -> None:
+            pass
+
+    with pytest.raises(HandlerSignatureError, match=r"not to __init__: take it as a parameter of handle\(\)"):
+        Dispatcher().commands.bind(Open, Handler)
+
+
 async def test_overriding_with_a_handler_that_takes_the_context_needs_a_tracking_dispatcher() -> None:
     dp = Dispatcher()
 
