@@ -442,7 +442,7 @@ def _check_bound_accepted(
 def _check_init(kind: Kind, key: object, name: str, cls: type, bound: Mapping[str, object]) -> None:
     params = list(_signature(kind, key, name, cls).parameters.values())
     try:
-        hints = get_type_hints(cls.__init__)
+        hints = get_type_hints(getattr(cls, "__init__"))  # noqa: B009 - mypy refuses cls.__init__
     except Exception:  # an annotation that does not resolve: read the text
         hints = {}
     for param in params:
