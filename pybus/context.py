@@ -20,6 +20,7 @@ delivery are the transport's strings.
 from __future__ import annotations
 
 import itertools
+import os
 import uuid
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -78,10 +79,21 @@ current_delivery: ContextVar[Delivery | None] = ContextVar("pybus_delivery", def
 _current: ContextVar[Record | None] = ContextVar("pybus_handling", default=None)
 
 # Message ids: random per process, then a counter (a uuid4 per message costs more
-# than the rest of a send); formatted only when read.
+# than the rest of a send); formatted only when read. A process forked from this one
+# draws its own prefix: forked workers (gunicorn --preload, multiprocessing) would
+# otherwise make the same ids, and a transport that drops duplicates by id would
+# drop their messages.
 _PREFIX = f"{uuid.uuid4().hex}-"
 _numbers = itertools.count(1)
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+def _new_prefix() -> None:
+    global _PREFIX
+    _PREFIX = f"{uuid.uuid4().hex}-"
+
+
+os.register_at_fork(after_in_child=_new_prefix)
 
 
 def new_number() -> int:
@@ -249,16 +261,14 @@ def current_context() -> HandlingContext | None:
 
 
 def remember_failure(error: BaseException, record: Record) -> None:
-    """Note on `error` the handling it escaped from first (the error hook runs in it).
+    """Note on `error` the handling it escaped from (the error hook runs in it).
 
-    An error that propagates out of nested handlings keeps the innermost one: those
-    handlings share a correlation id. The same exception object raised again by an
-    unrelated handling (a module-level instance) belongs to another correlation, and
-    gets that handling.
+    Each handling it escapes from notes itself over the one before: an error that
+    propagates out of a nested `execute` and then out of the handler that awaited
+    it belongs to that handler's handling, whose message is the one reported. The
+    same exception object raised again later gets its new handling.
     """
-    known: Record | None = getattr(error, "_pybus_handling", None)
-    if known is None or known[2][1] != record[2][1]:
-        error._pybus_handling = record  # type: ignore[attr-defined]
+    error._pybus_handling = record  # type: ignore[attr-defined]
 
 
 def failure_record(error: BaseException) -> Record | None:

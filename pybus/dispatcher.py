@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
@@ -281,6 +282,12 @@ class Dispatcher:
             )
         if not callable(source):
             raise ImproperlyConfigured(f"add_header_source() takes a function f(headers), not {source!r}")
+        if inspect.iscoroutinefunction(source) or inspect.isasyncgenfunction(source):
+            raise ImproperlyConfigured(
+                f"add_header_source({callable_name(source)}): a header source is a plain function "
+                "f(headers) that adds strings to the dict before the message is sent; it is not awaited, "
+                "so it cannot be async"
+            )
         self._routing.outgoing.append(source)
 
     def route(self, key: object, /, *, name: str | None = None, kind: Kind | None = None) -> None:

@@ -109,9 +109,12 @@ class EventEngine(_Engine):
         # (which `deliver` runs, for messages that came from the transport).
         self._routed = forwarder.keys if forwarder is not None else frozenset()
         self._local: dict[type, tuple[CallPlan, ...]] = {}  # local_plans, by class
-        self._forward: tuple[CallPlan, ...] = ()
+        self._forwards: dict[object, tuple[CallPlan, ...]] = {}
         if forwarder is not None:
-            self._forward = (CallPlan(forwarder.handler, forwarder.forward, True, None),)
+            self._forwards = {
+                key: (CallPlan(handler, forwarder.forward, True, None),)
+                for key, handler in forwarder.handlers.items()
+            }
         self._foreign = foreign
         self.tracked = self.tracking = settings.tracked
         self._instrument = settings.instrument
@@ -144,7 +147,7 @@ class EventEngine(_Engine):
             if isinstance(key, type):
                 self._resolve_class(key)
             else:
-                self._remember(key, self._forward if key in self._routed else self._exact[key])
+                self._remember(key, self._forwards[key] if key in self._routed else self._exact[key])
 
     def replace(self, key: object, plans: tuple[CallPlan, ...]) -> tuple[CallPlan, ...]:
         """Run `plans` for events of exactly `key` from now on; return what ran before.
@@ -177,7 +180,7 @@ class EventEngine(_Engine):
         if cls is type(None) or issubclass(cls, type):
             return self._remember(cls, _NO_PLANS)  # None, or a class: not a message (InvalidMessage)
         if cls in self._routed:
-            return self._remember(cls, self._forward)
+            return self._remember(cls, self._forwards[cls])
         return self._remember(cls, self.local_plans(cls))
 
     def local_plans(self, key: object) -> tuple[CallPlan, ...]:
@@ -271,7 +274,7 @@ class EventEngine(_Engine):
 
     async def _write(self, event: object) -> None:
         """Publish a routed event: write it to the transport; its failure is raised as it is."""
-        (plan,) = self._forward
+        (plan,) = self._forwards[message_key(event)]
         observer = self.observer
         if observer is None:
             await plan.invoke(event)
@@ -455,7 +458,10 @@ class EventEngine(_Engine):
                     result = await call_tracked(plan, event, outputs[index], ids)
             except asyncio.CancelledError as exc:
                 if parent is not None and parent.cancelling():
-                    raise  # the group is being cancelled
+                    # The group is being cancelled: the group raises the cancellation of the
+                    # task running it, which must still say what this one's notes say.
+                    cut_off.extend(getattr(exc, "__notes__", ()))
+                    raise
                 # It propagates after the group, as it does when handlers run one after the other.
                 cancelled.append(exc)
                 if observer is not None:
@@ -470,9 +476,16 @@ class EventEngine(_Engine):
                 if result is not None:
                     outputs[index].append(result)
 
-        async with asyncio.TaskGroup() as group:
-            for index, plan in enumerate(plans):
-                group.create_task(run(index, plan))
+        cut_off: list[str] = []
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index, plan in enumerate(plans):
+                    group.create_task(run(index, plan))
+        except asyncio.CancelledError as exc:
+            for note in cut_off:
+                exc.add_note(note)
+            _failed_before(exc, [*failures, *(error for error in errors if error is not None)])
+            raise
         if cancelled:
             _failed_before(cancelled[0], [*failures, *(error for error in errors if error is not None)])
             raise cancelled[0]

@@ -90,11 +90,12 @@ class Handler:
         return f"{self.name} ({self.location})"
 
 
-def route_record(kind: Kind, target: Callable[..., Any], description: str) -> Handler:
-    """The registration-like record of a transport route, for error notes and observers."""
+def route_record(kind: Kind, target: Callable[..., Any], description: str, key: object = None) -> Handler:
+    """The registration-like record of a transport route (of `key`), for error notes,
+    observers and the handling context of the hand-off to the transport."""
     return Handler(
         kind=kind,
-        key=None,
+        key=key,
         target=target,
         name=description,
         location="<transport>",
@@ -215,12 +216,21 @@ def inspect_handler(
         params = list(sig.parameters.values())
         call_bound = bound
     where = f"{name}.{method}" if is_class else name
-    context_params = _context_params(kind, key, where, func, params, argname, call_bound)
+    context_params, unresolved = _context_params(kind, key, where, func, params, argname, call_bound)
     rest = [param for param in params if param.name not in context_params]
     message_param, by_keyword = _message_param(kind, key, where, rest, argname, call_bound)
     if message_param is not None and not by_keyword and rest and params[0] is not rest[0]:
         by_keyword = True  # a HandlingContext parameter comes first: the message goes by name
-    _check_rest(kind, key, where, rest, message_param, call_bound, is_class)
+    try:
+        _check_rest(kind, key, where, rest, message_param, call_bound, is_class)
+    except HandlerSignatureError as exc:
+        if unresolved:
+            exc.add_note(
+                f"its annotations could not be resolved ({unresolved}): a parameter annotated "
+                "HandlingContext is recognised by its annotation, so import HandlingContext where "
+                "the handler is defined, at module level, under that name"
+            )
+        raise
     if cls is not None and check_init:
         _check_init(kind, key, name, cls, bound)
     collects = method is not None and callable(getattr(target, "dump_events", None))
@@ -253,12 +263,15 @@ def _context_params(
     params: list[inspect.Parameter],
     argname: str | None,
     bound: Mapping[str, object],
-) -> tuple[str, ...]:
-    """The parameters annotated `HandlingContext` (string annotations resolved when they can be)."""
+) -> tuple[tuple[str, ...], str]:
+    """The parameters annotated `HandlingContext` (string annotations resolved when they
+    can be), and why the annotations could not be resolved ("" when they could)."""
+    unresolved = ""
     try:
         hints = get_type_hints(func.func if isinstance(func, functools.partial) else func)
-    except Exception:  # an annotation that does not resolve: read the text
+    except Exception as exc:  # an annotation that does not resolve: read the text
         hints = {}
+        unresolved = f"{type(exc).__name__}: {exc}"
     found: list[str] = []
     for param in params:
         annotation = hints.get(param.name, param.annotation)
@@ -277,7 +290,7 @@ def _context_params(
                     "keyword; make it a normal or keyword-only parameter",
                 )  # fmt: skip
             found.append(param.name)
-    return tuple(found)
+    return tuple(found), unresolved
 
 
 _CONTEXT_NAMES = frozenset({"HandlingContext", "pybus.HandlingContext", "pybus.context.HandlingContext"})
@@ -650,17 +663,26 @@ def _scoped_plan(
 
     async def run(message: Any, followups: list[Any] | None = None) -> Any:
         events: Any = None
-        async with AsyncExitStack() as stack:
-            instance = await make(stack) if is_class else target
-            func = getattr(instance, method) if method else instance
-            kwargs = await resolver.resolve_all(call_values, stack) if call_values else call_values
-            result = call(func, message, kwargs)
-            if inspect.isawaitable(result):
-                result = await result
-            if collects:
-                events = instance.dump_events()
-                if inspect.isawaitable(events):
-                    events = await events
+        dumped = False
+        try:
+            async with AsyncExitStack() as stack:
+                instance = await make(stack) if is_class else target
+                func = getattr(instance, method) if method else instance
+                kwargs = await resolver.resolve_all(call_values, stack) if call_values else call_values
+                result = call(func, message, kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+                if collects:
+                    dumped = True
+                    events = instance.dump_events()
+                    if inspect.isawaitable(events):
+                        events = await events
+        except BaseException as exc:
+            if collects and not is_class and not dumped:
+                # A ready instance serves every handling: what this failed one collected must
+                # not be published by the next.
+                await _discard_events(target, exc)
+            raise
         # Only once the scope closed cleanly (teardowns included) does the handling count
         # as a success whose collected events may be published.
         if events:
@@ -669,6 +691,19 @@ def _scoped_plan(
         return result
 
     return CallPlan(handler, run, True, run if collects else None)
+
+
+async def _discard_events(instance: Any, error: BaseException) -> None:
+    """Empty a shared handler instance's collected events after a failed handling."""
+    try:
+        dropped = instance.dump_events()
+        if inspect.isawaitable(dropped):
+            await dropped
+    except Exception as exc:
+        error.add_note(
+            f"dump_events() raised {type(exc).__name__}: {exc} while pybus dropped the events this "
+            "failed handling collected"
+        )
 
 
 Caller = Callable[[Callable[..., Any], Any, Mapping[str, Any]], Any]

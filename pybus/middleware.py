@@ -171,7 +171,9 @@ class LoggingMiddleware:
     "cancelled") and `pybus_duration_ms`, and for a failure `pybus_error` and the
     traceback, at `failure_level`. The handler's exception is re-raised
     unchanged. `on_timing(context, seconds, exception_or_None)` is called after
-    every handling: a hook for metrics.
+    every handling: a hook for metrics. Neither a failing `on_timing` nor a
+    failing `describe` changes the handling's outcome: the first is logged, the
+    second replaced by a placeholder in the record.
     """
 
     def __init__(
@@ -201,11 +203,16 @@ class LoggingMiddleware:
                 f"LoggingMiddleware(logger={logger!r}): pass a logging.Logger or a logger's name"
             )
         self.logger = (
-            logging.getLogger(logger or "pybus") if not isinstance(logger, logging.Logger) else logger
+            logger
+            if isinstance(logger, logging.Logger)
+            else logging.getLogger("pybus" if logger is None else logger)
         )
         self.before = level if before is _DEFAULT else before
         self.after = level if after is _DEFAULT else after
         self.failure_level = failure_level
+        for name, hook in (("describe", describe), ("on_timing", on_timing)):
+            if hook is not None and not callable(hook):
+                raise ImproperlyConfigured(f"LoggingMiddleware({name}={hook!r}): pass a function")
         self.describe = describe
         self.on_timing = on_timing
 
@@ -237,7 +244,7 @@ class LoggingMiddleware:
             "pybus_message_id": context.message_id,
             "pybus_correlation_id": context.correlation_id,
             "pybus_causation_id": context.causation_id,
-            "pybus_message": self.describe(message),
+            "pybus_message": self._described(message),
         }
 
     def _finished(
@@ -268,4 +275,13 @@ class LoggingMiddleware:
                 exc_info=error if outcome == "failed" else None, extra=fields,
             )  # fmt: skip
         if self.on_timing is not None:
-            self.on_timing(context, elapsed, error)
+            try:
+                self.on_timing(context, elapsed, error)
+            except Exception:  # a metrics hook must not change the outcome of the handling
+                self.logger.exception("pybus: LoggingMiddleware's on_timing hook failed for %s", context)
+
+    def _described(self, message: Any) -> object:
+        try:
+            return self.describe(message)
+        except Exception as exc:  # logging must not change the outcome of the handling
+            return f"<{type(message).__name__}: describe() raised {type(exc).__name__}: {exc}>"

@@ -46,7 +46,8 @@ class Retry:
     `max_delay`, then lengthened by a random share of itself up to `jitter`
     (0.2: up to 20% longer; jitter never shortens a delay). An exception is
     retried when it is an instance of one of `on` and of none of `never`;
-    cancellations never are.
+    cancellations never are, nor is a `RecursionError` (handlers that publish or
+    execute each other in a cycle: retrying each level would multiply the calls).
 
     Timeouts: a registration's `timeout` bounds each attempt, and its
     `TimeoutError` is a failure like any other (retried unless `never` names
@@ -78,14 +79,23 @@ class Retry:
 
     def delay_for(self, attempt: int) -> float:
         """Seconds to wait after failed attempt `attempt` (from 1), before the next; no sleeping."""
-        base = min(self.delay * self.multiplier ** (attempt - 1), self.max_delay)
+        try:
+            grown = self.delay * self.multiplier ** (attempt - 1)
+        except OverflowError:  # past any max_delay long before
+            grown = self.max_delay
+        base = min(grown, self.max_delay)
         if self.jitter:
             base += base * self.jitter * random.random()
         return base
 
     def retries(self, error: BaseException, attempt: int) -> bool:
         """True when failed attempt `attempt` (from 1) with `error` is to be tried again."""
-        return attempt < self.attempts and isinstance(error, self.on) and not isinstance(error, self.never)
+        return (
+            attempt < self.attempts
+            and isinstance(error, self.on)
+            and not isinstance(error, self.never)
+            and not isinstance(error, RecursionError)
+        )
 
     def __str__(self) -> str:
         text = f"Retry(attempts={self.attempts}, delay={self.delay:g}"

@@ -34,8 +34,8 @@ class Forwarder:
 
     keys: frozenset[object]
     forward: Callable[[object], Awaitable[None]]
-    #: The registration-like record the engines name the transport by.
-    handler: Handler
+    #: Per routed key, the registration-like record the engines name the transport by.
+    handlers: Mapping[object, Handler]
 
 
 def route_kind(key: object, kinds: Mapping[object, Kind]) -> Kind:
@@ -59,7 +59,7 @@ class Routing:
         self.routes: dict[object, tuple[str, Kind | None]] = {}
         self.codec: JsonCodec | None = None
         self._supervisor = supervisor
-        self._handlers: dict[Kind, Handler] = {}
+        self._handlers: set[Handler] = set()
         #: Called with the headers of each envelope sent, to add to them (e.g. the
         #: OpenTelemetry trace context); in the sender's context.
         self.outgoing: list[Callable[[dict[str, str]], None]] = []
@@ -90,8 +90,9 @@ class Routing:
             )
             if keys:
                 forward = functools.partial(self.forward, kind)
-                handler = self._handlers[kind] = route_record(kind, forward, "transport")
-                found[kind] = Forwarder(keys, forward, handler)
+                handlers = {key: route_record(kind, forward, "transport", key) for key in keys}
+                self._handlers.update(handlers.values())
+                found[kind] = Forwarder(keys, forward, handlers)
         return found
 
     async def forward(self, kind: Kind, message: object) -> None:
@@ -107,13 +108,23 @@ class Routing:
         if transport is None or codec is None:  # pragma: no cover - forwarders() sets both with the routes
             raise ImproperlyConfigured("No transport is attached")
         record = current_record()
-        if record is not None and record[0] is self._handlers.get(kind):
+        if record is not None and record[0] in self._handlers:
             ids = record[2]  # published by an engine, which gave the message its ids
         else:
             ids = child_ids(record)  # sent: a child of the handling it is sent from, if any
         headers: dict[str, str] = {}
         for add in self.outgoing:
-            add(headers)
+            if add(headers) is not None:
+                raise ImproperlyConfigured(
+                    f"The header source {add!r} returned a value: a header source adds strings to the "
+                    "dict it is given and returns None (an async function cannot be one)"
+                )
+        for name, value in headers.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise ImproperlyConfigured(
+                    f"A header source added {name!r}: {value!r} to the headers of {codec.name_of(message)}; "
+                    "headers are strings (a transport carries them as text): convert the value with str()"
+                )
         await transport.send(
             Envelope(
                 kind=kind,
@@ -122,7 +133,7 @@ class Routing:
                 message_id=ident(ids[0]),
                 correlation_id=ident(ids[1]),
                 causation_id=None if ids[2] is None else ident(ids[2]),
-                headers=MappingProxyType(headers) if headers else NO_HEADERS,
+                headers=MappingProxyType(dict(headers)) if headers else NO_HEADERS,
             )
         )
 

@@ -5,6 +5,7 @@ error hook running in the failed handling's context."""
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -533,6 +534,12 @@ async def test_header_sources_are_functions_added_before_start() -> None:
     dp = Dispatcher()
     with pytest.raises(ImproperlyConfigured, match=r"takes a function f\(headers\)"):
         dp.add_header_source("tenant")  # type: ignore[arg-type]
+
+    async def awaited(headers: dict[str, str]) -> None:
+        headers["tenant"] = "acme"
+
+    with pytest.raises(ImproperlyConfigured, match="it is not awaited, so it cannot be async"):
+        dp.add_header_source(awaited)  # type: ignore[arg-type]
     async with dp:
         with pytest.raises(DispatcherFrozen):
             dp.add_header_source(lambda headers: None)
@@ -565,3 +572,115 @@ async def test_an_exception_object_raised_again_by_another_handling_is_reported_
             await dp.send(Noted(n))
             await dp.join()
     assert heard == [(Noted(1), ids[1]), (Noted(2), ids[2])]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_process_makes_message_ids_of_its_own() -> None:
+    from pybus.context import ident, new_number
+
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: write one id and leave at once
+        os.write(writer, ident(new_number()).encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(pid, 0)
+    with os.fdopen(reader) as pipe:
+        child = pipe.read()
+    parent = ident(new_number())
+    assert child.rpartition("-")[0] != parent.rpartition("-")[0]
+
+
+async def test_headers_are_strings_copied_when_sent() -> None:
+    broker = InMemoryBroker()
+    shop = Dispatcher(transport=InMemoryTransport(broker))
+    shop.route(Shipped)
+    kept: list[dict[str, Any]] = []
+
+    def source(headers: dict[str, Any]) -> None:
+        headers["tenant"] = "acme"
+        kept.append(headers)
+
+    shop.add_header_source(source)
+    async with shop:
+        await shop.publish(Shipped(1))
+        kept[0]["tenant"] = "changed after the send"  # the envelope has its own copy
+        (envelope,) = broker.streams[next(iter(broker.streams))]
+        assert dict(envelope.headers) == {"tenant": "acme"}
+        shop._routing.outgoing.append(lambda headers: headers.update(retries=3))  # type: ignore[call-overload]
+        with pytest.raises(ImproperlyConfigured, match=r"'retries': 3 .*headers are strings"):
+            await shop.publish(Shipped(2))
+    assert shop.transport is not None
+    await shop.transport.aclose()
+
+
+async def test_an_error_escaping_a_nested_call_is_reported_in_the_handling_that_let_it_escape() -> None:
+    heard: list[tuple[object, str | None]] = []
+
+    def on_error(error: BaseException, message: object) -> None:
+        context = current_context()
+        heard.append((message, context.handler if context else None))
+
+    dp = Dispatcher(context=True, on_error=on_error)
+
+    @dp.commands.register(Open)
+    async def outer(cmd: Open) -> None:
+        await dp.execute(Archived(cmd.n))  # its ValueError escapes this handler too
+
+    @dp.commands.register(Archived)
+    async def inner(cmd: Archived) -> None:
+        raise ValueError("inner failed")
+
+    async with dp:
+        await dp.send(Open(1))
+        await dp.join()
+    assert heard == [(Open(1), "outer")]
+
+
+async def test_the_hand_off_of_a_routed_follow_up_names_its_key() -> None:
+    class Refusing(InMemoryTransport):
+        async def send(self, envelope: Any) -> str:
+            raise ConnectionError("the broker is away")
+
+    heard: list[tuple[str, object, str]] = []
+
+    def on_error(error: BaseException, message: object) -> None:
+        context = current_context()
+        assert context is not None
+        heard.append((context.kind, context.key, context.handler))
+
+    shop = Dispatcher(transport=Refusing(), on_error=on_error)
+    shop.route(Shipped)
+    seen_by_source: list[tuple[object, str | None]] = []
+
+    def source(headers: dict[str, str]) -> None:
+        context = current_context()
+        assert context is not None
+        seen_by_source.append((context.key, context.causation_id))
+
+    shop.add_header_source(source)
+
+    @shop.commands.register(Open)
+    async def open_(cmd: Open) -> Shipped:
+        return Shipped(cmd.n)
+
+    async with shop:
+        await shop.send(Open(1))
+        await shop.join()
+    assert heard == [("event", Shipped, "transport")]
+    ((key, cause),) = seen_by_source
+    assert key is Shipped
+    assert cause is not None
+
+
+def test_an_annotation_that_cannot_be_resolved_is_named_in_the_error() -> None:
+    from pybus import HandlingContext as Ctx  # a local alias: "Ctx" cannot be resolved later
+
+    async def handler(cmd: Open, context: Ctx) -> None:
+        pass
+
+    handler.__annotations__["context"] = "Ctx"  # as `from __future__ import annotations` leaves it
+    with pytest.raises(HandlerSignatureError) as raised:
+        Dispatcher().commands.bind(Open, handler)
+    (note,) = raised.value.__notes__
+    assert "could not be resolved (NameError: name 'Ctx' is not defined)" in note

@@ -482,3 +482,37 @@ def test_logging_middleware_refuses_what_is_not_a_level_or_a_logger(
 ) -> None:
     with pytest.raises(ImproperlyConfigured, match=text):
         LoggingMiddleware(**options)
+
+
+async def test_a_failing_metrics_hook_or_describe_never_changes_the_outcome(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[int] = []
+
+    def broken_timing(context: HandlingContext, seconds: float, error: BaseException | None) -> None:
+        raise ConnectionError("statsd is down")
+
+    def broken_describe(message: Any) -> str:
+        raise KeyError("secret")
+
+    mw = LoggingMiddleware(logger="", on_timing=broken_timing, describe=broken_describe)
+    assert mw.logger is logging.getLogger()  # "" names the root logger
+    dp = Dispatcher(middleware=[mw])
+
+    @dp.commands.register(Charge)
+    async def charge(cmd: Charge) -> str:
+        calls.append(cmd.amount)
+        if cmd.amount < 0:
+            raise Declined("card declined")
+        return "charged"
+
+    caplog.set_level(logging.INFO)
+    async with dp:
+        assert await dp.execute(Charge(5)) == "charged"
+        with pytest.raises(Declined, match="card declined"):
+            await dp.execute(Charge(-1))
+    assert calls == [5, -1]
+    assert "<Charge: describe() raised KeyError: 'secret'>" in caplog.text
+    assert "on_timing hook failed" in caplog.text
+    with pytest.raises(ImproperlyConfigured, match=r"LoggingMiddleware\(on_timing=5\): pass a function"):
+        LoggingMiddleware(on_timing=5)  # type: ignore[arg-type]

@@ -74,6 +74,28 @@ def test_delays_grow_by_the_multiplier_up_to_max_delay_without_sleeping() -> Non
     assert Retry(delay=0.3, multiplier=1).delay_for(4) == 0.3
 
 
+def test_a_delay_far_down_the_attempts_is_max_delay_not_an_overflow() -> None:
+    policy = Retry(attempts=5000, delay=0.01, max_delay=1.0)
+    assert policy.delay_for(1025) == policy.delay_for(4999) == 1.0
+
+
+async def test_a_recursion_error_of_a_cycle_is_never_retried(slept: list[float]) -> None:
+    dp = Dispatcher(retry=Retry(attempts=3, delay=0))
+    calls = 0
+
+    @dp.events.register(Paid)
+    async def bounce(event: Paid) -> None:
+        nonlocal calls
+        calls += 1
+        await dp.publish(Paid(event.n + 1))  # a cycle: each publish nests one level deeper
+
+    async with dp:
+        with pytest.raises(RecursionError):
+            await dp.publish(Paid(0))
+    assert calls < 5_000  # one call per level, as without a policy; retries would multiply them
+    assert slept == []
+
+
 def test_jitter_only_lengthens_a_delay(monkeypatch: pytest.MonkeyPatch) -> None:
     policy = Retry(delay=1.0, multiplier=1, jitter=0.5)
     monkeypatch.setattr("pybus.retry.random.random", lambda: 0.0)
@@ -348,3 +370,67 @@ async def test_in_a_consumer_retries_run_inside_each_delivery_before_the_broker_
     # Delivery 1 tried twice in process and failed; the broker delivered it again.
     assert tries == [(1, 1), (1, 2), (2, 1)]
     assert consumer.failed == 1
+
+
+class SharedCollector:
+    """A ready instance (one for every handling) that collects an event, then may fail."""
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+        self.calls = 0
+
+    def add_event(self, event: object) -> None:
+        self.events.append(event)
+
+    def dump_events(self) -> list[object]:
+        events, self.events = self.events, []
+        return events
+
+    async def handle(self, cmd: Pay) -> None:
+        self.calls += 1
+        self.add_event(Paid(self.calls))
+        if cmd.n < 0 or self.calls == 1:
+            raise Flaky(f"call {self.calls}")
+
+
+@pytest.mark.parametrize("retry", [None, Retry(attempts=3, delay=0)])
+async def test_a_shared_instance_publishes_only_what_its_successful_handling_collected(
+    retry: Retry | None, slept: list[float]
+) -> None:
+    dp = Dispatcher(retry=retry)
+    dp.commands.bind(Pay, SharedCollector())
+    published: list[Paid] = []
+
+    @dp.events.register(Paid)
+    async def on_paid(event: Paid) -> None:
+        published.append(event)
+
+    async with dp:
+        if retry is None:
+            with pytest.raises(Flaky):
+                await dp.execute(Pay(1))
+        await dp.execute(Pay(1))
+    assert published == [Paid(2)]
+
+
+async def test_with_concurrent_events_a_cancellation_while_waiting_to_retry_keeps_the_note() -> None:
+    dp = Dispatcher(concurrent_events=True)
+    failed_once = asyncio.Event()
+
+    @dp.events.register(Paid, retry=Retry(attempts=3, delay=100))
+    async def book(event: Paid) -> None:
+        failed_once.set()
+        raise Flaky("ledger unreachable")
+
+    @dp.events.register(Paid)
+    async def mail(event: Paid) -> None:
+        await asyncio.sleep(100)
+
+    async with dp:
+        task = asyncio.create_task(dp.publish(Paid(1)))
+        await failed_once.wait()
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError) as raised:
+            await task
+    assert any("failed with Flaky: ledger unreachable" in note for note in raised.value.__notes__)
