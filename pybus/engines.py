@@ -376,8 +376,7 @@ class EventEngine(_Engine):
                     if self._instrument is None:
                         await self._fan_out(event, plans, produced, failures, ids)
                     else:
-                        handling = self._fan_out(event, plans, produced, failures, ids)
-                        await instrumented(self._instrument, "event", event, ids, handling)
+                        await self._fan_out_instrumented(event, plans, produced, failures, ids)
                     produced_by.extend([ids] * (len(produced) - before))
                 elif (kind := self._foreign.get(message_key(event))) is not None:
                     error = HandlerNotFound("event", message_key(event), registered_as=kind)
@@ -387,6 +386,29 @@ class EventEngine(_Engine):
                     self.observer.no_handler(event)
             events, parents = produced, produced_by
             depth += 1
+
+    async def _fan_out_instrumented(
+        self,
+        event: object,
+        plans: tuple[CallPlan, ...],
+        produced: list[Any],
+        failures: list[Exception],
+        ids: Ids,
+    ) -> None:
+        """`_fan_out` of a follow-up, between the instrumentation's two calls; its handlers'
+        failures (which the cascade collects rather than raises) end it as a group."""
+        assert self._instrument is not None
+        token = self._instrument.started("event", event, ids)
+        before = len(failures)
+        try:
+            await self._fan_out(event, plans, produced, failures, ids)
+        except BaseException as exc:
+            self._instrument.finished(token, exc)
+            raise
+        own = failures[before:]
+        self._instrument.finished(
+            token, handler_failures(event, _publishing(event, own), own) if own else None
+        )
 
     def _check_foreign(self, event: object) -> None:
         kind = self._foreign.get(message_key(event))

@@ -9,7 +9,7 @@ general paths call `call_tracked`.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from inspect import isawaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,10 +37,14 @@ class Instrumentation(Protocol):
 
 
 async def instrumented(
-    instrument: Instrumentation, kind: Kind, message: object, ids: Ids, work: Awaitable[Any]
+    instrument: Instrumentation, kind: Kind, message: object, ids: Ids, work: Coroutine[Any, Any, Any]
 ) -> Any:
     """Await `work`, the handling of `message`, between `instrument`'s two calls."""
-    token = instrument.started(kind, message, ids)
+    try:
+        token = instrument.started(kind, message, ids)
+    except BaseException:
+        work.close()  # never started: closed, so that it is not reported as never awaited
+        raise
     try:
         result = await work
     except BaseException as exc:

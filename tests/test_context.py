@@ -684,3 +684,41 @@ def test_an_annotation_that_cannot_be_resolved_is_named_in_the_error() -> None:
         Dispatcher().commands.bind(Open, handler)
     (note,) = raised.value.__notes__
     assert "could not be resolved (NameError: name 'Ctx' is not defined)" in note
+
+
+async def test_an_instrumentation_hears_a_follow_ups_handler_failures_as_its_outcome() -> None:
+    dp = Dispatcher(on_error=lambda error, message: None)
+    recording = Recording()
+    dp.instrumentation = recording
+
+    @dp.commands.register(Open)
+    async def open_(cmd: Open) -> Opened:
+        return Opened(cmd.n)
+
+    @dp.events.register(Opened)
+    async def broken(event: Opened) -> None:
+        raise ValueError("follow-up failed")
+
+    async with dp:
+        with pytest.raises(ExceptionGroup):
+            await dp.execute(Open(1))
+    finished = [(key, outcome) for step, _, key, outcome in recording.lines if step == "finished"]
+    assert finished == [(Opened, "HandlerFailures"), (Open, "HandlerFailures")]
+
+
+async def test_an_instrumentation_that_fails_to_start_leaves_no_handling_unawaited() -> None:
+    class Refusing(Recording):
+        def started(self, kind: Any, message: object, ids: Any) -> object:
+            raise RuntimeError("the tracer is broken")
+
+    dp = Dispatcher()
+    dp.instrumentation = Refusing()
+
+    @dp.commands.register(Open)
+    async def open_(cmd: Open) -> None:
+        pass
+
+    async with dp:
+        with pytest.raises(RuntimeError, match="the tracer is broken"):
+            await dp.execute(Open(1))
+    # filterwarnings = error: a coroutine never awaited would fail this test.
