@@ -7,8 +7,9 @@ OpenTelemetry API, to the providers given or the global ones:
   `publish` (its follow-ups inside it), each follow-up event, each message a
   transport consumer delivers. A follow-up's span is the child of the span of
   the message whose handling produced it; a message sent or executed from
-  inside a handler is the child of that handler's span; a delivered message
-  continues the trace of the sender, read from the envelope's headers.
+  inside a handler is the child of that handler's span, one from the error hook
+  the child of the failed message's span; a delivered message continues the
+  trace of the sender, read from the envelope's headers.
 - a **handler span** for each call of a handler (each retry attempt is a call),
   the child of its message's span, made by a dispatcher-wide middleware;
 - the **W3C trace context** added to the headers of every routed envelope sent;
@@ -24,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 try:
     from opentelemetry import context as otel_context
@@ -66,6 +68,12 @@ _OPERATIONS: dict[Kind, str] = {"command": "execute", "query": "query", "event":
 DURATION_BUCKETS: Sequence[float] = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 )  # fmt: skip
+
+#: How many failed top-level handlings a `Telemetry` keeps the span of, for the error hook.
+KEPT_FAILURES = 1024
+
+#: How many registrations and message keys a `Telemetry` keeps the span names of.
+CACHED = 1024
 
 
 def instrument(
@@ -108,13 +116,11 @@ def instrument(
 
 
 class _Scope:
-    """The spans of one top-level handling and of the follow-ups in its cascade."""
+    """The message spans of one top-level handling and of the follow-ups in its cascade."""
 
-    __slots__ = ("context", "ids", "open")
+    __slots__ = ("ids", "open")
 
-    def __init__(self, context: Context, message_id: int | str) -> None:
-        #: What the top-level handling made current: a follow-up starts with this current.
-        self.context = context
+    def __init__(self, message_id: int | str) -> None:
         self.ids: list[int | str] = [message_id]
         self.open = True
 
@@ -191,8 +197,18 @@ class Telemetry:
         #: Emptied as each top-level handling finishes.
         self._spans: dict[int | str, Span] = {}
         self._scope: ContextVar[_Scope | None] = ContextVar(f"pybus_otel_scope_{id(self)}", default=None)
-        self._handlers: dict[Registration, _Handler] = {}
+        #: The key, in the OpenTelemetry context a message span makes current, of that message's id:
+        #: code running inside a message's handling finds it there.
+        self._inside = otel_context.create_key(f"pybus.otel.message.{id(self)}")
+        #: The spans of the last top-level handlings that failed (KEPT_FAILURES at most), by
+        #: message id: the parents of what the error hook sends when it reports their failure.
+        self._failures: dict[int | str, Span] = {}
+        #: Names and attributes by registration (its kind, key, name and location: not the
+        #: registration itself, which holds the handler) and by message key; CACHED at most each.
+        self._handlers: dict[tuple[str, object, str, str], _Handler] = {}
         self._messages: dict[tuple[str, object], tuple[str, Attributes]] = {}
+        #: Header names a propagator gave a value that is not a string (warned about once).
+        self._bad_headers: set[object] = set()
 
     def __repr__(self) -> str:
         return f"<pybus.otel.Telemetry spans={len(self._spans)}>"
@@ -208,7 +224,9 @@ class Telemetry:
         """Start the span of `message` and make it current (pybus's `Instrumentation`)."""
         try:
             return self._start(kind, message, ids)
-        except Exception:
+        except BaseException as exc:
+            if not _otel_failure(exc):
+                raise
             _logger.warning("pybus.otel could not start the span of %s %r", kind, message, exc_info=True)
             return None
 
@@ -222,15 +240,29 @@ class Telemetry:
             parent = self._propagation().extract(delivery.headers, Context(), _HEADERS_GETTER)
             operation = "process"
         else:
-            found = self._scope.get()
-            if found is not None and found.open and found.context is current:
-                scope = found  # a follow-up in the cascade of the top-level handling in progress
             parent = current
             if causation_id is not None:
                 record = current_record()
-                if record is None or record[2][0] != causation_id:
-                    # Not called from a handler of its cause (a follow-up, run after that
-                    # handler returned): its parent is the cause's message span.
+                if record is not None and record[2][0] == causation_id:
+                    # Started from inside the handling of its cause (a handler, a middleware, a
+                    # task they started, the error hook reporting its failure): a top-level
+                    # handling of its own. Its parent is what is current there, if that is
+                    # inside the cause's handling (a handler span, or the cause's message span
+                    # under a middleware outside the instrumentation's).
+                    if otel_context.get_value(self._inside, current) != causation_id:
+                        # Not inside it (the error hook runs in the context the failed message
+                        # was sent from): the cause's span, if still known.
+                        cause = self._spans.get(causation_id)
+                        if cause is None:
+                            cause = self._failures.get(causation_id)
+                        if cause is not None:
+                            parent = trace.set_span_in_context(cause, current)
+                else:
+                    # A follow-up, published by the cascade after its cause's handler returned:
+                    # its parent is the cause's message span, and it belongs to the cascade's scope.
+                    found = self._scope.get()
+                    if found is not None and found.open:
+                        scope = found
                     cause = self._spans.get(causation_id)
                     if cause is not None:
                         parent = trace.set_span_in_context(cause, current)
@@ -252,31 +284,39 @@ class Telemetry:
             else SpanKind.INTERNAL
         )  # fmt: skip
         span = self._tracer.start_span(name, parent, span_kind, attributes)
-        made = trace.set_span_in_context(span, parent)
+        made = otel_context.set_value(self._inside, message_id, trace.set_span_in_context(span, parent))
+        token = otel_context.attach(made)
         self._spans[message_id] = span
         scope_token: Token[_Scope | None] | None = None
         if scope is None:
-            scope = _Scope(made, message_id)
+            scope = _Scope(message_id)
             scope_token = self._scope.set(scope)
         else:
             scope.ids.append(message_id)
-        return _Message(span, otel_context.attach(made), scope, scope_token)
+        return _Message(span, token, scope, scope_token)
 
     def finished(self, token: object, error: BaseException | None) -> None:
         """End the span `started` returned, with the handling's outcome (pybus's `Instrumentation`)."""
         if not isinstance(token, _Message):
             return
+        # The scope a top-level handling opened (None for a follow-up's span).
+        scope = token.scope if token.scope_token is not None else None
         try:
             _end(token.span, error)
-        except Exception:
+            if scope is not None and error is not None and not isinstance(error, asyncio.CancelledError):
+                # Kept for the error hook, which reports the failure once the handling is over.
+                failed = trace.NonRecordingSpan(token.span.get_span_context())
+                _keep(self._failures, scope.ids[0], failed, KEPT_FAILURES)
+        except (Exception, asyncio.CancelledError):  # the handling's outcome is decided: never raised
             _logger.warning("pybus.otel could not end a message span", exc_info=True)
         finally:
             otel_context.detach(token.token)
-            if token.scope_token is not None and token.scope is not None:
+            if scope is not None and token.scope_token is not None:
                 # The top-level handling is over, and so is its cascade: forget its spans.
-                token.scope.open = False
-                for message_id in token.scope.ids:
+                scope.open = False
+                for message_id in scope.ids:
                     self._spans.pop(message_id, None)
+                scope.ids.clear()
                 try:
                     self._scope.reset(token.scope_token)
                 except ValueError:  # pragma: no cover - the engines call started/finished in one context
@@ -305,7 +345,7 @@ class Telemetry:
         if route is not None and operation in ("send", "process"):
             attributes["messaging.destination.name"] = route
         found = (f"{operation} {name}", attributes)
-        self._messages[(operation, key)] = found
+        _keep(self._messages, (operation, key), found, CACHED)
         return found
 
     def _propagation(self) -> TextMapPropagator:
@@ -314,11 +354,30 @@ class Telemetry:
     # -- the trace context in routed envelopes: a header source ----------------
 
     def inject(self, headers: dict[str, str]) -> None:
-        """Add the current trace context to the headers of a routed envelope being sent."""
+        """Add the current trace context to the headers of a routed envelope being sent.
+
+        The propagator writes into a dict of its own: only string values under string
+        names reach `headers` (a header source must add strings), the others are logged."""
+        written: dict[Any, Any] = {}
         try:
-            self._propagation().inject(headers, None, _HEADERS_SETTER)
-        except Exception:
+            self._propagation().inject(written, None, _HEADERS_SETTER)
+        except BaseException as exc:
+            if not _otel_failure(exc):
+                raise
             _logger.warning("pybus.otel could not add the trace context to an envelope", exc_info=True)
+            return
+        for name, value in written.items():
+            if isinstance(name, str) and isinstance(value, str):
+                headers[name] = value
+            elif name not in self._bad_headers:  # warned about once per name
+                if len(self._bad_headers) < CACHED:
+                    self._bad_headers.add(name)
+                _logger.warning(
+                    "pybus.otel left the header %r out of an envelope: the propagator's value is of "
+                    "type %s, not a string",
+                    name,
+                    type(value).__name__,
+                )
 
     # -- handler spans and metrics: a dispatcher-wide middleware ---------------
 
@@ -326,7 +385,9 @@ class Telemetry:
         """Run the rest of the chain and the handler inside a handler span, and count it."""
         try:
             handling = self._handler_started()
-        except Exception:
+        except BaseException as exc:
+            if not _otel_failure(exc):
+                raise
             _logger.warning("pybus.otel could not start a handler span", exc_info=True)
             handling = None
         if handling is None:
@@ -344,9 +405,11 @@ class Telemetry:
         if record is None:  # pragma: no cover - an instrumented dispatcher tracks every handling
             return None
         handler, attempt, _ = record
-        info = self._handlers.get(handler)
+        registration = (handler.kind, handler.key, handler.name, handler.location)
+        info = self._handlers.get(registration)
         if info is None:
-            info = self._handlers[handler] = _Handler(handler)
+            info = _Handler(handler)
+            _keep(self._handlers, registration, info, CACHED)
         attributes = dict(info.attributes)
         attributes["pybus.attempt"] = attempt
         span = self._tracer.start_span(info.name, attributes=attributes)
@@ -358,7 +421,7 @@ class Telemetry:
         elapsed = time.perf_counter() - started
         try:
             _end(span, error)
-        except Exception:
+        except (Exception, asyncio.CancelledError):  # the call's outcome is decided: never raised
             _logger.warning("pybus.otel could not end a handler span", exc_info=True)
         finally:
             otel_context.detach(token)
@@ -369,10 +432,10 @@ class Telemetry:
             elif isinstance(error, asyncio.CancelledError):
                 labels = info.cancelled
             else:
-                labels = {**info.failed, "error.type": type(error).__qualname__}
+                labels = {**info.failed, "error.type": key_name(type(error))}
                 self._failed.add(1, labels)
             self._duration.record(elapsed, labels)
-        except Exception:
+        except (Exception, asyncio.CancelledError):
             _logger.warning("pybus.otel could not record the metrics of a handler call", exc_info=True)
 
 
@@ -410,14 +473,72 @@ def _histogram(meter: metrics.Meter) -> metrics.Histogram:
 
 
 def _end(span: Span, error: BaseException | None) -> None:
-    """Set the outcome of `span` and end it: a failure is recorded, with status ERROR."""
-    if error is None:
-        span.set_attribute("pybus.outcome", "ok")
-    elif isinstance(error, asyncio.CancelledError):
-        span.set_attribute("pybus.outcome", "cancelled")
-    else:
-        span.set_attribute("pybus.outcome", "failed")
-        span.set_attribute("error.type", type(error).__qualname__)
-        span.record_exception(error)
-        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-    span.end()
+    """Set the outcome of `span` and end it: a failure is recorded, with status ERROR.
+
+    The span is ended whatever setting its outcome raises (which is then raised)."""
+    try:
+        if error is None:
+            span.set_attribute("pybus.outcome", "ok")
+        elif isinstance(error, asyncio.CancelledError):
+            span.set_attribute("pybus.outcome", "cancelled")
+        else:
+            name = key_name(type(error))
+            description = _describe(error, name)
+            span.set_attribute("pybus.outcome", "failed")
+            span.set_attribute("error.type", name)
+            span.set_status(Status(StatusCode.ERROR, description))
+            try:
+                span.record_exception(error)
+            except Exception:  # its str() raised, say: recorded as the SDK would, with the description
+                cls = type(error)
+                module = cls.__module__
+                span.add_event(
+                    "exception",
+                    {
+                        "exception.type": cls.__qualname__
+                        if module == "builtins"
+                        else f"{module}.{cls.__qualname__}",
+                        "exception.message": description,
+                        "exception.stacktrace": "".join(traceback.format_exception(error)),
+                        "exception.escaped": "False",
+                    },
+                )
+    finally:
+        span.end()
+
+
+def _describe(error: BaseException, name: str) -> str:
+    """`"Name: message"`, or the name alone when the exception cannot be made a string."""
+    try:
+        return f"{name}: {error}"
+    except Exception:
+        return name
+
+
+def _otel_failure(exc: BaseException) -> bool:
+    """Whether `exc`, raised by OpenTelemetry's code, is a failure of OpenTelemetry (logged,
+    and the handling goes on) rather than something to raise.
+
+    A `CancelledError` raised by a synchronous call is not the cancellation of the task
+    (which comes in at an `await`), unless the task is being cancelled all the same.
+    """
+    if isinstance(exc, Exception):
+        return True
+    if not isinstance(exc, asyncio.CancelledError):
+        return False  # KeyboardInterrupt, SystemExit
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop running
+        return True
+    return task is None or not task.cancelling()
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _keep(cache: dict[_K, _V], key: _K, value: _V, limit: int) -> None:
+    """`cache[key] = value`, dropping the oldest entry when `cache` holds `limit` already."""
+    if len(cache) >= limit and key not in cache:
+        del cache[next(iter(cache))]
+    cache[key] = value

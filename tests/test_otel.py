@@ -8,19 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import gc
 import importlib
 import logging
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import Counter, Histogram, Meter, MeterProvider
-from opentelemetry.propagators.textmap import CarrierT, Getter, Setter, TextMapPropagator, default_getter
+from opentelemetry.propagators.textmap import (
+    CarrierT,
+    Getter,
+    Setter,
+    TextMapPropagator,
+    default_getter,
+    default_setter,
+)
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
 from opentelemetry.sdk.trace import ReadableSpan
@@ -30,6 +39,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+import pybus.otel
 from pybus import (
     Dispatcher,
     DispatcherFrozen,
@@ -777,3 +787,448 @@ async def test_a_broken_opentelemetry_never_breaks_a_handling(caplog: pytest.Log
         "pybus.otel could not record the metrics of a handler call",
         "pybus.otel could not end a message span",
     }
+
+
+# -- the outside review's findings (pybus.otel) ------------------------------
+
+
+@dataclass(frozen=True)
+class Top:
+    n: int
+
+
+@dataclass(frozen=True)
+class Audit:
+    n: int
+
+
+@dataclass(frozen=True)
+class Audited:
+    n: int
+
+
+@dataclass(frozen=True)
+class Archived:
+    n: int
+
+
+@dataclass(frozen=True)
+class Job:
+    n: int
+
+
+@dataclass(frozen=True)
+class Done:
+    n: int
+
+
+@dataclass(frozen=True)
+class Reported:
+    n: int
+
+
+class WithoutHandlerSpans(trace.TracerProvider):
+    """The SDK's spans, except that a handler span cannot start."""
+
+    def __init__(self, provider: trace.TracerProvider) -> None:
+        self.provider = provider
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return NoHandlerSpans(self.provider.get_tracer(*args, **kwargs))
+
+
+class NoHandlerSpans(trace.NoOpTracer):
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self.tracer = tracer
+
+    def start_span(self, name: str, *args: Any, **kwargs: Any) -> trace.Span:
+        if " -> " in name:
+            raise RuntimeError("no handler span")
+        return self.tracer.start_span(name, *args, **kwargs)
+
+
+@pytest.mark.parametrize("caller", ["an outer middleware", "a handler without its span"])
+async def test_handlings_started_from_a_handling_have_their_own_cascade_at_every_level(
+    otel: Otel, caller: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A middleware added before instrument() runs with the message span current, as a
+    # handler does when its handler span could not start: what it executes or sends is a
+    # top-level handling of its own, whose follow-ups find their cause at every level.
+    dp = Dispatcher()
+    done = asyncio.Event()
+
+    async def start_more(n: int) -> None:
+        await dp.execute(Audit(n))
+        await dp.commands.send(Job(n))
+
+    if caller == "an outer middleware":
+
+        async def outer(message: Any, call_next: Any) -> Any:
+            if isinstance(message, Top):
+                await start_more(message.n)
+            result = await call_next(message)
+            if isinstance(message, Top):
+                await asyncio.wait_for(done.wait(), 5)  # Top's handling is still open meanwhile
+            return result
+
+        dp.add_middleware(outer)
+        telemetry = otel.instrument(dp)
+    else:
+        telemetry = instrument(
+            dp, tracer_provider=WithoutHandlerSpans(otel.tracer_provider), meter_provider=otel.meter_provider
+        )
+
+    @dp.commands.register(Top)
+    async def top(cmd: Top) -> None:
+        if caller != "an outer middleware":
+            await start_more(cmd.n)
+            await asyncio.wait_for(done.wait(), 5)
+
+    @dp.commands.register(Audit)
+    async def audit(cmd: Audit) -> Audited:
+        return Audited(cmd.n)
+
+    @dp.events.register(Audited)
+    async def audited(event: Audited) -> Archived:
+        return Archived(event.n)
+
+    @dp.events.register(Archived)
+    async def archived(event: Archived) -> Opened:
+        return Opened(event.n)
+
+    @dp.events.register(Opened)
+    async def opened(event: Opened) -> None:
+        pass
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> Done:
+        return Done(cmd.n)
+
+    @dp.events.register(Done)
+    async def done_(event: Done) -> Noted:
+        return Noted(event.n)
+
+    @dp.events.register(Noted)
+    async def noted(event: Noted) -> None:
+        done.set()
+
+    with caplog.at_level(logging.WARNING, logger="pybus.otel"):
+        async with dp:
+            await dp.execute(Top(1))
+            await dp.join()
+    spans = otel.spans()
+    expected = {
+        "execute Top": None,
+        "command Top -> top": "execute Top",
+        "execute Audit": "execute Top",
+        "command Audit -> audit": "execute Audit",
+        "publish Audited": "execute Audit",
+        "event Audited -> audited": "publish Audited",
+        "publish Archived": "publish Audited",
+        "event Archived -> archived": "publish Archived",
+        "publish Opened": "publish Archived",
+        "event Opened -> opened": "publish Opened",
+        "execute Job": "execute Top",  # handled by a worker, from the middleware's context
+        "command Job -> job": "execute Job",
+        "publish Done": "execute Job",
+        "event Done -> done_": "publish Done",
+        "publish Noted": "publish Done",
+        "event Noted -> noted": "publish Noted",
+    }
+    if caller != "an outer middleware":
+        expected = {name: parent for name, parent in expected.items() if " -> " not in name}
+        assert {record.getMessage() for record in caplog.records} == {
+            "pybus.otel could not start a handler span"
+        }
+    assert {name: parent_of(span, spans) for name, span in spans.items()} == expected
+    assert len({span.context.trace_id for span in spans.values()}) == 1
+    assert telemetry.remembered == 0
+
+
+async def test_no_registration_is_kept_alive_and_the_caches_are_bounded(
+    otel: Otel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dp = Dispatcher()
+    telemetry = otel.instrument(dp)
+
+    @dp.commands.register(Open)
+    async def open_(cmd: Open) -> None:
+        pass
+
+    for name in ("a", "b", "c"):
+
+        @dp.events.register(name)
+        async def on_name() -> None:
+            pass
+
+    class Payload:
+        pass
+
+    fakes: list[weakref.ref[Payload]] = []
+    async with dp:
+        for n in range(3):
+            payload = Payload()
+            fakes.append(weakref.ref(payload))
+
+            async def fake(cmd: Open, payload: Payload = payload) -> None:
+                pass
+
+            with dp.override_handler(Open, fake):
+                await dp.execute(Open(n))
+            del payload, fake
+        gc.collect()
+        # The fakes ended with their overrides: the cache holds no registration.
+        assert [fake() for fake in fakes] == [None, None, None]
+        assert len(otel.spans_named("command Open -> fake")) == 3
+        # Names and attributes are kept for CACHED registrations and message keys at most.
+        monkeypatch.setattr(pybus.otel, "CACHED", 2)
+        for name in ("a", "b", "c", "a"):
+            await dp.publish(name)
+    assert len(telemetry._messages) == len(telemetry._handlers) == 2
+    assert [len(otel.spans_named(f"publish {name!r}")) for name in "abc"] == [2, 1, 1]
+    assert [len(otel.spans_named(f"event {name!r} -> on_name")) for name in "abc"] == [2, 1, 1]
+
+
+class OddPropagator(TraceContextTextMapPropagator):
+    """W3C trace context, and a header whose value is a number."""
+
+    def inject(
+        self, carrier: CarrierT, context: Context | None = None, setter: Setter[CarrierT] = default_setter
+    ) -> None:
+        super().inject(carrier, context, setter)
+        cast(Any, carrier)["x-number"] = 5
+
+
+class RaisingPropagator(TraceContextTextMapPropagator):
+    """Raises what it is given (a CancelledError from third-party code, say) as it injects."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def inject(
+        self, carrier: CarrierT, context: Context | None = None, setter: Setter[CarrierT] = default_setter
+    ) -> None:
+        raise self.error
+
+
+async def test_a_propagator_that_writes_a_number_or_raises_cancelled_never_fails_a_send(
+    otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = InMemoryBroker()
+    shop = Dispatcher(transport=InMemoryTransport(broker))
+    worker = Dispatcher(transport=InMemoryTransport(broker, group="shipping"))
+    headers: dict[str, str] = {}
+    shipping(shop, worker, headers)
+    instrument(
+        shop, tracer_provider=otel.tracer_provider, meter_provider=otel.meter_provider,
+        propagator=OddPropagator(),
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="pybus.otel"):
+        async with shop, consuming(worker) as consumer:
+            assert await shop.execute(Open(1)) == Shipped(1)
+            assert await shop.execute(Open(2)) == Shipped(2)
+            await until(lambda: consumer.handled == 2)
+    # The string headers went with the envelope, the number did not (and was logged once).
+    assert headers.keys() == {"traceparent"}
+    assert [record.getMessage() for record in caplog.records] == [
+        "pybus.otel left the header 'x-number' out of an envelope: the propagator's value is of "
+        "type int, not a string"
+    ]
+
+    # A CancelledError raised inside the propagator is its failure, not a cancellation.
+    caplog.clear()
+    shop = Dispatcher(transport=InMemoryTransport(broker))
+    shipping(shop, Dispatcher(), {})
+    telemetry = instrument(
+        shop, tracer_provider=otel.tracer_provider, meter_provider=otel.meter_provider,
+        propagator=RaisingPropagator(asyncio.CancelledError()),
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="pybus.otel"):
+        async with shop:
+            assert await shop.execute(Open(3)) == Shipped(3)
+        await asyncio.to_thread(telemetry.inject, {})  # no event loop there: the same
+    assert [record.getMessage() for record in caplog.records] == [
+        "pybus.otel could not add the trace context to an envelope"
+    ] * 2
+
+    # ... unless the task is being cancelled all the same.
+    async def cancelled_while_injecting() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        telemetry.inject({})
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(cancelled_while_injecting())
+    # And KeyboardInterrupt or SystemExit are never OpenTelemetry's failure.
+    interrupted = instrument(Dispatcher(), propagator=RaisingPropagator(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.inject({})
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+async def test_an_exception_that_cannot_be_printed_still_ends_both_spans(otel: Otel) -> None:
+    dp = Dispatcher()
+    telemetry = otel.instrument(dp)
+
+    @dp.commands.register(Fail)
+    async def fail(cmd: Fail) -> None:
+        raise Unprintable
+
+    async with dp:
+        with pytest.raises(Unprintable):
+            await dp.execute(Fail(1))
+        assert not trace.get_current_span().get_span_context().is_valid
+    spans = otel.spans()
+    assert spans.keys() == {"execute Fail", "command Fail -> fail"}
+    for span in spans.values():
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.status.description == "Unprintable"  # its name, without the message
+        assert attributes(span)["error.type"] == "Unprintable"
+        (event,) = span.events
+        assert event.name == "exception"
+        assert dict(event.attributes or {})["exception.type"] == f"{__name__}.Unprintable"
+        assert dict(event.attributes or {})["exception.message"] == "Unprintable"
+        assert "raise Unprintable" in str(dict(event.attributes or {})["exception.stacktrace"])
+    assert telemetry.remembered == 0
+    assert otel.counts("pybus.failed") == {("command", "Fail", "fail", "failed"): 1}
+
+
+async def test_calls_from_the_error_hook_are_children_of_the_failed_message(
+    otel: Otel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dp = Dispatcher()
+    telemetry = otel.instrument(dp)
+
+    @dp.commands.register(Open)
+    async def open_(cmd: Open) -> None:
+        await dp.commands.send(Job(cmd.n))  # fails in the background; reported to the hook
+
+    @dp.commands.register(Job)
+    async def job(cmd: Job) -> None:
+        raise Boom("job")
+
+    @dp.commands.register(Fail)
+    async def fail(cmd: Fail) -> None:
+        raise Boom("fail")
+
+    @dp.commands.register(Reported)
+    async def reported(cmd: Reported) -> Noted:
+        return Noted(cmd.n)
+
+    @dp.events.register(Noted)
+    async def noted(event: Noted) -> None:
+        pass
+
+    async def hook(error: BaseException, message: object) -> None:
+        # Runs in the context Job was sent from (open_'s span current), in Job's handling.
+        assert trace.get_current_span() is not trace.INVALID_SPAN
+        if isinstance(message, Job):
+            if message.n == 2:
+                with pytest.raises(Boom):  # a failure of its own, kept in place of Job's
+                    await dp.execute(Fail(2))
+            await dp.execute(Reported(message.n))
+
+    dp.on_error = hook
+    async with dp:
+        await dp.execute(Open(1))
+        await dp.join()
+        spans = otel.spans()
+        assert {name: parent_of(span, spans) for name, span in spans.items()} == {
+            "execute Open": None,
+            "command Open -> open_": "execute Open",
+            "execute Job": "command Open -> open_",
+            "command Job -> job": "execute Job",
+            "execute Reported": "execute Job",  # not the hook's current span: the failed message's
+            "command Reported -> reported": "execute Reported",
+            "publish Noted": "execute Reported",
+            "event Noted -> noted": "publish Noted",
+        }
+        assert (
+            attributes(spans["execute Reported"])["pybus.causation_id"]
+            == attributes(spans["execute Job"])["messaging.message.id"]
+        )
+        # Only the last KEPT_FAILURES failed handlings are kept: beyond, the hook's current span.
+        otel.exporter.clear()
+        monkeypatch.setattr(pybus.otel, "KEPT_FAILURES", 1)
+        await dp.execute(Open(2))
+        await dp.join()
+    spans = otel.spans()
+    assert parent_of(spans["execute Fail"], spans) == "execute Job"
+    assert parent_of(spans["execute Reported"], spans) == "command Open -> open_"
+    assert telemetry.remembered == 0
+
+
+async def test_error_type_is_the_class_name_as_keys_are_named(otel: Otel) -> None:
+    class LocalError(Exception):
+        pass
+
+    dp = Dispatcher()
+    otel.instrument(dp)
+
+    @dp.commands.register(Fail)
+    async def fail(cmd: Fail) -> None:
+        raise LocalError("local")
+
+    async with dp:
+        with pytest.raises(LocalError):
+            await dp.execute(Fail(1))
+    assert LocalError.__qualname__.endswith("<locals>.LocalError")
+    for span in otel.spans().values():
+        assert attributes(span)["error.type"] == "LocalError"
+        assert span.status.description == "LocalError: local"
+    data = otel.reader.get_metrics_data()
+    assert data is not None
+    found = {
+        (each.name, str(dict(point.attributes or {}).get("error.type")))
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for each in scope.metrics
+        for point in each.data.data_points
+    }
+    assert found == {("pybus.failed", "LocalError"), ("pybus.handling.duration", "LocalError")}
+
+
+class CancellingTracerProvider(trace.TracerProvider):
+    """Its spans named with `part` cannot start: the task is being cancelled meanwhile."""
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return CancellingTracer(self.part)
+
+
+class CancellingTracer(trace.NoOpTracer):
+    def __init__(self, part: str) -> None:
+        self.part = part
+
+    def start_span(self, name: str, *args: Any, **kwargs: Any) -> trace.Span:
+        if self.part in name:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            raise asyncio.CancelledError
+        return trace.INVALID_SPAN
+
+
+@pytest.mark.parametrize("part", ["execute ", " -> "])
+async def test_a_cancellation_that_comes_while_a_span_starts_is_raised(otel: Otel, part: str) -> None:
+    dp = Dispatcher()
+    instrument(dp, tracer_provider=CancellingTracerProvider(part), meter_provider=otel.meter_provider)
+    ran: list[int] = []
+
+    @dp.commands.register(Open)
+    async def open_(cmd: Open) -> None:
+        ran.append(cmd.n)
+
+    async with dp:
+        task = asyncio.create_task(dp.execute(Open(1)))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+        assert ran == []
