@@ -243,12 +243,15 @@ async def test_a_send_to_a_stalled_redis_raises_within_its_timeout_though_cancel
                         error = send.exception()
                         assert isinstance(error, TransportError), error
                         assert "within 0.05 s" in str(error) or "no connection was made" in str(error)
+                # Still stopped: the writes cut off still wait on their connections, so closing
+                # says so within its timeout (once the server runs again, it may answer them
+                # all before the close looks, and the close is clean: that race is not the test).
+                with pytest.raises(
+                    TransportError, match=r"did not answer within 0.05 s while the transport closed"
+                ):
+                    await transport.aclose()
             finally:
                 process.send_signal(signal.SIGCONT)
-            with pytest.raises(
-                TransportError, match=r"did not answer within 0.05 s while the transport closed"
-            ):
-                await transport.aclose()  # the writes cut off still waited on their connections
     assert lost_cancellations[0] > 0
 
 
