@@ -30,6 +30,7 @@ from pybus.middleware import CallNext, Middleware
 from pybus.providers import Factory, Singleton
 from pybus.retry import Retry
 from pybus.routers import EventRouter, RequestRouter
+from pybus.unit_of_work import UnitOfWork
 
 __version__ = "0.1.0"
 
@@ -70,6 +71,7 @@ __all__ = [
     "State",
     "TrackingTimeout",
     "TransportError",
+    "UnitOfWork",
     "WouldDeadlock",
     "__version__",
     "current_context",

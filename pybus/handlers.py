@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, TypeGuard, get_args, get
 
 from pybus.context import HandlingContext, current_context
 from pybus.errors import HandlerSignatureError, ImproperlyConfigured, Kind, key_name
-from pybus.providers import Provider, Resolver, Singleton
+from pybus.providers import Factory, Provider, Resolver, Singleton
+from pybus.unit_of_work import UnitOfWork, units_in
 
 if TYPE_CHECKING:
     from pybus.middleware import Middleware
@@ -473,6 +474,7 @@ def compile_handler(
     resolver: Resolver,
     handler_factory: Callable[..., Any] | None = None,
     timeout: float | None = None,
+    send: Callable[..., Awaitable[None]] | None = None,
 ) -> CallPlan:
     """Build the call plan for one registration (done once, at `start()`).
 
@@ -481,7 +483,7 @@ def compile_handler(
     handler, whether it succeeded or not. A `timeout` (seconds) cancels the
     handling past it, which then fails with `TimeoutError`.
     """
-    plan = _compile(handler, resolver, handler_factory)
+    plan = _compile(handler, resolver, handler_factory, send)
     return plan if timeout is None else _timed(plan, timeout)
 
 
@@ -530,14 +532,19 @@ def _timed(plan: CallPlan, seconds: float) -> CallPlan:
     return CallPlan(handler, timed_invoke, True, timed_collect if collect is not None else None)
 
 
-def _compile(handler: Handler, resolver: Resolver, handler_factory: Callable[..., Any] | None) -> CallPlan:
+def _compile(
+    handler: Handler,
+    resolver: Resolver,
+    handler_factory: Callable[..., Any] | None,
+    send: Callable[..., Awaitable[None]] | None = None,
+) -> CallPlan:
     target: Any = handler.target
     method = handler.method
     bound = dict(handler.bound)
     call = _caller(handler.message_param, handler.message_by_keyword, handler.context_params)
     has_providers = any(isinstance(value, Provider) for value in bound.values())
     if handler.collects_events or (handler.is_class and (has_providers or handler_factory is not None)):
-        return _scoped_plan(handler, resolver, handler_factory, call)
+        return _scoped_plan(handler, resolver, handler_factory, call, send)
     if handler.is_class:
 
         def invoke(message: Any) -> Any:
@@ -557,7 +564,7 @@ def _compile(handler: Handler, resolver: Resolver, handler_factory: Callable[...
                 handler, functools.partial(func, **bound) if bound else func, handler.is_async, None
             )
         return CallPlan(handler, lambda message: call(func, message, bound), handler.is_async, None)
-    scoped = _scoped_plan(handler, resolver, None, call)
+    scoped = _scoped_plan(handler, resolver, None, call, send)
     singletons = {name: value.identity for name, value in bound.items() if isinstance(value, Singleton)}
     if len(singletons) < sum(isinstance(value, Provider) for value in bound.values()):
         return scoped  # a Factory: every handling needs its own scope
@@ -643,7 +650,11 @@ def _singleton_invoke(
 
 
 def _scoped_plan(
-    handler: Handler, resolver: Resolver, handler_factory: Callable[..., Any] | None, call: Caller
+    handler: Handler,
+    resolver: Resolver,
+    handler_factory: Callable[..., Any] | None,
+    call: Caller,
+    send: Callable[..., Awaitable[None]] | None = None,
 ) -> CallPlan:
     target: Any = handler.target
     method = handler.method
@@ -651,9 +662,13 @@ def _scoped_plan(
     init_values = dict(handler.bound) if is_class else {}
     call_values = {} if is_class else dict(handler.bound)
     collects = handler.collects_events
+    # A Factory may make a unit of work, whose committed events are this handling's
+    # follow-ups: the engines must hand the plan their list (see `pybus.unit_of_work`).
+    per_handling = any(isinstance(value, Factory) for value in handler.bound.values())
 
-    async def make(stack: AsyncExitStack) -> Any:
+    async def make(stack: AsyncExitStack, units: list[UnitOfWork]) -> Any:
         init = await resolver.resolve_all(init_values, stack) if init_values else init_values
+        units.extend(units_in(init))
         if handler_factory is None:
             return target(**init)
         instance = handler_factory(target, **init) if init else handler_factory(target)
@@ -664,11 +679,15 @@ def _scoped_plan(
     async def run(message: Any, followups: list[Any] | None = None) -> Any:
         events: Any = None
         dumped = False
+        units: list[UnitOfWork] = []
         try:
             async with AsyncExitStack() as stack:
-                instance = await make(stack) if is_class else target
+                instance = await make(stack, units) if is_class else target
                 func = getattr(instance, method) if method else instance
                 kwargs = await resolver.resolve_all(call_values, stack) if call_values else call_values
+                units.extend(units_in(kwargs))
+                if units:
+                    _attach(units, handler, followups)
                 result = call(func, message, kwargs)
                 if inspect.isawaitable(result):
                     result = await result
@@ -688,9 +707,28 @@ def _scoped_plan(
         if events:
             assert followups is not None  # the engines call a collecting plan's `collect`
             followups.extend(events)
+        for unit in units:
+            released, sends = unit.released()
+            if released:
+                assert followups is not None  # checked by _attach
+                followups.extend(released)
+            for sent, key in sends:
+                assert send is not None  # the routers compile plans with the dispatcher's send
+                await send(sent, key=key)
         return result
 
-    return CallPlan(handler, run, True, run if collects else None)
+    return CallPlan(handler, run, True, run if collects or per_handling else None)
+
+
+def _attach(units: list[UnitOfWork], handler: Handler, followups: list[Any] | None) -> None:
+    if followups is None:  # a Singleton's first resolution: no follow-ups can be handed over
+        raise ImproperlyConfigured(
+            f"{handler} was given a {type(units[0]).__name__} by a Singleton: a unit of work is made "
+            "per handling; bind it with a Factory"
+        )
+    handling = object()
+    for unit in units:
+        unit.attach(handling, str(handler))
 
 
 async def _discard_events(instance: Any, error: BaseException) -> None:

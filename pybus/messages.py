@@ -34,6 +34,15 @@ class Query(Generic[R_co]):
 
 
 class Event:
-    """A fact that happened; zero or more handlers receive it."""
+    """A fact that happened; zero or more handlers receive it.
+
+    `class UserCreated(Event, unique=True)` lets a unit of work publish equal
+    instances once, however often they were added (see `pybus.UnitOfWork`).
+    """
 
     __slots__ = ()
+
+    def __init_subclass__(cls, unique: bool = False, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if unique:
+            setattr(cls, "pybus_unique", True)  # noqa: B010 - a class attribute the checkers do not know

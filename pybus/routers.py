@@ -376,7 +376,9 @@ class _Router(Generic[E]):
         closest retry policy."""
         settings = self._settings
         timeout = handler.timeout if handler.timeout is not None else settings.default_timeout
-        plan = compile_handler(handler, self.dispatcher.resolver, settings.handler_factory, timeout)
+        plan = compile_handler(
+            handler, self.dispatcher.resolver, settings.handler_factory, timeout, self.dispatcher.send
+        )
         plan = with_middleware(plan, self.middleware_for(handler))
         policy = self.retry_for(handler)
         return plan if policy is None else dataclasses.replace(plan, retry=policy)
