@@ -38,7 +38,7 @@ from pybus.retry import Retry, checked_retry
 from pybus.routers import EventRouter, RequestRouter, bind_any
 from pybus.settings import Settings
 from pybus.tracking import Instrumentation
-from pybus.transport import Transport
+from pybus.transport import Envelope, Transport
 from pybus.transport_routes import Routing
 from pybus.workers import EngineStatistics, ErrorHook, Statistics, Supervisor, WorkerPool, checked_hook
 
@@ -289,6 +289,20 @@ class Dispatcher:
                 "so it cannot be async"
             )
         self._routing.outgoing.append(source)
+
+    def envelope(self, message: object) -> Envelope:
+        """The envelope `message` would travel in if it were sent now (for an outbox): its
+        route's kind and name, its encoded body, ids that make it a child of the handling
+        in progress, and the header sources' headers. Raises `ImproperlyConfigured` before
+        `start()` or for a message that is not routed."""
+        key = message_key(message)
+        if key not in self._routing.routes:
+            raise ImproperlyConfigured(
+                f"{key_name(key)} is not routed: route it with dp.route({key_name(key)})"
+            )
+        if not self.started:
+            raise ImproperlyConfigured("Routed messages get their envelope after dp.start()")
+        return self._routing.envelope(self._routing.kind_of(key), message)
 
     def route(self, key: object, /, *, name: str | None = None, kind: Kind | None = None) -> None:
         """Send messages of `key` through the transport instead of handling them here.

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, TypeGuard, get_args, get
 from pybus.context import HandlingContext, current_context
 from pybus.errors import HandlerSignatureError, ImproperlyConfigured, Kind, key_name
 from pybus.providers import Factory, Provider, Resolver, Singleton
-from pybus.unit_of_work import UnitOfWork, units_in
+from pybus.unit_of_work import AlreadyHandled, UnitOfWork, units_in
 
 if TYPE_CHECKING:
     from pybus.middleware import Middleware
@@ -696,6 +696,8 @@ def _scoped_plan(
                     events = instance.dump_events()
                     if inspect.isawaitable(events):
                         events = await events
+        except AlreadyHandled:
+            return None  # an idempotent unit's inbox: this handler already handled this message
         except BaseException as exc:
             if collects and not is_class and not dumped:
                 # A ready instance serves every handling: what this failed one collected must

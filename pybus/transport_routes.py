@@ -60,6 +60,7 @@ class Routing:
         self.codec: JsonCodec | None = None
         self._supervisor = supervisor
         self._handlers: set[Handler] = set()
+        self._kinds: dict[object, Kind] = {}
         #: Called with the headers of each envelope sent, to add to them (e.g. the
         #: OpenTelemetry trace context); in the sender's context.
         self.outgoing: list[Callable[[dict[str, str]], None]] = []
@@ -83,6 +84,7 @@ class Routing:
                 "pass Dispatcher(transport=...)"
             )
         self.codec = JsonCodec({key: name for key, (name, _) in self.routes.items()})
+        self._kinds = {key: given or route_kind(key, kinds) for key, (_, given) in self.routes.items()}
         found: dict[Kind, Forwarder] = {}
         for kind in ("event", "command", "query"):
             keys = frozenset(
@@ -96,7 +98,7 @@ class Routing:
         return found
 
     async def forward(self, kind: Kind, message: object) -> None:
-        """Write `message` to the transport, as a consequence of the envelope being handled, if any.
+        """Write `message` to the transport, as a consequence of the handling in progress, if any.
 
         Refused with `DispatcherClosed` once the dispatcher stops taking messages
         (from outside a background handling while it drains, from anywhere after).
@@ -104,9 +106,20 @@ class Routing:
         supervisor = self._supervisor
         if supervisor.closing:
             supervisor.check_open(kind, message)
-        transport, codec = self.transport, self.codec
-        if transport is None or codec is None:  # pragma: no cover - forwarders() sets both with the routes
+        transport = self.transport
+        if transport is None:  # pragma: no cover - forwarders() sets it with the routes
             raise ImproperlyConfigured("No transport is attached")
+        await transport.send(self.envelope(kind, message))
+
+    def envelope(self, kind: Kind, message: object) -> Envelope:
+        """The envelope of a routed `message`: encoded, with its ids (a child of the handling
+        in progress, if any) and the headers the header sources add."""
+        codec = self.codec
+        if codec is None:
+            raise ImproperlyConfigured(
+                f"{message!r} cannot be put in an envelope: no route was compiled (route it with "
+                "dp.route() before dp.start())"
+            )
         record = current_record()
         if record is not None and record[0] in self._handlers:
             ids = record[2]  # published by an engine, which gave the message its ids
@@ -125,17 +138,19 @@ class Routing:
                     f"A header source added {name!r}: {value!r} to the headers of {codec.name_of(message)}; "
                     "headers are strings (a transport carries them as text): convert the value with str()"
                 )
-        await transport.send(
-            Envelope(
-                kind=kind,
-                name=codec.name_of(message),
-                body=codec.encode(message),
-                message_id=ident(ids[0]),
-                correlation_id=ident(ids[1]),
-                causation_id=None if ids[2] is None else ident(ids[2]),
-                headers=MappingProxyType(dict(headers)) if headers else NO_HEADERS,
-            )
+        return Envelope(
+            kind=kind,
+            name=codec.name_of(message),
+            body=codec.encode(message),
+            message_id=ident(ids[0]),
+            correlation_id=ident(ids[1]),
+            causation_id=None if ids[2] is None else ident(ids[2]),
+            headers=MappingProxyType(dict(headers)) if headers else NO_HEADERS,
         )
+
+    def kind_of(self, key: object) -> Kind:
+        """The kind a routed key travels as (known once `forwarders()` ran)."""
+        return self._kinds[key]
 
     def consumer(
         self,

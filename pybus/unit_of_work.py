@@ -26,6 +26,12 @@ from pybus.errors import ImproperlyConfigured
 State = Literal["new", "open", "committed", "rolled back"]
 
 
+class AlreadyHandled(Exception):
+    """Raised by a unit of work's provider when its inbox shows that this handler already
+    handled this message: pybus then counts the handling as done, without calling the
+    handler (a redelivered message is acknowledged, nothing runs twice)."""
+
+
 class UnitOfWork:
     """Writes committed together; events and messages released only by the commit.
 

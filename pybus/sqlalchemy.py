@@ -1,0 +1,397 @@
+"""SQLAlchemy 2.0 (asyncio): a unit of work over an `AsyncSession`, a transactional outbox
+and an idempotent inbox. Needs the extra `pybus[sqlalchemy]` and a driver (aiosqlite,
+asyncpg).
+
+- `Outbox(metadata)` declares two tables on the application's `MetaData` (so
+  Alembic and `metadata.create_all` see them): the outbox (routed messages
+  waiting to be sent) and the inbox (which handler handled which message).
+- `outbox.units(dp, sessions)` is a `Factory` that makes a `SqlAlchemyUnitOfWork`
+  per handling: the handler writes through `uow.session` inside `async with uow:`.
+  On commit, the events and messages it added that are routed to a transport are
+  written as outbox rows **in the same transaction** as the handler's writes;
+  the others become follow-ups (events) or background sends, as with any
+  `pybus.UnitOfWork`.
+- `outbox.relay(dp, sessions)` sends committed rows through the dispatcher's
+  transport, oldest first and in order per ordering key, then marks them sent.
+  A unit that wrote rows wakes the relay of its process at once (the fast path);
+  the relay also polls, so rows left behind by a crash are sent by whichever
+  relay runs next. On PostgreSQL, relays share the rows with `FOR UPDATE SKIP
+  LOCKED`: two relays never send one row twice while both are healthy. Sent rows
+  are deleted once older than `keep_sent`.
+- `outbox.units(..., idempotent=True)`: the unit records (message id, handler)
+  in the inbox in the handler's transaction; a redelivered message whose pair is
+  recorded is acknowledged without running the handler again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+try:
+    from sqlalchemy import (
+        BigInteger,
+        Column,
+        DateTime,
+        Index,
+        Integer,
+        LargeBinary,
+        MetaData,
+        String,
+        Table,
+        Text,
+        and_,
+        delete,
+        exists,
+        insert,
+        select,
+        update,
+    )
+    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
+    raise ImportError(
+        f"pybus.sqlalchemy needs SQLAlchemy 2.0 with asyncio ({exc}); "
+        "install it with: pip install 'pybus[sqlalchemy]' and a driver (aiosqlite, asyncpg)"
+    ) from exc
+
+from pybus.context import current_context
+from pybus.errors import ImproperlyConfigured, key_name, message_key
+from pybus.providers import Factory
+from pybus.transport import Envelope
+from pybus.unit_of_work import AlreadyHandled, UnitOfWork
+
+if TYPE_CHECKING:
+    from pybus.dispatcher import Dispatcher
+
+__all__ = ["Outbox", "Relay", "SqlAlchemyUnitOfWork"]
+
+logger = logging.getLogger("pybus.sqlalchemy")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Outbox:
+    """The outbox and inbox tables, declared on `metadata` under the names given."""
+
+    def __init__(
+        self, metadata: MetaData, *, outbox_table: str = "pybus_outbox", inbox_table: str = "pybus_inbox"
+    ) -> None:
+        if not isinstance(metadata, MetaData):
+            raise ImproperlyConfigured(
+                f"Outbox() takes the application's sqlalchemy.MetaData (e.g. Base.metadata), not {metadata!r}"
+            )
+        #: Routed messages waiting to be sent (`sent_at` null), and sent ones kept for a while.
+        self.table = Table(
+            outbox_table,
+            metadata,
+            Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+            Column("message_id", String(64), nullable=False, unique=True),
+            Column("correlation_id", String(64), nullable=False),
+            Column("causation_id", String(64)),
+            Column("kind", String(16), nullable=False),
+            Column("name", String(255), nullable=False),
+            Column("body", LargeBinary, nullable=False),
+            Column("headers", Text, nullable=False, default="{}"),
+            Column("ordering_key", String(255)),
+            Column("created_at", DateTime(timezone=True), nullable=False, default=_now),
+            Column("sent_at", DateTime(timezone=True)),
+        )
+        Index(f"{outbox_table}_unsent", self.table.c.sent_at, self.table.c.id)
+        Index(f"{outbox_table}_key", self.table.c.ordering_key, self.table.c.id)
+        #: (message id, handler) pairs handled by idempotent units.
+        self.inbox = Table(
+            inbox_table,
+            metadata,
+            Column("message_id", String(64), primary_key=True),
+            Column("handler", String(255), primary_key=True),
+            Column("handled_at", DateTime(timezone=True), nullable=False, default=_now),
+        )
+        self._relays: list[Relay] = []
+
+    def units(
+        self,
+        dp: Dispatcher,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        idempotent: bool = False,
+    ) -> Factory:
+        """A `Factory` making a `SqlAlchemyUnitOfWork` per handling of `dp`, on a session of
+        `sessions`; bind it to the handlers' unit-of-work parameter. `idempotent`: record
+        each (message id, handler) in the inbox, and skip a message already recorded."""
+        _check_sessions(sessions)
+
+        async def unit_of_work() -> AsyncIterator[SqlAlchemyUnitOfWork]:
+            unit = SqlAlchemyUnitOfWork(sessions(), self, dp)
+            try:
+                if idempotent:
+                    await unit.claim()
+                yield unit
+            finally:
+                await unit.close()
+
+        unit_of_work.__qualname__ = f"{type(self).__name__}.units({'idempotent' if idempotent else ''})"
+        return Factory(unit_of_work)
+
+    def relay(
+        self,
+        dp: Dispatcher,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        batch: int = 100,
+        poll: float = 1.0,
+        keep_sent: float = 3600.0,
+        cleanup_every: float = 60.0,
+    ) -> Relay:
+        """A relay that sends this outbox's committed rows through `dp`'s transport."""
+        _check_sessions(sessions)
+        relay = Relay(
+            self, dp, sessions, batch=batch, poll=poll, keep_sent=keep_sent, cleanup_every=cleanup_every
+        )
+        self._relays.append(relay)
+        return relay
+
+    def wake(self) -> None:
+        """Tell this process's relays that rows were committed (the fast path)."""
+        for relay in self._relays:
+            relay.wake()
+
+
+def _check_sessions(sessions: object) -> None:
+    if not isinstance(sessions, async_sessionmaker):
+        raise ImproperlyConfigured(
+            "Pass the application's sqlalchemy.ext.asyncio.async_sessionmaker (the factory of "
+            f"sessions), not {sessions!r}"
+        )
+
+
+class SqlAlchemyUnitOfWork(UnitOfWork):
+    """A unit of work over one `AsyncSession`: `async with uow:` begins a transaction,
+    commits it on a clean exit (with the outbox rows of the routed messages added) and
+    rolls it back on an exception. Repositories use `uow.session`."""
+
+    def __init__(self, session: AsyncSession, outbox: Outbox, dp: Dispatcher) -> None:
+        super().__init__()
+        #: The session of this handling; use it inside `async with uow:`.
+        self.session = session
+        self._outbox = outbox
+        self._dp = dp
+        self._claimed = False
+
+    async def claim(self) -> None:
+        """Record (message id, handler) in the inbox, in the transaction the handler's writes
+        will share; raise `AlreadyHandled` if they are recorded already."""
+        context = current_context()
+        if context is None:
+            raise ImproperlyConfigured(
+                "An idempotent unit of work needs the handling context (the message id): the "
+                "dispatcher tracks it when messages are routed, or with Dispatcher(context=True)"
+            )
+        handler = f"{key_name(context.key)}->{context.handler}"
+        await self.session.begin()
+        inbox = self._outbox.inbox
+        pair = and_(inbox.c.message_id == context.message_id, inbox.c.handler == handler)
+        recorded = await self.session.scalar(select(exists().where(pair)))
+        if recorded:
+            await self.session.rollback()
+            raise AlreadyHandled(f"{handler} already handled message {context.message_id}")
+        await self.session.execute(
+            insert(self._outbox.inbox).values(
+                message_id=context.message_id, handler=handler, handled_at=_now()
+            )
+        )
+        self._claimed = True
+
+    async def begin(self) -> None:
+        if not self.session.in_transaction():
+            await self.session.begin()
+
+    async def commit(self) -> None:
+        routed = self._dp.routes
+        outbox_rows: list[dict[str, Any]] = []
+        local_events: list[object] = []
+        for event in self._events:
+            if message_key(event) in routed:
+                outbox_rows.append(self._row(event, None))
+            else:
+                local_events.append(event)
+        local_sends: list[tuple[object, object]] = []
+        for message, key in self._sends:
+            if message_key(message) in routed:
+                outbox_rows.append(self._row(message, key))
+            else:
+                local_sends.append((message, key))
+        if outbox_rows:
+            await self.session.execute(insert(self._outbox.table), outbox_rows)
+        try:
+            await self.session.commit()
+        except IntegrityError as exc:
+            if self._claimed and self._outbox.inbox.name in str(exc):
+                # Another delivery of the same message committed first: this one did nothing.
+                raise AlreadyHandled(str(exc)) from exc
+            raise
+        self._events, self._sends = local_events, local_sends
+        if outbox_rows:
+            self._outbox.wake()
+
+    async def rollback(self) -> None:
+        await self.session.rollback()
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    def _row(self, message: object, key: object) -> dict[str, Any]:
+        envelope = self._dp.envelope(message)
+        return {
+            "message_id": envelope.message_id,
+            "correlation_id": envelope.correlation_id,
+            "causation_id": envelope.causation_id,
+            "kind": envelope.kind,
+            "name": envelope.name,
+            "body": envelope.body,
+            "headers": json.dumps(dict(envelope.headers)),
+            "ordering_key": None if key is None else str(key),
+            "created_at": _now(),
+        }
+
+
+class Relay:
+    """Sends an outbox's committed rows through a dispatcher's transport.
+
+    `await relay.run()` until `await relay.stop()`; or `await relay.send_pending()` for
+    one pass (tests, scripts). Each pass, in one transaction: take up to `batch` unsent
+    rows, the oldest first, only the oldest unsent row of each ordering key (so order
+    per key holds however many relays run), locking them on PostgreSQL (`FOR UPDATE
+    SKIP LOCKED`, so that relays share the work); send them; mark them sent; commit.
+    A crash between the send and the commit sends those rows again (at least once:
+    the consumer's de-duplication and idempotent units absorb it).
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        dp: Dispatcher,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        batch: int,
+        poll: float,
+        keep_sent: float,
+        cleanup_every: float,
+    ) -> None:
+        if dp.transport is None:
+            raise ImproperlyConfigured(
+                "An outbox relay sends through the dispatcher's transport: it has none"
+            )
+        self.outbox = outbox
+        self.dp = dp
+        self.sessions = sessions
+        self.batch = batch
+        self.poll = poll
+        self.keep_sent = keep_sent
+        self.cleanup_every = cleanup_every
+        #: Rows sent by this relay, and passes that failed (reported to the error hook).
+        self.sent = 0
+        self.failed = 0
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._last_cleanup = 0.0
+
+    def wake(self) -> None:
+        """Rows were committed: send them now instead of at the next poll."""
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Send rows until `stop()`: at once when woken, else every `poll` seconds."""
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            self._wakeup.clear()
+            try:
+                sent = await self.send_pending()
+                if loop.time() - self._last_cleanup >= self.cleanup_every:
+                    self._last_cleanup = loop.time()
+                    await self.cleanup()
+            except Exception as exc:  # the database or the broker is away: report, wait, again
+                self.failed += 1
+                await self._report(exc)
+                sent = 0
+            if sent == self.batch:
+                continue  # more may be waiting
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll):
+                    await self._wakeup.wait()
+
+    async def stop(self) -> None:
+        """End `run()` after the pass in progress."""
+        self._stopping = True
+        self._wakeup.set()
+
+    async def send_pending(self) -> int:
+        """One pass: send up to `batch` rows; return how many were sent."""
+        table = self.outbox.table
+        earlier = table.alias("earlier")
+        oldest_of_key = ~exists().where(
+            and_(
+                earlier.c.ordering_key == table.c.ordering_key,
+                earlier.c.sent_at.is_(None),
+                earlier.c.id < table.c.id,
+            )
+        )
+        query = (
+            select(table)
+            .where(table.c.sent_at.is_(None), oldest_of_key)
+            .order_by(table.c.id)
+            .limit(self.batch)
+            .with_for_update(skip_locked=True, of=table)
+        )
+        transport = self.dp.transport
+        assert transport is not None  # checked by __init__
+        async with self.sessions() as session, session.begin():
+            rows = (await session.execute(query)).mappings().all()
+            if not rows:
+                return 0
+            sent: list[int] = []
+            try:
+                for row in rows:
+                    await transport.send(_envelope(row))
+                    sent.append(row["id"])
+            finally:
+                if sent:
+                    await session.execute(update(table).where(table.c.id.in_(sent)).values(sent_at=_now()))
+        self.sent += len(sent)
+        return len(sent)
+
+    async def cleanup(self) -> int:
+        """Delete rows sent more than `keep_sent` seconds ago; return how many."""
+        table = self.outbox.table
+        before = _now() - dt.timedelta(seconds=self.keep_sent)
+        async with self.sessions() as session, session.begin():
+            result = await session.execute(delete(table).where(table.c.sent_at < before))
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    async def _report(self, error: BaseException) -> None:
+        hook = self.dp.on_error
+        try:
+            outcome = hook(error, None)
+            if asyncio.iscoroutine(outcome):
+                await outcome
+        except Exception:
+            logger.exception("pybus: the on_error hook failed while reporting a relay failure")
+
+
+def _envelope(row: Any) -> Envelope:
+    return Envelope(
+        kind=row["kind"],
+        name=row["name"],
+        body=bytes(row["body"]),
+        message_id=row["message_id"],
+        correlation_id=row["correlation_id"],
+        causation_id=row["causation_id"],
+        headers=json.loads(row["headers"] or "{}"),
+    )

@@ -1,0 +1,246 @@
+"""The SQLAlchemy unit of work, outbox and inbox, on SQLite and on PostgreSQL: outbox rows
+written atomically with the handler's writes, the relay after a crash, two relays that
+never send a row twice, order per key, cleanup, and the inbox skipping a redelivery."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Column, Integer, String, Table, func, select
+
+from pybus import Dispatcher, Event, HandlingContext, ImproperlyConfigured
+from pybus.sqlalchemy import Outbox, SqlAlchemyUnitOfWork
+from pybus.transport import Envelope, InMemoryBroker, InMemoryTransport
+from tests.consuming import consuming, until
+from tests.databases import Database, database
+
+
+@dataclass(frozen=True)
+class CreateUser:
+    name: str
+    fail: bool = False
+
+
+@dataclass(frozen=True)
+class UserCreated(Event):
+    name: str
+
+
+@dataclass(frozen=True)
+class Audited(Event):
+    name: str
+
+
+class Recording(InMemoryTransport):
+    """An in-memory transport that remembers every envelope sent, in order."""
+
+    def __init__(self, broker: InMemoryBroker, *, group: str = "default", pause: float = 0) -> None:
+        super().__init__(broker, group=group)
+        self.sent: list[Envelope] = []
+        self.pause = pause
+
+    async def send(self, envelope: Envelope) -> str:
+        if self.pause:
+            await asyncio.sleep(self.pause)  # let another relay run meanwhile
+        self.sent.append(envelope)
+        return await super().send(envelope)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
+    async with database(request.param, tmp_path) as found:
+        yield found
+
+
+def shop(db: Database, broker: InMemoryBroker) -> tuple[Dispatcher, Outbox, Table, list[object]]:
+    """A service whose command writes a user and emits a routed event and a local one."""
+    users = Table("users", db.metadata, Column("id", Integer, primary_key=True), Column("name", String(50)))
+    outbox = Outbox(db.metadata)
+    dp = Dispatcher(transport=Recording(broker, group="shop"))
+    dp.route(UserCreated)
+    local: list[object] = []
+
+    @dp.commands.register(CreateUser, uow=outbox.units(dp, db.sessions))
+    async def create_user(cmd: CreateUser, uow: SqlAlchemyUnitOfWork) -> None:
+        async with uow:
+            await uow.session.execute(users.insert().values(name=cmd.name))
+            uow.add_event(UserCreated(cmd.name))  # routed: an outbox row in this transaction
+            uow.add_event(Audited(cmd.name))  # local: a follow-up once committed
+            if cmd.fail:
+                raise ValueError("failed after the writes")
+
+    @dp.events.register(Audited)
+    async def audit(event: Audited) -> None:
+        local.append(event)
+
+    return dp, outbox, users, local
+
+
+async def count(db: Database, table: Table, *where: Any) -> int:
+    async with db.sessions() as session:
+        return int(await session.scalar(select(func.count()).select_from(table).where(*where)) or 0)
+
+
+async def test_a_commit_writes_the_outbox_row_with_the_handlers_writes_and_the_relay_sends_it(
+    db: Database,
+) -> None:
+    broker = InMemoryBroker()
+    dp, outbox, users, local = shop(db, broker)
+    await db.create_tables()
+    relay = outbox.relay(dp, db.sessions, poll=0.01)
+    async with dp:
+        running = asyncio.create_task(relay.run())
+        try:
+            await dp.execute(CreateUser("ada"))
+            await until(lambda: relay.sent == 1)
+        finally:
+            await relay.stop()
+            await running
+    assert await count(db, users) == 1
+    assert local == [Audited("ada")]
+    assert await count(db, outbox.table, outbox.table.c.sent_at.is_not(None)) == 1
+    (envelope,) = dp.transport.sent  # type: ignore[union-attr]
+    assert envelope.name.endswith("UserCreated")
+    assert envelope.correlation_id != envelope.message_id  # caused by the command: a child of its handling
+
+
+async def test_a_failure_after_the_writes_leaves_neither_the_writes_nor_the_outbox_row(db: Database) -> None:
+    broker = InMemoryBroker()
+    dp, outbox, users, local = shop(db, broker)
+    await db.create_tables()
+    async with dp:
+        with pytest.raises(ValueError, match="failed after the writes"):
+            await dp.execute(CreateUser("ada", fail=True))
+    assert await count(db, users) == 0
+    assert await count(db, outbox.table) == 0
+    assert local == []
+
+
+async def test_rows_left_by_a_crash_between_commit_and_send_are_sent_by_the_next_relay(db: Database) -> None:
+    broker = InMemoryBroker()
+    dp, outbox, _, _ = shop(db, broker)
+    await db.create_tables()
+    async with dp:  # no relay runs: the process "dies" after the commits
+        for name in ("ada", "bob", "cy"):
+            await dp.execute(CreateUser(name))
+    assert await count(db, outbox.table, outbox.table.c.sent_at.is_(None)) == 3
+    later, later_outbox, _, _ = shop(Database(db.name, db.engine, db.sessions, type(db.metadata)()), broker)
+    relay = later_outbox.relay(later, db.sessions)
+    async with later:
+        assert await relay.send_pending() == 3
+        assert await relay.send_pending() == 0
+    sent = [envelope.body for envelope in later.transport.sent]  # type: ignore[union-attr]
+    assert sent == [b'{"name":"ada"}', b'{"name":"bob"}', b'{"name":"cy"}']
+
+
+async def test_cleanup_deletes_rows_sent_longer_ago_than_keep_sent(db: Database) -> None:
+    broker = InMemoryBroker()
+    dp, outbox, _, _ = shop(db, broker)
+    await db.create_tables()
+    relay = outbox.relay(dp, db.sessions, keep_sent=0)
+    async with dp:
+        await dp.execute(CreateUser("ada"))
+        assert await relay.cleanup() == 0  # not sent yet: kept
+        await relay.send_pending()
+        await asyncio.sleep(0.01)
+        assert await relay.cleanup() == 1
+    assert await count(db, outbox.table) == 0
+
+
+@dataclass(frozen=True)
+class Ship:
+    order: int
+    step: int
+
+
+@dataclass(frozen=True)
+class Shipped(Event):
+    order: int
+    step: int
+
+
+async def test_two_relays_never_send_a_row_twice_and_keep_the_order_of_each_key(db: Database) -> None:
+    if db.name == "sqlite":
+        pytest.skip("SQLite has no row locks: run one relay per SQLite database (docs/outbox.md)")
+    broker = InMemoryBroker()
+    outbox = Outbox(db.metadata)
+    dp = Dispatcher(transport=Recording(broker, group="shop", pause=0.001))
+    dp.route(Shipped)
+
+    @dp.commands.register(Ship, uow=outbox.units(dp, db.sessions))
+    async def ship(cmd: Ship, uow: SqlAlchemyUnitOfWork) -> None:
+        async with uow:
+            uow.send(Shipped(cmd.order, cmd.step), key=cmd.order)  # routed: ordered by order id
+
+    await db.create_tables()
+    async with dp:
+        for step in range(5):
+            for order in range(20):
+                await dp.execute(Ship(order, step))
+        first, second = (outbox.relay(dp, db.sessions, batch=7) for _ in range(2))
+
+        async def drain(relay: Any) -> None:
+            while await relay.send_pending():
+                pass
+
+        await asyncio.gather(drain(first), drain(second))
+        await drain(first)  # rows skipped while the other relay held their key's older row
+    assert first.sent > 0
+    assert second.sent > 0
+    envelopes = dp.transport.sent  # type: ignore[union-attr]
+    assert len(envelopes) == len({envelope.message_id for envelope in envelopes}) == 100
+    steps: dict[int, list[int]] = {}
+    for envelope in envelopes:
+        body = envelope.body.decode()
+        order, step = (int(part.split(":")[1]) for part in body.strip("{}").split(","))
+        steps.setdefault(order, []).append(step)
+    assert steps == {order: list(range(5)) for order in range(20)}
+
+
+@dataclass(frozen=True)
+class Charge(Event):
+    n: int
+
+
+async def test_an_idempotent_unit_skips_a_redelivered_message_and_acks_it(db: Database) -> None:
+    broker = InMemoryBroker()
+    shop_dp = Dispatcher(transport=InMemoryTransport(broker, group="shop"))
+    shop_dp.route(Charge)
+    charges = Table("charges", db.metadata, Column("n", Integer, primary_key=True))
+    outbox = Outbox(db.metadata)
+    worker = Dispatcher(transport=InMemoryTransport(broker, group="billing"), on_error=lambda e, m: None)
+    worker.route(Charge)
+    runs: list[tuple[int, int]] = []
+
+    @worker.events.register(Charge, uow=outbox.units(worker, db.sessions, idempotent=True))
+    async def bill(event: Charge, uow: SqlAlchemyUnitOfWork, context: HandlingContext) -> None:
+        runs.append((event.n, context.delivery))
+        async with uow:
+            await uow.session.execute(charges.insert().values(n=event.n))
+        if context.delivery == 1:
+            raise ConnectionError("the ack was lost")  # committed, but the delivery fails
+
+    await db.create_tables()
+    async with shop_dp, consuming(worker) as consumer:
+        await shop_dp.publish(Charge(1))
+        await until(lambda: consumer.handled == 1)
+    assert runs == [(1, 1)]  # delivery 2 found the inbox row: the handler did not run again
+    assert consumer.failed == 1
+    assert await count(db, charges) == 1
+    assert await count(db, outbox.inbox) == 1
+
+
+async def test_misuse_is_refused_with_the_fix(db: Database) -> None:
+    with pytest.raises(ImproperlyConfigured, match=r"takes the application's sqlalchemy\.MetaData"):
+        Outbox(object())  # type: ignore[arg-type]
+    outbox = Outbox(db.metadata)
+    dp = Dispatcher()
+    with pytest.raises(ImproperlyConfigured, match="async_sessionmaker"):
+        outbox.units(dp, object())  # type: ignore[arg-type]
+    with pytest.raises(ImproperlyConfigured, match="it has none"):
+        outbox.relay(dp, db.sessions)
