@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, NoReturn, Self, TypeVar, overload
+from typing import Any, NoReturn, Protocol, Self, TypeVar, overload
 
 from pybus.consumer import Consumer
 from pybus.engines import EventEngine, RequestEngine
@@ -44,6 +45,14 @@ from pybus.workers import EngineStatistics, ErrorHook, Statistics, Supervisor, W
 
 R = TypeVar("R")
 logger = logging.getLogger("pybus")
+
+
+class Service(Protocol):
+    """Something `serve()` runs beside the consumer (see `Dispatcher.add_service`)."""
+
+    async def run(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 async def _refuse(
@@ -131,6 +140,7 @@ class Dispatcher:
         self._context = context
         self._tracked = False
         self._instrumentation: Instrumentation | None = None
+        self._services: list[Service] = []
         self._lifecycle = Lifecycle(self._supervisor, self.resolver, transport)
         self._bind_calls(functools.partial(_refuse, DispatcherNotStarted))
 
@@ -488,6 +498,7 @@ class Dispatcher:
         requested = self._lifecycle.watch(loop)
         installed: list[signal.Signals] = []
         reading: asyncio.Task[None] | None = None
+        services: list[asyncio.Task[None]] = []
         died = False
 
         def on_signal() -> None:
@@ -502,12 +513,19 @@ class Dispatcher:
                 installed.append(sig)
             if consumer is not None:
                 reading = loop.create_task(consumer.run(), name="pybus-consumer")
+            services = [
+                loop.create_task(service.run(), name=f"pybus-{type(service).__name__}")
+                for service in self._services
+            ]
             await asyncio.wait(
                 [requested, *([reading] if reading else [])], return_when=asyncio.FIRST_COMPLETED
             )
             died = reading is not None and reading.done() and not requested.done()
         finally:
             try:
+                # The services (an outbox relay) end first: they use the transport, which
+                # stop() closes. What they did not take is taken by the next one to run.
+                await self._stop_services(services)
                 # The handlers stay while it stops: a second signal ends the drain at once
                 # (what is still running is given back) instead of killing the process.
                 unhandled = await self.stop(drain_timeout)
@@ -526,6 +544,31 @@ class Dispatcher:
                 f"the dispatcher ({unhandled} message(s) not handled)"
             ) from cause
         return unhandled
+
+    def add_service(self, service: Service) -> None:
+        """Run `service` (an object with async `run()` and `stop()`, such as an outbox relay)
+        while `serve()` runs: started with the consumer, stopped before the dispatcher stops.
+        Raises `ImproperlyConfigured` for an object without them."""
+        run, stop = getattr(service, "run", None), getattr(service, "stop", None)
+        if not (inspect.iscoroutinefunction(run) and inspect.iscoroutinefunction(stop)):
+            raise ImproperlyConfigured(
+                "add_service() takes an object with `async def run()` and `async def stop()`, "
+                f"not {service!r}"
+            )
+        self._services.append(service)
+
+    async def _stop_services(self, tasks: list[asyncio.Task[None]]) -> None:
+        for service in self._services:
+            try:
+                await service.stop()
+            except Exception as exc:
+                await self._supervisor.report(exc, None, contextvars.copy_context())
+        if tasks:
+            await asyncio.wait(tasks)
+            for task in tasks:
+                error = None if task.cancelled() else task.exception()
+                if error is not None:
+                    await self._supervisor.report(error, None, contextvars.copy_context())
 
     def statistics(self) -> Statistics:
         """A frozen snapshot of each engine's queued, in-flight, handled and failed counts."""

@@ -244,3 +244,20 @@ async def test_misuse_is_refused_with_the_fix(db: Database) -> None:
         outbox.units(dp, object())  # type: ignore[arg-type]
     with pytest.raises(ImproperlyConfigured, match="it has none"):
         outbox.relay(dp, db.sessions)
+
+
+async def test_serve_runs_the_relay_and_stops_it_before_the_transport_closes(db: Database) -> None:
+    broker = InMemoryBroker()
+    dp, outbox, _, _ = shop(db, broker)
+    await db.create_tables()
+    relay = outbox.relay(dp, db.sessions, poll=10)  # only the fast path can send in time
+    dp.add_service(relay)
+    with pytest.raises(ImproperlyConfigured, match="async def run"):
+        dp.add_service(object())  # type: ignore[arg-type]
+    serving = asyncio.create_task(dp.serve(stop_signals=()))
+    await until(lambda: dp.started)
+    await dp.execute(CreateUser("ada"))
+    await until(lambda: relay.sent == 1)  # woken by the commit, not by the 10 s poll
+    await dp.stop()
+    await serving
+    assert await count(db, outbox.table, outbox.table.c.sent_at.is_(None)) == 0
