@@ -164,3 +164,14 @@ def test_in_memory_transport_example_delivers_to_each_service() -> None:
         "[warehouse] picking order 1",
         "[warehouse] shipped order 1",
     ]
+
+
+async def test_user_signup_example_publishes_to_three_domains_only_after_the_commit(tmp_path: Path) -> None:
+    from examples.user_signup import main
+
+    assert await main(tmp_path / "users.db") == [
+        "mail: welcome, ada",
+        "stats: 1 user(s)",  # the row is committed before any domain hears of it
+        "audit: user 1 created",
+        "accounts: 'ada' is taken; nothing was published",
+    ]
