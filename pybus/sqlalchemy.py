@@ -202,11 +202,13 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         if recorded:
             await self.session.rollback()
             raise AlreadyHandled(f"{handler} already handled message {context.message_id}")
-        await self.session.execute(
-            insert(self._outbox.inbox).values(
-                message_id=context.message_id, handler=handler, handled_at=_now()
+        try:
+            await self.session.execute(
+                insert(inbox).values(message_id=context.message_id, handler=handler, handled_at=_now())
             )
-        )
+        except IntegrityError as exc:  # another delivery of it committed meanwhile
+            await self.session.rollback()
+            raise AlreadyHandled(f"{handler} already handled message {context.message_id}") from exc
         self._claimed = True
 
     async def begin(self) -> None:

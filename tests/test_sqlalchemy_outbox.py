@@ -261,3 +261,35 @@ async def test_serve_runs_the_relay_and_stops_it_before_the_transport_closes(db:
     await dp.stop()
     await serving
     assert await count(db, outbox.table, outbox.table.c.sent_at.is_(None)) == 0
+
+
+async def test_two_deliveries_racing_for_the_inbox_run_the_handler_once(db: Database) -> None:
+    charges = Table("charges", db.metadata, Column("n", Integer, primary_key=True))
+    outbox = Outbox(db.metadata)
+    dp = Dispatcher(context=True)
+    runs: list[int] = []
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    @dp.commands.register(Charge, uow=outbox.units(dp, db.sessions, idempotent=True))
+    async def bill(cmd: Charge, uow: SqlAlchemyUnitOfWork) -> None:
+        runs.append(cmd.n)
+        async with uow:
+            await uow.session.execute(charges.insert().values(n=cmd.n))
+            inside.set()
+            await release.wait()  # the first holds its transaction open while the second claims
+
+    await db.create_tables()
+    async with dp:
+        # Two deliveries of one message (one id), as two consumers would run them.
+        delivery = Envelope("command", "Charge", b"{}", message_id="m1", correlation_id="m1")
+        engine = dp.commands.engine
+        assert engine is not None
+        first = asyncio.create_task(engine.deliver(Charge(1), delivery))
+        await inside.wait()
+        second = asyncio.create_task(engine.deliver(Charge(1), delivery))
+        await asyncio.sleep(0.2)  # the second waits on the first's row lock (or the database lock)
+        release.set()
+        await asyncio.gather(first, second)
+    assert runs == [1]
+    assert await count(db, charges) == 1
