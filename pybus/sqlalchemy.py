@@ -354,19 +354,22 @@ class Relay:
         )
         transport = self.dp.transport
         assert transport is not None  # checked by __init__
+        sent: list[int] = []
+        failure: Exception | None = None
         async with self.sessions() as session, session.begin():
             rows = (await session.execute(query)).mappings().all()
-            if not rows:
-                return 0
-            sent: list[int] = []
-            try:
-                for row in rows:
+            for row in rows:
+                try:
                     await transport.send(_envelope(row))
-                    sent.append(row["id"])
-            finally:
-                if sent:
-                    await session.execute(update(table).where(table.c.id.in_(sent)).values(sent_at=_now()))
+                except Exception as exc:  # the rows sent before it are marked; the rest stay
+                    failure = exc
+                    break
+                sent.append(row["id"])
+            if sent:
+                await session.execute(update(table).where(table.c.id.in_(sent)).values(sent_at=_now()))
         self.sent += len(sent)
+        if failure is not None:
+            raise failure
         return len(sent)
 
     async def cleanup(self) -> int:

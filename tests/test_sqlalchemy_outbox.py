@@ -293,3 +293,24 @@ async def test_two_deliveries_racing_for_the_inbox_run_the_handler_once(db: Data
         await asyncio.gather(first, second)
     assert runs == [1]
     assert await count(db, charges) == 1
+
+
+async def test_a_send_that_fails_mid_batch_marks_what_was_sent_and_keeps_the_rest(db: Database) -> None:
+    class Failing(Recording):
+        async def send(self, envelope: Envelope) -> str:
+            if len(self.sent) == 2:
+                raise ConnectionError("the broker went away")
+            return await super().send(envelope)
+
+    broker = InMemoryBroker()
+    dp, outbox, _, _ = shop(db, broker)
+    dp.transport = Failing(broker, group="shop")
+    await db.create_tables()
+    relay = outbox.relay(dp, db.sessions)
+    async with dp:
+        for name in ("ada", "bob", "cy", "dee"):
+            await dp.execute(CreateUser(name))
+        with pytest.raises(ConnectionError, match="the broker went away"):
+            await relay.send_pending()
+    assert relay.sent == 2
+    assert await count(db, outbox.table, outbox.table.c.sent_at.is_(None)) == 2  # sent again later, once
