@@ -30,7 +30,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -48,6 +48,7 @@ try:
         and_,
         delete,
         exists,
+        func,
         insert,
         select,
         update,
@@ -337,17 +338,10 @@ class Relay:
     async def send_pending(self) -> int:
         """One pass: send up to `batch` rows; return how many were sent."""
         table = self.outbox.table
-        earlier = table.alias("earlier")
-        oldest_of_key = ~exists().where(
-            and_(
-                earlier.c.ordering_key == table.c.ordering_key,
-                earlier.c.sent_at.is_(None),
-                earlier.c.id < table.c.id,
-            )
-        )
+        # The oldest unsent rows, skipping those another relay holds (PostgreSQL).
         query = (
             select(table)
-            .where(table.c.sent_at.is_(None), oldest_of_key)
+            .where(table.c.sent_at.is_(None))
             .order_by(table.c.id)
             .limit(self.batch)
             .with_for_update(skip_locked=True, of=table)
@@ -358,7 +352,10 @@ class Relay:
         failure: Exception | None = None
         async with self.sessions() as session, session.begin():
             rows = (await session.execute(query)).mappings().all()
+            held = await self._held_keys(session, rows)
             for row in rows:
+                if row["ordering_key"] in held:
+                    continue
                 try:
                     await transport.send(_envelope(row))
                 except Exception as exc:  # the rows sent before it are marked; the rest stay
@@ -371,6 +368,24 @@ class Relay:
         if failure is not None:
             raise failure
         return len(sent)
+
+    async def _held_keys(self, session: AsyncSession, rows: Sequence[Any]) -> set[str]:
+        """The ordering keys of `rows` whose oldest unsent row is not among them: another
+        relay holds it (it skipped our locks as we skipped its), so this pass sends none of
+        that key, which keeps the order of each key."""
+        first: dict[str, int] = {}
+        for row in rows:
+            if row["ordering_key"] is not None:
+                first.setdefault(row["ordering_key"], row["id"])
+        if not first:
+            return set()
+        table = self.outbox.table
+        oldest = (
+            select(table.c.ordering_key, func.min(table.c.id))
+            .where(table.c.sent_at.is_(None), table.c.ordering_key.in_(first))
+            .group_by(table.c.ordering_key)
+        )
+        return {key for key, lowest in (await session.execute(oldest)).all() if lowest < first[key]}
 
     async def cleanup(self) -> int:
         """Delete rows sent more than `keep_sent` seconds ago; return how many."""

@@ -179,8 +179,10 @@ async def test_two_relays_never_send_a_row_twice_and_keep_the_order_of_each_key(
 
     await db.create_tables()
     async with dp:
-        for step in range(5):
-            for order in range(20):
+        # Each order's steps one after the other: a batch holds several steps of one order,
+        # and the next batch (the other relay's) the rest of them.
+        for order in range(20):
+            for step in range(5):
                 await dp.execute(Ship(order, step))
         first, second = (outbox.relay(dp, db.sessions, batch=7) for _ in range(2))
 
