@@ -270,9 +270,10 @@ class Relay:
 
     `await relay.run()` until `await relay.stop()`; or `await relay.send_pending()` for
     one pass (tests, scripts). Each pass, in one transaction: take up to `batch` unsent
-    rows, the oldest first, only the oldest unsent row of each ordering key (so order
-    per key holds however many relays run), locking them on PostgreSQL (`FOR UPDATE
-    SKIP LOCKED`, so that relays share the work); send them; mark them sent; commit.
+    rows, the oldest first, locking them on PostgreSQL (`FOR UPDATE SKIP LOCKED`, so
+    that relays share the work), leaving out the keys whose oldest unsent row another
+    relay holds (so order per key holds however many relays run); send them, the rows
+    of one key one after the other and the rest at once; mark them sent; commit.
     A crash between the send and the commit sends those rows again (at least once:
     the consumer's de-duplication and idempotent units absorb it).
     """
@@ -349,24 +350,33 @@ class Relay:
         transport = self.dp.transport
         assert transport is not None  # checked by __init__
         sent: list[int] = []
-        failure: Exception | None = None
-        async with self.sessions() as session, session.begin():
-            rows = (await session.execute(query)).mappings().all()
-            held = await self._held_keys(session, rows)
-            for row in rows:
-                if row["ordering_key"] in held:
-                    continue
+        failures: list[Exception] = []
+
+        async def send_in_order(chain: list[Any]) -> None:
+            for row in chain:
                 try:
                     await transport.send(_envelope(row))
                 except Exception as exc:  # the rows sent before it are marked; the rest stay
-                    failure = exc
-                    break
+                    failures.append(exc)
+                    return
                 sent.append(row["id"])
+
+        async with self.sessions() as session, session.begin():
+            rows = (await session.execute(query)).mappings().all()
+            held = await self._held_keys(session, rows)
+            # The rows of one ordering key are sent one after the other; everything else at
+            # once (a broker transport writes the sends of one loop turn together).
+            chains: dict[object, list[Any]] = {}
+            for row in rows:
+                key = row["ordering_key"]
+                if key not in held:
+                    chains.setdefault(("row", row["id"]) if key is None else key, []).append(row)
+            await asyncio.gather(*(send_in_order(chain) for chain in chains.values()))
             if sent:
                 await session.execute(update(table).where(table.c.id.in_(sent)).values(sent_at=_now()))
         self.sent += len(sent)
-        if failure is not None:
-            raise failure
+        if failures:
+            raise failures[0]
         return len(sent)
 
     async def _held_keys(self, session: AsyncSession, rows: Sequence[Any]) -> set[str]:
