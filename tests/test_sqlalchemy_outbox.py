@@ -164,9 +164,15 @@ class Shipped(Event):
     step: int
 
 
-async def test_two_relays_never_send_a_row_twice_and_keep_the_order_of_each_key(db: Database) -> None:
-    if db.name == "sqlite":
-        pytest.skip("SQLite has no row locks: run one relay per SQLite database (docs/outbox.md)")
+@pytest.fixture
+async def postgres(tmp_path: Path) -> AsyncIterator[Database]:
+    """PostgreSQL only: SQLite has no row locks, and runs one relay per database (docs/outbox.md)."""
+    async with database("postgresql", tmp_path) as found:
+        yield found
+
+
+async def test_two_relays_never_send_a_row_twice_and_keep_the_order_of_each_key(postgres: Database) -> None:
+    db = postgres
     broker = InMemoryBroker()
     outbox = Outbox(db.metadata)
     dp = Dispatcher(transport=Recording(broker, group="shop", pause=0.001))
