@@ -48,7 +48,6 @@ try:
         and_,
         delete,
         exists,
-        func,
         insert,
         select,
         update,
@@ -363,14 +362,12 @@ class Relay:
 
         async with self.sessions() as session, session.begin():
             rows = (await session.execute(query)).mappings().all()
-            held = await self._held_keys(session, rows)
             # The rows of one ordering key are sent one after the other; everything else at
             # once (a broker transport writes the sends of one loop turn together).
             chains: dict[object, list[Any]] = {}
-            for row in rows:
+            for row in await self._sendable(session, rows):
                 key = row["ordering_key"]
-                if key not in held:
-                    chains.setdefault(("row", row["id"]) if key is None else key, []).append(row)
+                chains.setdefault(("row", row["id"]) if key is None else key, []).append(row)
             await asyncio.gather(*(send_in_order(chain) for chain in chains.values()))
             if sent:
                 await session.execute(update(table).where(table.c.id.in_(sent)).values(sent_at=_now()))
@@ -379,23 +376,36 @@ class Relay:
             raise failures[0]
         return len(sent)
 
-    async def _held_keys(self, session: AsyncSession, rows: Sequence[Any]) -> set[str]:
-        """The ordering keys of `rows` whose oldest unsent row is not among them: another
-        relay holds it (it skipped our locks as we skipped its), so this pass sends none of
-        that key, which keeps the order of each key."""
-        first: dict[str, int] = {}
-        for row in rows:
-            if row["ordering_key"] is not None:
-                first.setdefault(row["ordering_key"], row["id"])
-        if not first:
-            return set()
+    async def _sendable(self, session: AsyncSession, rows: Sequence[Any]) -> list[Any]:
+        """The rows of this pass that may be sent now: every row without an ordering key,
+        and of each key, the rows that continue its oldest unsent row without a gap. A row
+        of the key that this pass does not hold (another relay locked it) ends the run: the
+        rows after it wait, so that the rows of one key go out in order however many relays
+        run."""
+        keyed = [row for row in rows if row["ordering_key"] is not None]
+        if not keyed:
+            return list(rows)
         table = self.outbox.table
-        oldest = (
-            select(table.c.ordering_key, func.min(table.c.id))
-            .where(table.c.sent_at.is_(None), table.c.ordering_key.in_(first))
-            .group_by(table.c.ordering_key)
+        mine = {row["id"] for row in keyed}
+        unsent = (
+            select(table.c.ordering_key, table.c.id)
+            .where(
+                table.c.sent_at.is_(None),
+                table.c.ordering_key.in_({row["ordering_key"] for row in keyed}),
+                table.c.id <= max(mine),
+            )
+            .order_by(table.c.id)
         )
-        return {key for key, lowest in (await session.execute(oldest)).all() if lowest < first[key]}
+        allowed: set[int] = set()
+        stopped: set[str] = set()
+        for key, row_id in (await session.execute(unsent)).all():
+            if key in stopped:
+                continue
+            if row_id in mine:
+                allowed.add(row_id)
+            else:
+                stopped.add(key)  # held by another relay: this key waits for it
+        return [row for row in rows if row["ordering_key"] is None or row["id"] in allowed]
 
     async def cleanup(self) -> int:
         """Delete rows sent more than `keep_sent` seconds ago; return how many."""

@@ -322,3 +322,32 @@ async def test_a_send_that_fails_mid_batch_marks_what_was_sent_and_keeps_the_res
             await relay.send_pending()
     assert relay.sent == 2
     assert await count(db, outbox.table, outbox.table.c.sent_at.is_(None)) == 2  # sent again later, once
+
+
+async def test_a_key_whose_middle_row_another_relay_holds_waits_for_it(postgres: Database) -> None:
+    db = postgres
+    broker = InMemoryBroker()
+    outbox = Outbox(db.metadata)
+    dp = Dispatcher(transport=Recording(broker, group="shop"))
+    dp.route(Shipped)
+
+    @dp.commands.register(Ship, uow=outbox.units(dp, db.sessions))
+    async def ship(cmd: Ship, uow: SqlAlchemyUnitOfWork) -> None:
+        async with uow:
+            uow.send(Shipped(cmd.order, cmd.step), key=cmd.order)
+
+    await db.create_tables()
+    table = outbox.table
+    async with dp:
+        for step in range(3):
+            await dp.execute(Ship(7, step))
+        relay = outbox.relay(dp, db.sessions)
+        async with db.sessions() as other, other.begin():  # another relay holds the middle row
+            middle = (
+                await other.execute(select(table.c.id).order_by(table.c.id).offset(1).limit(1))
+            ).scalar_one()
+            await other.execute(select(table).where(table.c.id == middle).with_for_update())
+            assert await relay.send_pending() == 1  # step 0; step 2 waits behind the held step 1
+        assert await relay.send_pending() == 2
+    steps = [envelope.body for envelope in dp.transport.sent]  # type: ignore[union-attr]
+    assert steps == [b'{"order":7,"step":0}', b'{"order":7,"step":1}', b'{"order":7,"step":2}']

@@ -20,9 +20,6 @@ outbox; part 3 checks a relay pass with statistics gathered while all were sent.
      process, woken by each commit, sending through Redis. The clock stops at the
      last command; the rows the relay had sent by then, and how long it took to
      send the rest, are printed;
-   - what-if: the same with a relay whose pass gathers its sends (`GatheringRelay`
-     below, a subclass written here; pybus unchanged), so that the transport writes
-     a batch in one script call instead of one per row.
    Before each measure the tables are truncated and PostgreSQL checkpoints. The cases
    alternate in each round; each figure is its best round. Client CPU is the
    process's CPU time over the measure, per command.
@@ -40,7 +37,6 @@ outbox; part 3 checks a relay pass with statistics gathered while all were sent.
      stream), `UPDATE ... SET sent_at = ... WHERE id IN (...)`, commit;
    - raw, one pipeline per batch: the same, with the batch's XADDs in one redis-py
      pipeline (one round trip);
-   - what-if: the relay with its sends gathered, as in 1.
    The outbox is refilled and Redis emptied before each drain; each figure is its
    best round.
 
@@ -133,39 +129,6 @@ class TimedTransport(RedisTransport):
         finally:
             self.waiting += time.perf_counter() - start
             self.sends += 1
-
-
-class GatheringRelay(Relay):
-    """What-if, pybus unchanged: `Relay.send_pending` with the batch's sends gathered, so
-    that the transport writes them in one script call (in order: one key's rows stay in
-    commit order); the rows the transport took are marked sent, the first failure raised."""
-
-    async def send_pending(self) -> int:
-        table = self.outbox.table
-        transport = self.dp.transport
-        assert transport is not None
-        async with self.sessions() as session, session.begin():
-            rows = (await session.execute(pending_query(self.batch))).mappings().all()
-            held = await self._held_keys(session, rows)
-            rows = [row for row in rows if row["ordering_key"] not in held]
-            results = await asyncio.gather(
-                *(transport.send(envelope_of(row)) for row in rows), return_exceptions=True
-            )
-            sent = [row["id"] for row, result in zip(rows, results, strict=True) if isinstance(result, str)]
-            if sent:
-                marked = sql_update(table).where(table.c.id.in_(sent))
-                await session.execute(marked.values(sent_at=dt.datetime.now(dt.UTC)))
-        self.sent += len(sent)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return len(sent)
-
-
-def gathering_relay(dp: Dispatcher, sessions: async_sessionmaker[AsyncSession], batch: int) -> Relay:
-    relay = GatheringRelay(outbox, dp, sessions, batch=batch, poll=1.0, keep_sent=3600.0, cleanup_every=60.0)
-    outbox._relays.append(relay)  # woken by commits, as the relays outbox.relay() makes
-    return relay
 
 
 def local_dispatcher(sessions: async_sessionmaker[AsyncSession], *, by_hand: bool = False) -> Dispatcher:
@@ -492,11 +455,9 @@ async def part_1(
         "by hand": "local event + outbox row INSERTed by hand",
         "outbox": "pybus outbox: routed event, no relay",
         "outbox + relay": "pybus outbox: routed event, relay running",
-        "what-if": "what-if: relay running, sends gathered",
     }
     relays: dict[str, Callable[[], Relay]] = {
         "outbox + relay": lambda: outbox.relay(dps["outbox"], sessions),
-        "what-if": lambda: gathering_relay(dps["outbox"], sessions, 100),
     }
     await reset(engine)
     for dp in dps.values():  # warm up: connections, prepared statements
@@ -525,7 +486,7 @@ async def part_1(
         cpu = measure.cpu / commands * 1e6
         ratio = best["local"].seconds / measure.seconds
         print(f"{label:<43} {rate:>10,.0f} {latency:>10.2f} {cpu:>10.0f} {ratio:>7.2f}x")
-    for case in ("by hand", "outbox", "outbox + relay", "what-if"):
+    for case in ("by hand", "outbox", "outbox + relay"):
         cost = 1 - best["local"].seconds / best[case].seconds
         print(f"  {cases[case]:<43} {cost:>6.1%} fewer commands/s than local (outbox target: at most 25%)")
     for case, measures in relayed.items():
@@ -543,7 +504,6 @@ async def part_2(bench: Bench, rows: int, rounds: int) -> None:
         "pybus relay.send_pending()": lambda batch: relay_drain(outbox.relay(dp, sessions, batch=batch)),
         "raw: XADD one by one": lambda batch: raw_drain(engine, batch, xadd_one_by_one(client)),
         "raw: one XADD pipeline per batch": lambda batch: raw_drain(engine, batch, xadd_pipelined(client)),
-        "what-if: relay, sends gathered": lambda batch: relay_drain(gathering_relay(dp, sessions, batch)),
     }
     batches = (100, 500)
     best: dict[tuple[str, int], float] = {}
