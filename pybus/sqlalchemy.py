@@ -60,7 +60,7 @@ except ImportError as exc:  # pragma: no cover - the extra is installed in the t
         "install it with: pip install 'pybus[sqlalchemy]' and a driver (aiosqlite, asyncpg)"
     ) from exc
 
-from pybus.context import current_context
+from pybus.context import Registration, current_context, current_record
 from pybus.errors import ImproperlyConfigured, key_name, message_key
 from pybus.providers import Factory
 from pybus.transport import Envelope
@@ -93,9 +93,9 @@ class Outbox:
             outbox_table,
             metadata,
             Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-            Column("message_id", String(64), nullable=False, unique=True),
-            Column("correlation_id", String(64), nullable=False),
-            Column("causation_id", String(64)),
+            Column("message_id", String(255), nullable=False, unique=True),
+            Column("correlation_id", String(255), nullable=False),
+            Column("causation_id", String(255)),
             Column("kind", String(16), nullable=False),
             Column("name", String(255), nullable=False),
             Column("body", LargeBinary, nullable=False),
@@ -110,11 +110,15 @@ class Outbox:
         self.inbox = Table(
             inbox_table,
             metadata,
-            Column("message_id", String(64), primary_key=True),
+            Column("message_id", String(255), primary_key=True),
             Column("handler", String(255), primary_key=True),
             Column("handled_at", DateTime(timezone=True), nullable=False, default=_now),
         )
         self._relays: list[Relay] = []
+        # Inbox names in use, and the registration each belongs to (see `claim`).
+        self._names: dict[str, object] = {}
+        # (message id, inbox name) -> the task claiming it now (two units of one handling).
+        self._claiming: dict[tuple[str, str], object] = {}
 
     def units(
         self,
@@ -122,17 +126,24 @@ class Outbox:
         sessions: async_sessionmaker[AsyncSession],
         *,
         idempotent: bool = False,
+        name: str | None = None,
     ) -> Factory:
         """A `Factory` making a `SqlAlchemyUnitOfWork` per handling of `dp`, on a session of
         `sessions`; bind it to the handlers' unit-of-work parameter. `idempotent`: record
-        each (message id, handler) in the inbox, and skip a message already recorded."""
+        each (message id, handler) in the inbox, and skip a message already recorded; the
+        handler is recorded under `name` (default: `Key->module.HandlerName`), which must
+        name one registration."""
         _check_sessions(sessions)
+        if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 255):
+            raise ImproperlyConfigured(
+                f"units(name={name!r}): an inbox name is a string of 1 to 255 characters"
+            )
 
         async def unit_of_work() -> AsyncIterator[SqlAlchemyUnitOfWork]:
             unit = SqlAlchemyUnitOfWork(sessions(), self, dp)
             try:
                 if idempotent:
-                    await unit.claim()
+                    await unit.claim(name)
                 yield unit
             finally:
                 await unit.close()
@@ -164,6 +175,15 @@ class Outbox:
             relay.wake()
 
 
+def _qualified(registration: Registration) -> str:
+    """`module.Name` of a registration's handler (its target's module, when known)."""
+    target = getattr(registration, "target", None)
+    if target is None:
+        return registration.name
+    module = getattr(target, "__module__", None) or type(target).__module__
+    return f"{module}.{registration.name}"
+
+
 def _check_sessions(sessions: object) -> None:
     if not isinstance(sessions, async_sessionmaker):
         raise ImproperlyConfigured(
@@ -184,17 +204,40 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         self._outbox = outbox
         self._dp = dp
         self._claimed = False
+        self._claim: tuple[str, str] | None = None
 
-    async def claim(self) -> None:
+    async def claim(self, name: str | None = None) -> None:
         """Record (message id, handler) in the inbox, in the transaction the handler's writes
         will share; raise `AlreadyHandled` if they are recorded already."""
+        record = current_record()
         context = current_context()
-        if context is None:
+        if record is None or context is None:
             raise ImproperlyConfigured(
                 "An idempotent unit of work needs the handling context (the message id): the "
                 "dispatcher tracks it when messages are routed, or with Dispatcher(context=True)"
             )
-        handler = f"{key_name(context.key)}->{context.handler}"
+        registration = record[0]
+        handler = name or f"{key_name(context.key)}->{_qualified(registration)}"
+        if len(handler) > 255:
+            raise ImproperlyConfigured(
+                f"The inbox name {handler[:60]}... is longer than 255 characters: pass units(name=...)"
+            )
+        owner = self._outbox._names.setdefault(handler, registration)
+        if owner is not registration:
+            raise ImproperlyConfigured(
+                f"Two registrations record their handlings in the inbox as {handler!r} ({owner} and "
+                f"{registration}): one would skip the other's messages; give each its own name with "
+                "outbox.units(dp, sessions, idempotent=True, name=...)"
+            )
+        claim = (context.message_id, handler)
+        task = asyncio.current_task()
+        if self._outbox._claiming.get(claim) is task:
+            raise ImproperlyConfigured(
+                f"Two idempotent units of work in one handling of {handler}: they would each record "
+                "the message in the inbox and wait for each other; bind one unit and pass it on"
+            )
+        self._outbox._claiming[claim] = task
+        self._claim = claim
         await self.session.begin()
         inbox = self._outbox.inbox
         pair = and_(inbox.c.message_id == context.message_id, inbox.c.handler == handler)
@@ -232,13 +275,7 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
                 local_sends.append((message, key))
         if outbox_rows:
             await self.session.execute(insert(self._outbox.table), outbox_rows)
-        try:
-            await self.session.commit()
-        except IntegrityError as exc:
-            if self._claimed and self._outbox.inbox.name in str(exc):
-                # Another delivery of the same message committed first: this one did nothing.
-                raise AlreadyHandled(str(exc)) from exc
-            raise
+        await self.session.commit()
         self._events, self._sends = local_events, local_sends
         if outbox_rows:
             self._outbox.wake()
@@ -247,9 +284,25 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         await self.session.rollback()
 
     async def close(self) -> None:
+        """End the handling's session (its Factory's teardown). Writes made through a unit
+        that was never entered are lost, so that is raised, not ignored."""
+        if self._claim is not None and self._outbox._claiming.get(self._claim) is asyncio.current_task():
+            del self._outbox._claiming[self._claim]
+        unentered = self.state == "new" and self.session.in_transaction() and not self._claimed
         await self.session.close()
+        if unentered:
+            raise ImproperlyConfigured(
+                "A SqlAlchemyUnitOfWork's session was used but the unit was never entered, so its "
+                "writes were rolled back: write inside `async with uow:` (a repository given its own "
+                "unit by another Factory gets a second unit: pass it the handler's unit instead)"
+            )
 
     def _row(self, message: object, key: object) -> dict[str, Any]:
+        if key is not None and len(str(key)) > 255:
+            raise ImproperlyConfigured(
+                f"The ordering key of {key_name(message_key(message))} is longer than 255 characters "
+                "(the outbox column's size): use a shorter key, such as an id or a hash"
+            )
         envelope = self._dp.envelope(message)
         return {
             "message_id": envelope.message_id,

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Column, Integer, String, Table, func, select
+from sqlalchemy.exc import IntegrityError
 
 from pybus import Dispatcher, Event, HandlingContext, ImproperlyConfigured
 from pybus.sqlalchemy import Outbox, SqlAlchemyUnitOfWork
@@ -351,3 +352,89 @@ async def test_a_key_whose_middle_row_another_relay_holds_waits_for_it(postgres:
         assert await relay.send_pending() == 2
     steps = [envelope.body for envelope in dp.transport.sent]  # type: ignore[union-attr]
     assert steps == [b'{"order":7,"step":0}', b'{"order":7,"step":1}', b'{"order":7,"step":2}']
+
+
+async def test_two_registrations_with_one_inbox_name_are_refused_not_skipped(db: Database) -> None:
+    outbox = Outbox(db.metadata)
+    dp = Dispatcher(context=True)
+
+    def make(name: str) -> Any:
+        async def handler(event: Charge, uow: SqlAlchemyUnitOfWork) -> None:
+            async with uow:
+                pass
+
+        handler.__qualname__ = name
+        return handler
+
+    dp.events.bind(Charge, make("bill"), uow=outbox.units(dp, db.sessions, idempotent=True))
+    dp.events.bind(Charge, make("bill"), uow=outbox.units(dp, db.sessions, idempotent=True))
+    await db.create_tables()
+    async with dp:
+        with pytest.raises(ExceptionGroup) as raised:
+            await dp.publish(Charge(1))
+    (error,) = raised.value.exceptions
+    assert isinstance(error, ImproperlyConfigured)
+    assert "one would skip the other's messages" in str(error)
+
+
+async def test_an_app_table_named_like_the_inbox_fails_as_itself(db: Database) -> None:
+    outbox = Outbox(db.metadata, inbox_table="inbox")
+    items = Table("inbox_items", db.metadata, Column("n", Integer, primary_key=True))
+    dp = Dispatcher(context=True)
+
+    @dp.commands.register(Charge, uow=outbox.units(dp, db.sessions, idempotent=True))
+    async def bill(cmd: Charge, uow: SqlAlchemyUnitOfWork) -> None:
+        async with uow:
+            await uow.session.execute(items.insert().values(n=1))  # the second one fails
+
+    await db.create_tables()
+    async with dp:
+        await dp.execute(Charge(1))
+        with pytest.raises(IntegrityError):
+            await dp.execute(Charge(2))  # another message: its own failure, not "already handled"
+
+
+async def test_writes_through_a_unit_never_entered_are_raised_not_lost(db: Database) -> None:
+    outbox = Outbox(db.metadata)
+    items = Table("items", db.metadata, Column("n", Integer, primary_key=True))
+    dp = Dispatcher()
+
+    @dp.commands.register(Charge, uow=outbox.units(dp, db.sessions))
+    async def forgetful(cmd: Charge, uow: SqlAlchemyUnitOfWork) -> None:
+        await uow.session.execute(items.insert().values(n=cmd.n))  # outside `async with uow:`
+
+    await db.create_tables()
+    async with dp:
+        with pytest.raises(ImproperlyConfigured, match="the unit was never entered"):
+            await dp.execute(Charge(1))
+    assert await count(db, items) == 0
+
+
+async def test_two_idempotent_units_in_one_handling_are_refused(db: Database) -> None:
+    outbox = Outbox(db.metadata)
+    dp = Dispatcher(context=True)
+    units = outbox.units(dp, db.sessions, idempotent=True)
+
+    @dp.commands.register(Charge, first=units, second=units)
+    async def twice(cmd: Charge, first: SqlAlchemyUnitOfWork, second: SqlAlchemyUnitOfWork) -> None:
+        raise AssertionError("not reached")
+
+    await db.create_tables()
+    async with dp, asyncio.timeout(10):
+        with pytest.raises(ImproperlyConfigured, match="Two idempotent units of work in one handling"):
+            await dp.execute(Charge(1))
+
+
+async def test_an_ordering_key_too_long_for_the_outbox_is_refused_with_the_fix(db: Database) -> None:
+    broker = InMemoryBroker()
+    dp, outbox, _, _ = shop(db, broker)
+
+    @dp.commands.register(Ship, uow=outbox.units(dp, db.sessions))
+    async def ship(cmd: Ship, uow: SqlAlchemyUnitOfWork) -> None:
+        async with uow:
+            uow.send(UserCreated("x"), key="k" * 300)
+
+    await db.create_tables()
+    async with dp:
+        with pytest.raises(ImproperlyConfigured, match="longer than 255 characters"):
+            await dp.execute(Ship(1, 1))
