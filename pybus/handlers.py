@@ -668,7 +668,7 @@ def _scoped_plan(
 
     async def make(stack: AsyncExitStack, units: list[UnitOfWork]) -> Any:
         init = await resolver.resolve_all(init_values, stack) if init_values else init_values
-        units.extend(units_in(init))
+        units.extend(units_in(init, lambda name: isinstance(init_values[name], Factory)))
         if handler_factory is None:
             return target(**init)
         instance = handler_factory(target, **init) if init else handler_factory(target)
@@ -685,7 +685,7 @@ def _scoped_plan(
                 instance = await make(stack, units) if is_class else target
                 func = getattr(instance, method) if method else instance
                 kwargs = await resolver.resolve_all(call_values, stack) if call_values else call_values
-                units.extend(units_in(kwargs))
+                units.extend(units_in(kwargs, lambda name: isinstance(call_values[name], Factory)))
                 if units:
                     _attach(units, handler, followups)
                 result = call(func, message, kwargs)
@@ -723,11 +723,8 @@ def _scoped_plan(
 
 
 def _attach(units: list[UnitOfWork], handler: Handler, followups: list[Any] | None) -> None:
-    if followups is None:  # a Singleton's first resolution: no follow-ups can be handed over
-        raise ImproperlyConfigured(
-            f"{handler} was given a {type(units[0]).__name__} by a Singleton: a unit of work is made "
-            "per handling; bind it with a Factory"
-        )
+    # Units come from Factories (units_in refuses the others), whose plans collect.
+    assert followups is not None
     handling = object()
     for unit in units:
         unit.attach(handling, str(handler))

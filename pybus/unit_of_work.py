@@ -18,7 +18,7 @@ three hooks (the base class keeps nothing, for tests and in-memory stores).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, Literal, Self
 
 from pybus.errors import ImproperlyConfigured
@@ -150,6 +150,16 @@ class UnitOfWork:
         return events, sends
 
 
-def units_in(values: dict[str, Any]) -> list[UnitOfWork]:
-    """The units of work among a handling's injected values."""
-    return [value for value in values.values() if isinstance(value, UnitOfWork)]
+def units_in(values: dict[str, Any], made_per_handling: Callable[[str], bool]) -> list[UnitOfWork]:
+    """The units of work among a handling's injected values; `ImproperlyConfigured` for a
+    unit whose parameter is not given one per handling (a Singleton, or a ready value)."""
+    found = []
+    for name, value in values.items():
+        if isinstance(value, UnitOfWork):
+            if not made_per_handling(name):
+                raise ImproperlyConfigured(
+                    f"The {type(value).__name__} bound to {name!r} is not made per handling (a "
+                    "Singleton or a ready value would serve every handling): bind it with a Factory"
+                )
+            found.append(value)
+    return found

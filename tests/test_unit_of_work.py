@@ -171,7 +171,7 @@ async def test_a_unit_not_injected_per_handling_is_refused_with_the_fix() -> Non
             pass
 
     async with dp:
-        with pytest.raises(ImproperlyConfigured, match="by a Singleton: a unit of work is made per handling"):
+        with pytest.raises(ImproperlyConfigured, match="is not made per handling"):
             await dp.execute(CreateUser("ada"))
 
 
@@ -231,3 +231,15 @@ async def test_a_class_handler_gets_its_unit_in_init() -> None:
     async with dp:
         await dp.execute(CreateUser("ada"))
     assert (Store.rows, published) == (["ada"], [Welcomed("ada")])
+
+
+async def test_a_unit_from_a_singleton_is_refused_at_once_beside_a_factory() -> None:
+    dp = Dispatcher()
+
+    @dp.commands.register(CreateUser, uow=Singleton(Store), other=Factory(Store))
+    async def mixed(cmd: CreateUser, uow: Store, other: Store) -> None:
+        raise AssertionError("not reached")
+
+    async with dp:
+        with pytest.raises(ImproperlyConfigured, match="'uow' is not made per handling"):
+            await dp.execute(CreateUser("ada"))
