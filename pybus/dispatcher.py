@@ -47,6 +47,10 @@ R = TypeVar("R")
 logger = logging.getLogger("pybus")
 
 
+#: Seconds a service (an outbox relay) gets to end when the dispatcher stops, before it is cancelled.
+SERVICE_GRACE = 5.0
+
+
 class Service(Protocol):
     """Something `serve()` runs beside the consumer (see `Dispatcher.add_service`)."""
 
@@ -141,7 +145,9 @@ class Dispatcher:
         self._tracked = False
         self._instrumentation: Instrumentation | None = None
         self._services: list[Service] = []
+        self._service_tasks: list[asyncio.Task[None]] = []
         self._lifecycle = Lifecycle(self._supervisor, self.resolver, transport)
+        self._lifecycle.before_close = self._stop_services
         self._bind_calls(functools.partial(_refuse, DispatcherNotStarted))
 
     def __repr__(self) -> str:
@@ -498,7 +504,6 @@ class Dispatcher:
         requested = self._lifecycle.watch(loop)
         installed: list[signal.Signals] = []
         reading: asyncio.Task[None] | None = None
-        services: list[asyncio.Task[None]] = []
         died = False
 
         def on_signal() -> None:
@@ -513,7 +518,7 @@ class Dispatcher:
                 installed.append(sig)
             if consumer is not None:
                 reading = loop.create_task(consumer.run(), name="pybus-consumer")
-            services = [
+            self._service_tasks = [
                 loop.create_task(service.run(), name=f"pybus-{type(service).__name__}")
                 for service in self._services
             ]
@@ -523,9 +528,6 @@ class Dispatcher:
             died = reading is not None and reading.done() and not requested.done()
         finally:
             try:
-                # The services (an outbox relay) end first: they use the transport, which
-                # stop() closes. What they did not take is taken by the next one to run.
-                await self._stop_services(services)
                 # The handlers stay while it stops: a second signal ends the drain at once
                 # (what is still running is given back) instead of killing the process.
                 unhandled = await self.stop(drain_timeout)
@@ -547,7 +549,9 @@ class Dispatcher:
 
     def add_service(self, service: Service) -> None:
         """Run `service` (an object with async `run()` and `stop()`, such as an outbox relay)
-        while `serve()` runs: started with the consumer, stopped before the dispatcher stops.
+        while `serve()` runs: started with the consumer; when the dispatcher stops, told to
+        stop once the consumers and workers are done (so it still runs during the drain), and
+        cancelled if it has not ended `SERVICE_GRACE` seconds later, before the transport closes.
         Raises `ImproperlyConfigured` for an object without them."""
         run, stop = getattr(service, "run", None), getattr(service, "stop", None)
         if not (inspect.iscoroutinefunction(run) and inspect.iscoroutinefunction(stop)):
@@ -557,18 +561,27 @@ class Dispatcher:
             )
         self._services.append(service)
 
-    async def _stop_services(self, tasks: list[asyncio.Task[None]]) -> None:
+    async def _stop_services(self) -> None:
+        """Stop the services `serve()` runs (called by the shutdown once the consumers and
+        workers are done, before the transport closes): each gets `SERVICE_GRACE` seconds to
+        end, then is cancelled; their failures go to the error hook."""
+        tasks, self._service_tasks = self._service_tasks, []
+        if not tasks:
+            return
         for service in self._services:
             try:
                 await service.stop()
             except Exception as exc:
                 await self._supervisor.report(exc, None, contextvars.copy_context())
-        if tasks:
-            await asyncio.wait(tasks)
-            for task in tasks:
-                error = None if task.cancelled() else task.exception()
-                if error is not None:
-                    await self._supervisor.report(error, None, contextvars.copy_context())
+        _, late = await asyncio.wait(tasks, timeout=SERVICE_GRACE)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
+        for task in tasks:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                await self._supervisor.report(error, None, contextvars.copy_context())
 
     def statistics(self) -> Statistics:
         """A frozen snapshot of each engine's queued, in-flight, handled and failed counts."""

@@ -63,6 +63,8 @@ class Lifecycle:
     def __init__(self, supervisor: Supervisor, resolver: Resolver, transport: Transport | None) -> None:
         self.state = State.NEW
         self.consumers: list[Consumer] = []
+        #: Awaited once the consumers and workers are done, before the transport closes.
+        self.before_close: Callable[[], Awaitable[None]] | None = None
         self._supervisor = supervisor
         self._resolver = resolver
         self._transport = transport
@@ -210,6 +212,8 @@ class Lifecycle:
             await self._to_the_end(engine.workers.cancelled)
         for engine in self._engines:
             engine.close()
+        if self.before_close is not None:  # services (an outbox relay) end while the transport is open
+            await self._to_the_end(self.before_close)
         await self._close_transport()
         unhandled = sum(engine.workers.unhandled for engine in self._engines) + sum(
             consumer.released + consumer.unreleased for consumer in self.consumers

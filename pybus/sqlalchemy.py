@@ -61,7 +61,8 @@ except ImportError as exc:  # pragma: no cover - the extra is installed in the t
     ) from exc
 
 from pybus.context import Registration, current_context, current_record
-from pybus.errors import ImproperlyConfigured, key_name, message_key
+from pybus.errors import ImproperlyConfigured, key_name, message_key, whole_number
+from pybus.handlers import positive_seconds
 from pybus.providers import Factory
 from pybus.transport import Envelope
 from pybus.unit_of_work import AlreadyHandled, UnitOfWork
@@ -348,10 +349,19 @@ class Relay:
         self.outbox = outbox
         self.dp = dp
         self.sessions = sessions
-        self.batch = batch
-        self.poll = poll
-        self.keep_sent = keep_sent
-        self.cleanup_every = cleanup_every
+        self.batch = whole_number("batch", batch, 1)
+        for name, value, least in (
+            ("poll", poll, 0.0),
+            ("keep_sent", keep_sent, -1.0),
+            ("cleanup_every", cleanup_every, 0.0),
+        ):
+            if not (positive_seconds(value) or (least < 0 and value == 0)):
+                raise ImproperlyConfigured(
+                    f"relay({name}={value!r}): a number of seconds > 0" + (" (or 0)" if least < 0 else "")
+                )
+        self.poll = float(poll)
+        self.keep_sent = float(keep_sent)
+        self.cleanup_every = float(cleanup_every)
         #: Rows sent by this relay, and passes that failed (reported to the error hook).
         self.sent = 0
         self.failed = 0
@@ -364,27 +374,31 @@ class Relay:
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Send rows until `stop()`: at once when woken, else every `poll` seconds."""
+        """Send rows until `stop()`: at once when woken, else every `poll` seconds; then one
+        last pass, for rows committed since the one before."""
         loop = asyncio.get_running_loop()
-        while not self._stopping:
+        while True:
+            stopping = self._stopping
             self._wakeup.clear()
             try:
                 sent = await self.send_pending()
-                if loop.time() - self._last_cleanup >= self.cleanup_every:
+                if not stopping and loop.time() - self._last_cleanup >= self.cleanup_every:
                     self._last_cleanup = loop.time()
                     await self.cleanup()
             except Exception as exc:  # the database or the broker is away: report, wait, again
                 self.failed += 1
                 await self._report(exc)
                 sent = 0
-            if sent == self.batch:
-                continue  # more may be waiting
+            if stopping:
+                return
+            if sent == self.batch or self._stopping:
+                continue  # more may be waiting, or the last pass is due
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll):
                     await self._wakeup.wait()
 
     async def stop(self) -> None:
-        """End `run()` after the pass in progress."""
+        """End `run()` after the pass in progress and one last pass."""
         self._stopping = True
         self._wakeup.set()
 

@@ -438,3 +438,70 @@ async def test_an_ordering_key_too_long_for_the_outbox_is_refused_with_the_fix(d
     async with dp:
         with pytest.raises(ImproperlyConfigured, match="longer than 255 characters"):
             await dp.execute(Ship(1, 1))
+
+
+@dataclass(frozen=True)
+class Job(Event):
+    n: int
+
+
+async def test_rows_committed_during_the_drain_are_sent_before_the_transport_closes(db: Database) -> None:
+    broker = InMemoryBroker()
+    outbox = Outbox(db.metadata)
+    worker = Dispatcher(transport=Recording(broker, group="billing"))
+    worker.route(Job)
+    worker.route(UserCreated)
+    started = asyncio.Event()
+
+    @worker.events.register(Job, uow=outbox.units(worker, db.sessions))
+    async def job(event: Job, uow: SqlAlchemyUnitOfWork) -> None:
+        started.set()
+        await asyncio.sleep(0.2)  # still running when the stop comes
+        async with uow:
+            uow.add_event(UserCreated(f"job {event.n}"))  # an outbox row, committed in the drain
+
+    await db.create_tables()
+    relay = outbox.relay(worker, db.sessions, poll=10)
+    worker.add_service(relay)
+    sender = Dispatcher(transport=InMemoryTransport(broker, group="shop"))
+    sender.route(Job)
+    async with sender:
+        serving = asyncio.create_task(worker.serve(stop_signals=(), wait=0.01))
+        await sender.publish(Job(1))
+        await started.wait()
+        assert await worker.stop(5) == 0
+        await serving
+    assert relay.sent == 1
+    assert await count(db, outbox.table, outbox.table.c.sent_at.is_(None)) == 0
+
+
+async def test_a_service_that_does_not_end_is_cancelled_after_its_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    class Stuck:
+        def __init__(self) -> None:
+            self.cancelled = False
+
+        async def run(self) -> None:
+            try:
+                await asyncio.Event().wait()  # a pass blocked on a lock, say
+            except asyncio.CancelledError:
+                self.cancelled = True
+                raise
+
+        async def stop(self) -> None:
+            pass  # it cannot hear it
+
+    # (`pybus.dispatcher` is the ready Dispatcher instance; the module is in sys.modules)
+    monkeypatch.setattr(sys.modules["pybus.dispatcher"], "SERVICE_GRACE", 0.05)
+    dp = Dispatcher()
+    stuck = Stuck()
+    dp.add_service(stuck)
+    serving = asyncio.create_task(dp.serve(stop_signals=()))
+    await until(lambda: dp.started)
+    async with asyncio.timeout(5):
+        await dp.stop()
+        await serving
+    assert stuck.cancelled
