@@ -281,18 +281,6 @@ def entry_fields(row: Any) -> dict[str, str | bytes]:
     return {"i": row.message_id, "h": _header.encode(header), "b": bytes(row.body)}
 
 
-def envelope_of(row: Any) -> Envelope:
-    return Envelope(
-        kind=row["kind"],
-        name=row["name"],
-        body=bytes(row["body"]),
-        message_id=row["message_id"],
-        correlation_id=row["correlation_id"],
-        causation_id=row["causation_id"],
-        headers=json.loads(row["headers"] or "{}"),
-    )
-
-
 Sender = Callable[[list[Any]], Awaitable[None]]
 Passes = list[tuple[float, int]]  # (seconds, rows) per pass
 
