@@ -21,12 +21,15 @@ import asyncio
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import sys
 import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from pybus import __version__
+from pybus.consumer import check_sizes
 from pybus.dispatcher import Dispatcher
 from pybus.errors import ImproperlyConfigured, Kind, PyBusError, TransportError, key_name
 from pybus.routes import Route, message_flow, registrations, routes
@@ -41,13 +44,20 @@ class UsageError(Exception):
 
 
 def load_dispatcher(path: str) -> Dispatcher:
-    """Import `module:attribute` and return the Dispatcher it names (calling a factory)."""
+    """Import `module:attribute` and return the Dispatcher it names (calling a factory).
+
+    `module` may also be a file path below the working directory (`app/bus.py`), and
+    `:attribute` may be left out when the module holds exactly one Dispatcher.
+    """
     module_name, sep, attribute = path.partition(":")
-    if not sep or not module_name or not attribute:
+    if not module_name or (sep and not attribute):
         raise UsageError(f"{path!r} is not an import path; write module:attribute, as in app.bus:dp")
+    module_name = _module_of(module_name)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` would: the app is usually beside us
     module = _import(module_name)
+    if not attribute:
+        attribute = _the_dispatcher(module, module_name)
     target: Any = module
     for part in attribute.split("."):
         try:
@@ -64,6 +74,38 @@ def load_dispatcher(path: str) -> Dispatcher:
             f"{path} is a {type(target).__name__}, not a pybus Dispatcher (or a callable returning one)"
         )
     return target
+
+
+def _module_of(name: str) -> str:
+    """The module name of `name`, which may be a file path below the working directory."""
+    if not name.endswith(".py") and os.sep not in name and "/" not in name:
+        return name
+    path = os.path.abspath(name)
+    here = os.getcwd()
+    inside = path.startswith(here + os.sep) and path.endswith(".py")
+    dotted = os.path.relpath(path, here).removesuffix(".py").replace(os.sep, ".") if inside else ""
+    if not inside or not all(part.isidentifier() for part in dotted.split(".")):
+        raise UsageError(
+            f"{name!r} is a file path that is not a module below this folder; run the command from "
+            "your project's folder and write module:attribute, as in app.bus:dp"
+        )
+    return dotted.removesuffix(".__init__")
+
+
+def _the_dispatcher(module: Any, module_name: str) -> str:
+    """The name of the one Dispatcher defined in `module` (when `:attribute` is left out)."""
+    found: list[str] = sorted(name for name, value in vars(module).items() if isinstance(value, Dispatcher))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise UsageError(
+            f"{module_name!r} holds no Dispatcher; name the one to use (or a function that builds it) "
+            f"as {module_name}:attribute"
+        )
+    raise UsageError(
+        f"{module_name!r} holds {len(found)} Dispatchers ({', '.join(found)}); name one, as in "
+        f"{module_name}:{found[0]}"
+    )
 
 
 def _import(module_name: str) -> Any:
@@ -283,6 +325,19 @@ def _worker(args: argparse.Namespace) -> int:
             f"{args.app} has no transport: build it with Dispatcher(transport=...) and dp.route(...)"
         )
     try:
+        check_sizes(args.concurrency, args.prefetch, args.max_deliveries, args.wait)
+    except ImproperlyConfigured as exc:
+        raise UsageError(str(exc)) from exc
+    if args.log_level is not None:
+        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    names = ", ".join(sorted(dp.routes.values())) or "none"
+    print(
+        f"pybus {__version__} worker: {args.app} on {type(dp.transport).__name__}, routes {names}; "
+        f"concurrency {args.concurrency}, prefetch {args.prefetch}, max deliveries {args.max_deliveries}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
         unhandled = asyncio.run(
             dp.serve(
                 drain_timeout=args.drain_timeout,
@@ -344,6 +399,7 @@ async def _dlq_run(transport: RedisTransport, dead: RedisDeadLetters, args: argp
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="pybus", description="Inspect and drive a pybus Dispatcher.")
+    root.add_argument("--version", action="version", version=f"pybus {__version__}")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     app_help = "module:attribute of a Dispatcher, or of a callable returning one"
 
@@ -377,6 +433,12 @@ def parser() -> argparse.ArgumentParser:
     )
     work.add_argument(
         "--wait", type=float, default=1.0, help="seconds a read waits for a message (default 1.0)"
+    )
+    work.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="log records of this level and above to stderr (default: logging is left as the app set it)",
     )
     work.set_defaults(run=_worker)
 

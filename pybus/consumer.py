@@ -50,6 +50,15 @@ current_envelope = current_delivery
 Handlers = Mapping[Kind, Callable[[Any, Envelope], Awaitable[object]]]
 
 
+def check_sizes(concurrency: object, prefetch: object, max_deliveries: object, wait: object) -> None:
+    """Raise `ImproperlyConfigured` for consumer sizes that cannot work."""
+    whole_number("concurrency", concurrency, 1)
+    whole_number("prefetch", prefetch, 1)
+    if not positive_seconds(wait):
+        raise ImproperlyConfigured(f"wait must be a number of seconds > 0, not {wait!r}")
+    whole_number("max_deliveries", max_deliveries, 1)
+
+
 class Consumer:
     """Reads `names` from `transport` and handles up to `concurrency` envelopes at a time.
 
@@ -84,13 +93,10 @@ class Consumer:
         self._handlers = handlers
         #: The dispatcher's supervisor: its error hook, and what `running_in` leads to.
         self.supervisor = supervisor
-        concurrency = whole_number("concurrency", concurrency, 1)
-        prefetch = whole_number("prefetch", prefetch, 1)
-        if not positive_seconds(wait):
-            raise ImproperlyConfigured(f"wait must be a number of seconds > 0, not {wait!r}")
+        check_sizes(concurrency, prefetch, max_deliveries, wait)
         self.concurrency = concurrency
         self.prefetch = prefetch
-        self.max_deliveries = whole_number("max_deliveries", max_deliveries, 1)
+        self.max_deliveries = max_deliveries
         self.wait = float(wait)
         self.pause_after_error = 0.5
         self._capacity = concurrency + prefetch  # envelopes held at most: in flight and read ahead

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ import msgspec
 import pydantic
 import pytest
 
+import pybus as pybus_package
 from pybus import Dispatcher, Event, Singleton
 from pybus.cli import UsageError, build_message, find_message, format_routes, load_dispatcher, main, to_json
 from pybus.routes import message_flow, routes
@@ -125,7 +128,7 @@ def test_exec_a_command_and_a_query() -> None:
 @pytest.mark.parametrize(
     ("args", "code", "error"),
     [
-        (("routes", "examples.orders"), 2, "'examples.orders' is not an import path; write module:attribute"),
+        (("routes", "examples.orders"), 2, "'examples.orders' holds no Dispatcher; name the one to use"),
         (("routes", "examples.nowhere:app"), 2, "Cannot import 'examples.nowhere'"),
         (("routes", "examples.orders:nothing"), 2, "'examples.orders' has no attribute 'nothing'"),
         (
@@ -410,3 +413,50 @@ def test_import_failures_name_the_applications_own_line_on_one_line(
     )
     assert result.returncode == 2
     assert result.stderr == f"pybus: error: Importing 'brokenapp' failed: {expected}\n"
+
+
+def test_version() -> None:
+    result = pybus("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"pybus {pybus_package.__version__}")
+
+
+def test_a_file_path_and_a_module_with_one_dispatcher_need_no_attribute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "shop"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "bus.py").write_text("from pybus import Dispatcher\n\nbus = Dispatcher()\n")
+    (package / "two.py").write_text("from pybus import Dispatcher\n\na = Dispatcher()\nb = Dispatcher()\n")
+    (package / "none.py").write_text("VALUE = 1\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = load_dispatcher("shop/bus.py")
+    assert found is load_dispatcher("shop.bus:bus") is load_dispatcher("shop.bus")
+    with pytest.raises(UsageError, match=r"holds 2 Dispatchers \(a, b\); name one, as in shop.two:a"):
+        load_dispatcher("shop/two.py")
+    with pytest.raises(UsageError, match=r"'shop\.none' holds no Dispatcher"):
+        load_dispatcher("shop.none")
+    with pytest.raises(UsageError, match="is a file path that is not a module below this folder"):
+        load_dispatcher(str(ROOT / "examples" / "orders.py"))
+
+
+def test_worker_prints_its_start_line_and_takes_a_log_level(redis_url: str) -> None:
+    env = {**os.environ, "REDIS_URL": redis_url, "PYBUS_CONSUMER": "w1"}
+    worker = subprocess.Popen(
+        [str(SCRIPT), "worker", "examples.redis_worker:create_worker", "--log-level", "debug"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stderr is not None
+        line = worker.stderr.readline()
+        rest = worker.stderr.readline()  # the first record, once serving (the event loop's DEBUG line)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=30)
+    assert line.startswith(
+        f"pybus {pybus_package.__version__} worker: examples.redis_worker:create_worker on "
+    )
+    assert "RedisTransport, routes " in line
+    assert "concurrency 4, prefetch 100, max deliveries 5" in line
+    assert " DEBUG " in rest  # the level given reached the root logger
