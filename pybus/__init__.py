@@ -25,7 +25,7 @@ from pybus.errors import (
 )
 from pybus.handlers import HandlerProtocol
 from pybus.lifecycle import State
-from pybus.messages import Command, Event, Query
+from pybus.messages import Command, Event, EventCollector, Query
 from pybus.middleware import CallNext, Middleware
 from pybus.providers import Factory, Singleton
 from pybus.retry import Retry
@@ -47,6 +47,7 @@ __all__ = [
     "DispatcherFrozen",
     "DispatcherNotStarted",
     "Event",
+    "EventCollector",
     "EventEngine",
     "EventRouter",
     "Factory",

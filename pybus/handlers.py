@@ -235,6 +235,12 @@ def inspect_handler(
     if cls is not None and check_init:
         _check_init(kind, key, name, cls, bound)
     collects = method is not None and callable(getattr(target, "dump_events", None))
+    if method is not None and not collects and callable(getattr(target, "add_event", None)):
+        raise HandlerSignatureError(
+            kind, key, name,
+            "it has add_event() but no dump_events(), so the events it adds would be lost: add a "
+            "dump_events() that returns them (and forgets them), or subclass pybus.EventCollector",
+        )  # fmt: skip
     return Handler(
         kind=kind,
         key=key,
@@ -696,6 +702,7 @@ def _scoped_plan(
                     events = instance.dump_events()
                     if inspect.isawaitable(events):
                         events = await events
+                    _check_dumped(handler, events)
         except AlreadyHandled:
             return None  # an idempotent unit's inbox: this handler already handled this message
         except BaseException as exc:
@@ -728,6 +735,23 @@ def _attach(units: list[UnitOfWork], handler: Handler, followups: list[Any] | No
     handling = object()
     for unit in units:
         unit.attach(handling, str(handler))
+
+
+def _check_dumped(handler: Handler, events: object) -> None:
+    """`dump_events()` returns a collection of events; a single event would be taken apart."""
+    single = (
+        events is not None
+        and (
+            isinstance(events, str | bytes | Mapping)
+            or (isinstance(events, tuple) and hasattr(events, "_fields"))  # a NamedTuple event
+            or not isinstance(events, Iterable)
+        )
+    )
+    if single:
+        raise ImproperlyConfigured(
+            f"{handler}.dump_events() returned {type(events).__name__} {events!r:.80}, not a list of "
+            "events: return [event] for one event (pybus.EventCollector does it for you)"
+        )
 
 
 async def _discard_events(instance: Any, error: BaseException) -> None:

@@ -33,6 +33,28 @@ class Query(Generic[R_co]):
     __slots__ = ()
 
 
+class EventCollector:
+    """Mixin for class handlers that collect follow-up events (iambus's abstract handler):
+    `add_event(event)` remembers one, `dump_events()` returns them in order and forgets
+    them. The dispatcher publishes them once `handle` has succeeded (see follow-up events).
+    A class with `__slots__` must list `"_pybus_events"` in them."""
+
+    _pybus_events: list[object]
+
+    def add_event(self, event: object, /) -> None:
+        """Publish `event` once this handling has succeeded."""
+        try:
+            self._pybus_events.append(event)
+        except AttributeError:  # the first event of this handler
+            self._pybus_events = [event]
+
+    def dump_events(self) -> list[object]:
+        """The events added so far, in order; the collector is empty afterwards."""
+        events: list[object] = getattr(self, "_pybus_events", [])
+        self._pybus_events = []
+        return events
+
+
 class Event:
     """A fact that happened; zero or more handlers receive it.
 
