@@ -5,6 +5,7 @@ from pybus.dispatcher import Dispatcher
 from pybus.engines import EventEngine, RequestEngine
 from pybus.errors import (
     CascadeDepthExceeded,
+    ComingFromIambus,
     DecodeError,
     DispatcherClosed,
     DispatcherFrozen,
@@ -34,12 +35,27 @@ from pybus.unit_of_work import UnitOfWork
 
 __version__ = "0.1.0"
 
+_IAMBUS_NAMES = {
+    "AbstractHandler": "subclass pybus.EventCollector (add_event/dump_events), or write a plain "
+    "class with a handle() method",
+    "EventHandlerMap": "pybus has no handler maps to build: register handlers with "
+    "@dp.events.register(Key) or dp.events.bind(Key, handler); dp.events.handlers shows them",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _IAMBUS_NAMES:
+        raise ComingFromIambus(f"pybus.{name} is iambus's; in pybus: {_IAMBUS_NAMES[name]}")
+    raise AttributeError(f"module 'pybus' has no attribute {name!r}")
+
+
 #: A ready dispatcher for applications that need one: `from pybus import dispatcher as dp`.
 dispatcher = Dispatcher()
 
 __all__ = [
     "CallNext",
     "CascadeDepthExceeded",
+    "ComingFromIambus",
     "Command",
     "DecodeError",
     "Dispatcher",

@@ -11,11 +11,12 @@ import logging
 import signal
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, NoReturn, Protocol, Self, TypeVar, overload
+from typing import Any, Never, NoReturn, Protocol, Self, TypeVar, overload
 
 from pybus.consumer import Consumer
 from pybus.engines import EventEngine, RequestEngine
 from pybus.errors import (
+    ComingFromIambus,
     DispatcherClosed,
     DispatcherFrozen,
     DispatcherNotStarted,
@@ -112,7 +113,10 @@ class Dispatcher:
         middleware: Iterable[Middleware] = (),
         retry: Retry | None = None,
         context: bool = False,
+        **iambus: Never,
     ) -> None:
+        for name in iambus:
+            raise _renamed(name, _IAMBUS_OPTIONS)
         self._events_router_cls = events_router_cls or EventRouter
         self._commands_router_cls = commands_router_cls or RequestRouter
         self._queries_router_cls = queries_router_cls or RequestRouter
@@ -706,6 +710,14 @@ class Dispatcher:
         for name in ("execute", "query", "publish"):
             vars(self).pop(name, None)
 
+    def handle(self, message: object, /, *args: object, **kwargs: object) -> NoReturn:
+        """Not a pybus call: iambus's `dp.handle(...)` is `execute`, `query` or `publish` here."""
+        raise ComingFromIambus(
+            "pybus has no dp.handle(): the call says the kind, and results are always returned. "
+            "Use await dp.execute(command), await dp.query(query) or await dp.publish(event) "
+            "(dp.send(message, key=...) for the background workers); see docs/coming-from-iambus.md"
+        )
+
     # -- sending -------------------------------------------------------------
 
     # Plain methods that return the engine's coroutine: one coroutine per call
@@ -768,6 +780,19 @@ class Dispatcher:
         if kind == "query":
             return self.queries
         return self.events
+
+
+_IAMBUS_OPTIONS = {
+    "listen_for_signals": "pybus installs no signal handler on its own: await dp.serve() handles "
+    "SIGINT and SIGTERM while it runs (serve(stop_signals=...))",
+    "engine_workers": "Dispatcher(workers=4, queue_size=10_000): the background workers of each engine",
+}
+
+
+def _renamed(name: str, known: Mapping[str, str]) -> Exception:
+    if name in known:
+        return ComingFromIambus(f"Dispatcher({name}=...) is iambus's; in pybus: {known[name]}")
+    return TypeError(f"Dispatcher() got an unexpected keyword argument {name!r}")
 
 
 def _except(kinds: Mapping[object, Kind], kind: Kind) -> dict[object, Kind]:

@@ -87,6 +87,12 @@ class PyBusError(Exception):
     """Base class of every error pybus raises."""
 
 
+class ComingFromIambus(PyBusError, ImportError):
+    """An iambus name that pybus spells differently; the text names the pybus equivalent
+    (see docs/coming-from-iambus.md). An ImportError too, so that `from pybus import
+    AbstractHandler` shows the text."""
+
+
 class ImproperlyConfigured(PyBusError):
     """A registration or a setting that cannot work, reported when it is made."""
 

@@ -739,13 +739,10 @@ def _attach(units: list[UnitOfWork], handler: Handler, followups: list[Any] | No
 
 def _check_dumped(handler: Handler, events: object) -> None:
     """`dump_events()` returns a collection of events; a single event would be taken apart."""
-    single = (
-        events is not None
-        and (
-            isinstance(events, str | bytes | Mapping)
-            or (isinstance(events, tuple) and hasattr(events, "_fields"))  # a NamedTuple event
-            or not isinstance(events, Iterable)
-        )
+    single = events is not None and (
+        isinstance(events, str | bytes | Mapping)
+        or (isinstance(events, tuple) and hasattr(events, "_fields"))  # a NamedTuple event
+        or not isinstance(events, Iterable)
     )
     if single:
         raise ImproperlyConfigured(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, Generic, ParamSpec
 from pybus.engines import EventEngine, RequestEngine
 from pybus.errors import (
     ROUTERS,
+    ComingFromIambus,
     DispatcherClosed,
     DispatcherFrozen,
     DispatcherNotStarted,
@@ -285,6 +286,12 @@ class _Router(Generic[E]):
         """
         self._check_open(callable_name(handler), key)
         _check_key(self.kind, key)
+        if "response_event" in initkwargs:
+            raise ComingFromIambus(
+                f"bind({key_name(key)}, {callable_name(handler)}, response_event=...) is iambus's: in "
+                "pybus every value a handler returns (not None) is published as a follow-up event, so "
+                "drop response_event= and return the event"
+            )
         other = self.dispatcher.registered_kind(key)
         if other is not None and other != self.kind:
             raise ImproperlyConfigured(
