@@ -149,6 +149,7 @@ class Dispatcher:
         self._tracked = False
         self._instrumentation: Instrumentation | None = None
         self._services: list[Service] = []
+        self._provided: dict[type, object] = {}
         self._service_tasks: list[asyncio.Task[None]] = []
         self._lifecycle = Lifecycle(self._supervisor, self.resolver, transport)
         self._lifecycle.before_close = self._stop_services
@@ -291,6 +292,33 @@ class Dispatcher:
     def routes(self) -> Mapping[object, str]:
         """The routed keys and the names they travel under (read-only)."""
         return MappingProxyType({key: name for key, (name, _) in self._routing.routes.items()})
+
+    def provide(self, type_: type, value: object, /) -> None:
+        """Inject `value` (a `Singleton`, a `Factory` or a ready value) into every handler
+        parameter annotated `type_` that is not given a value by name: injection by type.
+        Call it before registering the handlers that use it (registration checks each
+        parameter as strictly as a value bound by name). Raises `DispatcherFrozen` after
+        `start()`, `ImproperlyConfigured` for a `type_` that is not a class or one already
+        provided."""
+        if self.state is not State.NEW:
+            raise DispatcherFrozen(
+                "event", None, f"a provider for {callable_name(type_)}", target="every handler"
+            )
+        if not isinstance(type_, type):
+            raise ImproperlyConfigured(
+                f"dp.provide() takes a class first (the annotation to match), not {type_!r}"
+            )
+        if type_ in self._provided:
+            raise ImproperlyConfigured(
+                f"{type_.__qualname__} is provided already ({self._provided[type_]!r}); provide a type once, "
+                "and bind a different value by name where one handler needs it"
+            )
+        self._provided[type_] = value
+
+    @property
+    def provided(self) -> Mapping[type, object]:
+        """The values injected by type (see `provide`), read-only."""
+        return MappingProxyType(self._provided)
 
     def add_header_source(self, source: Callable[[dict[str, str]], None]) -> None:
         """Call `source(headers)` for every routed message this dispatcher sends, in the

@@ -17,7 +17,17 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeGuard, get_args, get_type_hints
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    Final,
+    Protocol,
+    TypeGuard,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 from pybus.context import HandlingContext, current_context
 from pybus.errors import HandlerSignatureError, ImproperlyConfigured, Kind, key_name
@@ -314,6 +324,48 @@ def _is_context(annotation: object) -> bool:
     return HandlingContext in args and all(arg in (HandlingContext, type(None)) for arg in args)
 
 
+def by_type(
+    target: object, argname: str | None, provided: Mapping[type, object], bound: Mapping[str, object]
+) -> dict[str, object]:
+    """The values to bind, by name, to the parameters of `target` that are annotated with a
+    type in `provided` (injection by type) or `Annotated[T, provider]`, and not already
+    bound. The parameters are those bound values go to: a class's `__init__`, else the
+    handler's call (its function, or an instance's handle/__call__)."""
+    is_class = isinstance(target, type)
+    if is_class:
+        func: Any = getattr(target, "__init__", None)
+    elif inspect.isroutine(target) or isinstance(target, functools.partial):
+        func = target
+    else:
+        method = _find_method(target)
+        func = getattr(target, method) if method else None
+    if func is None:
+        return {}
+    try:
+        hints = get_type_hints(
+            func.func if isinstance(func, functools.partial) else func, include_extras=True
+        )
+        params = inspect.signature(func).parameters
+    except Exception:  # unresolvable annotations or no signature: nothing to find
+        return {}
+    found: dict[str, object] = {}
+    for name, param in params.items():
+        if name in bound or name == argname or name == "self" or name not in hints:
+            continue
+        if param.kind in (_VAR_POSITIONAL, _VAR_KEYWORD, _POSITIONAL_ONLY):
+            continue
+        hint = hints[name]
+        if get_origin(hint) is Annotated:
+            providers = [item for item in get_args(hint)[1:] if isinstance(item, Provider)]
+            if providers:
+                found[name] = providers[-1]
+                continue
+            hint = get_args(hint)[0]
+        if isinstance(hint, type) and hint in provided:
+            found[name] = provided[hint]
+    return found
+
+
 def _refuse_generator(kind: Kind, key: object, name: str, func: Callable[..., Any]) -> None:
     plain = inspect.unwrap(func.func if isinstance(func, functools.partial) else func)
     if inspect.isasyncgenfunction(plain) or inspect.isgeneratorfunction(plain):
@@ -428,7 +480,8 @@ def _check_rest(
         else:
             reason = (
                 f"parameter {param.name!r} has no value; bind one at registration "
-                f"(register(..., {param.name}=...)) or give it a default"
+                f"(register(..., {param.name}=...)), provide one for its type before registering "
+                "(dp.provide(Type, provider)), or give it a default"
             )
         if message_param is None and param.kind is _KEYWORD_ONLY:
             reason += (

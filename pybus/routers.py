@@ -28,7 +28,7 @@ from pybus.errors import (
     message_key,
     with_article,
 )
-from pybus.handlers import CallPlan, Handler, callable_name, compile_handler, inspect_handler
+from pybus.handlers import CallPlan, Handler, by_type, callable_name, compile_handler, inspect_handler
 from pybus.middleware import Middleware, checked, with_middleware
 from pybus.retry import Retry, checked_retry
 from pybus.settings import Settings
@@ -319,6 +319,9 @@ class _Router(Generic[E]):
         **initkwargs: Any,
     ) -> Handler:
         """Check `handler` for `key` as `bind` does, without registering it (for `override_handler`)."""
+        # Parameters annotated with a provided type (dp.provide) or Annotated[T, provider]
+        # are bound as if given by name; what is given by name wins.
+        initkwargs = {**by_type(handler, argname, self.dispatcher.provided, initkwargs), **initkwargs}
         registration = inspect_handler(
             self.kind,
             key,

@@ -201,7 +201,8 @@ def test_missing_value_for_a_parameter(dp: Dispatcher) -> None:
         dp.commands.bind(Ping, create)
     assert str(info.value) == (
         "Cannot register create as the command handler for Ping: parameter 'repo' has no value; "
-        "bind one at registration (register(..., repo=...)) or give it a default"
+        "bind one at registration (register(..., repo=...)), provide one for its type before "
+        "registering (dp.provide(Type, provider)), or give it a default"
     )
 
 
@@ -279,7 +280,8 @@ def test_class_init_needs_a_value(dp: Dispatcher) -> None:
         dp.queries.bind(Ping, Counter)
     assert str(info.value) == (
         "Cannot register Counter.__init__ as the query handler for Ping: parameter 'start' has no "
-        "value; bind one at registration (register(..., start=...)) or give it a default"
+        "value; bind one at registration (register(..., start=...)), provide one for its type "
+        "before registering (dp.provide(Type, provider)), or give it a default"
     )
 
 
