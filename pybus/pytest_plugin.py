@@ -8,13 +8,16 @@
 - `pybus_track`: `track` bound to that dispatcher:
   `async with pybus_track() as session: ...`.
 
-The async fixture needs an asyncio test runner: pytest-asyncio (used when
-installed) or anyio's plugin.
+The async fixture needs an asyncio test runner: pytest-asyncio (strict or auto
+mode; `pip install "pybus-cqrs[testing]"` brings it) or anyio's plugin (asyncio
+backend). The ini option `pybus_app = "shop.app:create_dispatcher"` makes the
+fixtures build the application's dispatcher.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar, cast
 
@@ -37,10 +40,50 @@ def async_fixture(func: F) -> F:
     return cast(F, _fixture(func))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "pybus_app",
+        "module:function that builds the application's Dispatcher for the pybus fixtures "
+        "(a new one per test), e.g. shop.app:create_dispatcher",
+        default="",
+    )
+
+
 @pytest.fixture
-def pybus_dispatcher_factory() -> Callable[[], Dispatcher]:
-    """Builds the dispatcher each test gets; override to build your application's."""
-    return Dispatcher
+def pybus_dispatcher_factory(pytestconfig: pytest.Config) -> Callable[[], Dispatcher]:
+    """Builds the dispatcher each test gets: the `pybus_app` ini option's function, else an
+    empty Dispatcher; override this fixture to build it another way."""
+    path = str(pytestconfig.getini("pybus_app") or "")
+    if not path:
+        return Dispatcher
+    return _app_factory(path)
+
+
+def _app_factory(path: str) -> Callable[[], Dispatcher]:
+    from pybus.cli import UsageError, load_dispatcher
+
+    module, sep, attribute = path.partition(":")
+    if not sep or not attribute:
+        raise pytest.UsageError(
+            f"pybus_app = {path!r}: write module:function, naming a function that builds the Dispatcher"
+        )
+    try:
+        target = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise pytest.UsageError(f"pybus_app = {path!r}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(target, Dispatcher) or not callable(target):
+        raise pytest.UsageError(
+            f"pybus_app = {path!r} names {type(target).__name__}, not a function: each test needs a "
+            "new Dispatcher (a stopped one cannot start again), so name the function that builds it"
+        )
+
+    def build() -> Dispatcher:
+        try:
+            return load_dispatcher(path)
+        except UsageError as exc:
+            raise pytest.UsageError(f"pybus_app = {path!r}: {exc}") from exc
+
+    return build
 
 
 @async_fixture
