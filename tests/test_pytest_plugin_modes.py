@@ -81,3 +81,30 @@ def test_pybus_app_must_name_a_function(tmp_path: Path) -> None:
     assert (
         "names Dispatcher, not a function: each test needs a new Dispatcher" in result.stdout + result.stderr
     )
+
+
+def test_pybus_app_errors_name_the_fix() -> None:
+    from pybus.pytest_plugin import _app_factory
+
+    with pytest.raises(pytest.UsageError, match="write module:function"):
+        _app_factory("examples.orders")
+    with pytest.raises(pytest.UsageError, match="ModuleNotFoundError"):
+        _app_factory("examples.nowhere:create_app")
+    with pytest.raises(pytest.UsageError, match="AttributeError"):
+        _app_factory("examples.orders:nothing")
+    with pytest.raises(pytest.UsageError, match="names Dispatcher, not a function"):
+        _app_factory("examples.fastapi_app:dispatcher")
+    build = _app_factory("examples.orders:create_app")
+    assert build() is not build()  # a new dispatcher each time
+
+
+def test_pybus_app_whose_function_fails_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pybus.pytest_plugin import _app_factory
+
+    (tmp_path / "broken_app.py").write_text("def create():\n    raise RuntimeError('no config')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    build = _app_factory("broken_app:create")
+    with pytest.raises(pytest.UsageError, match="RuntimeError: no config"):
+        build()
