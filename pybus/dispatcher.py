@@ -151,6 +151,7 @@ class Dispatcher:
         self._services: list[Service] = []
         self._provided: dict[type, object] = {}
         self._service_tasks: list[asyncio.Task[None]] = []
+        self._services_deadline: float | None = None
         self._lifecycle = Lifecycle(self._supervisor, self.resolver, transport)
         self._lifecycle.before_close = self._stop_services
         self._bind_calls(functools.partial(_refuse, DispatcherNotStarted))
@@ -595,21 +596,28 @@ class Dispatcher:
 
     async def _stop_services(self) -> None:
         """Stop the services `serve()` runs (called by the shutdown once the consumers and
-        workers are done, before the transport closes): each gets `SERVICE_GRACE` seconds to
-        end, then is cancelled; their failures go to the error hook."""
-        tasks, self._service_tasks = self._service_tasks, []
+        workers are done, before the transport closes): told to stop once, each gets until
+        `SERVICE_GRACE` seconds after that to end, then is cancelled; their failures go to the
+        error hook. Called again after an interruption (the loop ending cancels the shutdown),
+        it goes on waiting for the same tasks and deadline."""
+        tasks = self._service_tasks
         if not tasks:
             return
-        for service in self._services:
-            try:
-                await service.stop()
-            except Exception as exc:
-                await self._supervisor.report(exc, None, contextvars.copy_context())
-        _, late = await asyncio.wait(tasks, timeout=SERVICE_GRACE)
+        loop = asyncio.get_running_loop()
+        if self._services_deadline is None:
+            self._services_deadline = loop.time() + SERVICE_GRACE
+            for service in self._services:
+                try:
+                    async with asyncio.timeout_at(self._services_deadline):
+                        await service.stop()
+                except Exception as exc:  # a TimeoutError too: it could not be told in time
+                    await self._supervisor.report(exc, None, contextvars.copy_context())
+        _, late = await asyncio.wait(tasks, timeout=max(0.0, self._services_deadline - loop.time()))
         for task in late:
             task.cancel()
         if late:
             await asyncio.wait(late)
+        self._service_tasks = []
         for task in tasks:
             error = None if task.cancelled() else task.exception()
             if error is not None:

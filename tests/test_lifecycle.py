@@ -898,3 +898,50 @@ def test_a_teardown_failure_reaches_the_hook_when_the_loop_ends_during_the_drain
     assert isinstance(error, RuntimeError)
     assert str(error) == "teardown failed"
     assert message is None
+
+
+async def test_a_shutdown_cancelled_while_a_service_ends_still_waits_for_it_before_closing() -> None:
+    """The loop ending cancels the shutdown task while it waits for a service (an outbox
+    relay's last pass) to end: the shutdown goes on waiting for the same service, and closes
+    the transport only after it ended."""
+    broker = InMemoryBroker()
+
+    class Service:
+        def __init__(self) -> None:
+            self.told = asyncio.Event()
+            self.finishing = asyncio.Event()
+            self.done = False
+
+        async def run(self) -> None:
+            await self.told.wait()
+            self.finishing.set()
+            for _ in range(20):  # a last pass that takes a few turns of the loop
+                await asyncio.sleep(0)
+            self.done = True
+
+        async def stop(self) -> None:
+            self.told.set()
+
+    service = Service()
+
+    class Checking(Closing):
+        done_when_closed: list[bool] = []  # noqa: RUF012 - one per test
+
+        async def aclose(self) -> None:
+            Checking.done_when_closed.append(service.done)
+            await super().aclose()
+
+    dp = Dispatcher(transport=Checking(broker))
+    dp.route(Job)
+    dp.add_service(service)
+    serving = asyncio.create_task(dp.serve(stop_signals=()))
+    await until(lambda: dp.started)
+    stopping = asyncio.create_task(dp.stop())
+    await service.finishing.wait()
+    [shutdown] = [task for task in asyncio.all_tasks() if task.get_name() == "pybus-shutdown"]
+    shutdown.cancel()  # as asyncio.run does when the loop ends
+    async with asyncio.timeout(5):
+        await stopping
+        await serving
+    assert service.done
+    assert Checking.done_when_closed == [True]
