@@ -146,7 +146,6 @@ class Dispatcher:
         if not isinstance(context, bool):
             raise ImproperlyConfigured(f"context must be True or False, not {context!r}")
         self._context = context
-        self._tracked = False
         self._instrumentation: Instrumentation | None = None
         self._services: list[Service] = []
         self._provided: dict[type, object] = {}
@@ -271,12 +270,8 @@ class Dispatcher:
         `execute` pays nothing for it. An attached observer or tracked session
         turns it on while attached. False before `start()`.
         """
-        return self._tracked or any(engine.tracking for engine in self._started_engines())
-
-    def _started_engines(self) -> tuple[EventEngine | RequestEngine, ...]:
-        return tuple(
-            engine for engine in (self.events.engine, self.commands.engine, self.queries.engine) if engine
-        )
+        engine = self.events.engine  # the engines of a dispatcher track together
+        return engine is not None and engine.tracking
 
     def _uses_context(self) -> bool:
         routers = self._routers().values()
@@ -403,7 +398,6 @@ class Dispatcher:
             tracked=self._uses_context(),
             instrument=self._instrumentation,
         )
-        self._tracked = settings.tracked
         supervisor = self._supervisor
         events = self.events.freeze(
             settings, supervisor, foreign=_except(kinds, "event"), forwarder=forwarders.get("event")
@@ -691,7 +685,7 @@ class Dispatcher:
         events, commands, queries = self._engines("override a handler")
         router = self._routers()[kind]
         registration = router.inspect(key, handler, argname, **bound)
-        if registration.context_params and not self._tracked:
+        if registration.context_params and not events.tracked:
             raise ImproperlyConfigured(
                 f"Cannot override the handler of {key_name(key)} with {registration}: it takes a "
                 "HandlingContext, and this dispatcher does not track handlings (nothing asked for it "

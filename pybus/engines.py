@@ -368,9 +368,10 @@ class EventEngine(_Engine):
                             else None
                         )
                         raise CascadeDepthExceeded(self._max_depth, message_key(event)) from cause
-                    if parents is None or produced_by is None:
+                    if produced_by is None:  # not tracking: no parents either
                         await self._fan_out(event, plans, produced, failures)
                         continue
+                    assert parents is not None
                     ids = child_of(parents[index])
                     before = len(produced)
                     if self._instrument is None:

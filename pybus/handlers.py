@@ -283,12 +283,7 @@ def _context_params(
 ) -> tuple[tuple[str, ...], str]:
     """The parameters annotated `HandlingContext` (string annotations resolved when they
     can be), and why the annotations could not be resolved ("" when they could)."""
-    unresolved = ""
-    try:
-        hints = get_type_hints(func.func if isinstance(func, functools.partial) else func)
-    except Exception as exc:  # an annotation that does not resolve: read the text
-        hints = {}
-        unresolved = f"{type(exc).__name__}: {exc}"
+    hints, unresolved = _hints(func)
     found: list[str] = []
     for param in params:
         annotation = hints.get(param.name, param.annotation)
@@ -311,6 +306,16 @@ def _context_params(
 
 
 _CONTEXT_NAMES = frozenset({"HandlingContext", "pybus.HandlingContext", "pybus.context.HandlingContext"})
+
+
+def _hints(func: Callable[..., Any], *, extras: bool = False) -> tuple[dict[str, Any], str]:
+    """`func`'s resolved annotations, and why they could not be resolved ("" when they could):
+    then the annotations are read as they are written."""
+    try:
+        plain = func.func if isinstance(func, functools.partial) else func
+        return get_type_hints(plain, include_extras=extras), ""
+    except Exception as exc:  # an annotation that does not resolve
+        return {}, f"{type(exc).__name__}: {exc}"
 
 
 def _is_context(annotation: object) -> bool:
@@ -341,12 +346,10 @@ def by_type(
         func = getattr(target, method) if method else None
     if func is None:
         return {}
+    hints, _ = _hints(func, extras=True)
     try:
-        hints = get_type_hints(
-            func.func if isinstance(func, functools.partial) else func, include_extras=True
-        )
         params = inspect.signature(func).parameters
-    except Exception:  # unresolvable annotations or no signature: nothing to find
+    except (TypeError, ValueError):  # no signature: nothing to find
         return {}
     found: dict[str, object] = {}
     for name, param in params.items():
@@ -514,10 +517,7 @@ def _check_bound_accepted(
 
 def _check_init(kind: Kind, key: object, name: str, cls: type, bound: Mapping[str, object]) -> None:
     params = list(_signature(kind, key, name, cls).parameters.values())
-    try:
-        hints = get_type_hints(getattr(cls, "__init__"))  # noqa: B009 - mypy refuses cls.__init__
-    except Exception:  # an annotation that does not resolve: read the text
-        hints = {}
+    hints, _ = _hints(getattr(cls, "__init__"))  # noqa: B009 - mypy refuses cls.__init__
     for param in params:
         if param.default is _EMPTY and _is_context(hints.get(param.name, param.annotation)):
             raise HandlerSignatureError(
