@@ -248,7 +248,17 @@ async def test_a_registration_timeout_bounds_each_attempt_and_is_retried() -> No
     assert attempts == [1, 2, 3]
 
 
-async def test_a_call_timeout_bounds_every_attempt_together_and_is_not_retried() -> None:
+async def test_a_call_timeout_bounds_every_attempt_together_and_is_not_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waits: list[float] = []
+
+    async def third_wait_never_ends(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 3:
+            await asyncio.get_running_loop().create_future()  # the call's timeout must end it
+
+    monkeypatch.setattr(pybus.retry, "sleep", third_wait_never_ends)
     dp = Dispatcher()
     attempts: list[int] = []
 
@@ -258,9 +268,13 @@ async def test_a_call_timeout_bounds_every_attempt_together_and_is_not_retried()
         raise Flaky("again")
 
     async with dp:
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError) as raised:
             await dp.execute(Pay(1), timeout=0.05)
-    assert 1 < len(attempts) < 100
+    assert len(attempts) == 3  # attempts 1-3 ran; the wait before the 4th was cut off
+    assert any("did not finish within 0.05 s" in note for note in raised.value.__notes__)
+    cut_off = raised.value.__cause__  # the cancellation the timeout raised from names the failure
+    assert cut_off is not None
+    assert any("waiting to retry after attempt 3" in note for note in cut_off.__notes__)
 
 
 async def test_a_cancellation_while_waiting_to_retry_names_the_failure_it_cut_off() -> None:
