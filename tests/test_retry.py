@@ -277,18 +277,27 @@ async def test_a_call_timeout_bounds_every_attempt_together_and_is_not_retried(
     assert any("waiting to retry after attempt 3" in note for note in cut_off.__notes__)
 
 
-async def test_a_cancellation_while_waiting_to_retry_names_the_failure_it_cut_off() -> None:
-    dp = Dispatcher()
-    started = asyncio.Event()
+@pytest.mark.parametrize("case", ["command", "event", "concurrent events"])
+async def test_a_cancellation_while_waiting_to_retry_names_the_failure_it_cut_off(case: str) -> None:
+    dp = Dispatcher(concurrent_events=case == "concurrent events")
+    failed_once = asyncio.Event()
+    policy = Retry(attempts=2, delay=100)
 
-    @dp.commands.register(Pay, retry=Retry(attempts=2, delay=30))
-    async def fails(cmd: Pay) -> None:
-        started.set()
+    async def fails(message: object) -> None:
+        failed_once.set()
         raise Flaky("first attempt")
 
+    async def slow(message: object) -> None:
+        await asyncio.sleep(100)
+
+    if case == "command":
+        dp.commands.bind(Pay, fails, retry=policy)
+    else:
+        dp.events.bind(Paid, fails, retry=policy)
+        dp.events.bind(Paid, slow)  # still running when the cancellation comes
     async with dp:
-        task = asyncio.create_task(dp.execute(Pay(1)))
-        await started.wait()
+        task = asyncio.create_task(dp.execute(Pay(1)) if case == "command" else dp.publish(Paid(1)))
+        await failed_once.wait()
         await asyncio.sleep(0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError) as raised:
@@ -425,26 +434,3 @@ async def test_a_shared_instance_publishes_only_what_its_successful_handling_col
                 await dp.execute(Pay(1))
         await dp.execute(Pay(1))
     assert published == [Paid(2)]
-
-
-async def test_with_concurrent_events_a_cancellation_while_waiting_to_retry_keeps_the_note() -> None:
-    dp = Dispatcher(concurrent_events=True)
-    failed_once = asyncio.Event()
-
-    @dp.events.register(Paid, retry=Retry(attempts=3, delay=100))
-    async def book(event: Paid) -> None:
-        failed_once.set()
-        raise Flaky("ledger unreachable")
-
-    @dp.events.register(Paid)
-    async def mail(event: Paid) -> None:
-        await asyncio.sleep(100)
-
-    async with dp:
-        task = asyncio.create_task(dp.publish(Paid(1)))
-        await failed_once.wait()
-        await asyncio.sleep(0)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError) as raised:
-            await task
-    assert any("failed with Flaky: ledger unreachable" in note for note in raised.value.__notes__)
