@@ -100,6 +100,13 @@ class Handler:
     def __str__(self) -> str:
         return f"{self.name} ({self.location})"
 
+    @property
+    def qualified_name(self) -> str:
+        """`module.QualifiedName` of what was registered."""
+        target = self.target
+        module = getattr(target, "__module__", None) or type(target).__module__
+        return f"{module}.{self.name}"
+
 
 def route_record(kind: Kind, target: Callable[..., Any], description: str, key: object = None) -> Handler:
     """The registration-like record of a transport route (of `key`), for error notes,

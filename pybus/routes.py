@@ -99,13 +99,6 @@ def _router(dp: Dispatcher, handler: Handler) -> EventRouter | RequestRouter:
     return dp.events if handler.kind == "event" else dp.commands if handler.kind == "command" else dp.queries
 
 
-def qualified_name(handler: Handler) -> str:
-    """`module.QualifiedName` of what was registered."""
-    target = handler.target
-    module = getattr(target, "__module__", None) or type(target).__module__
-    return f"{module}.{handler.name}"
-
-
 def _describe_retry(policy: Retry | None) -> str | None:
     return None if policy is None else str(policy)
 
@@ -175,7 +168,7 @@ def routes(dp: Dispatcher) -> list[Route]:
             Route(
                 kind=handler.kind,
                 key=key_name(handler.key),
-                handler=qualified_name(handler),
+                handler=handler.qualified_name,
                 location=handler.location,
                 injected={name: _describe_bound(value) for name, value in handler.bound.items()},
                 timeout=handler.timeout if handler.timeout is not None else dp.default_timeout,

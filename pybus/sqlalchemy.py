@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
 import json
-import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +60,7 @@ except ImportError as exc:  # pragma: no cover - the extra is installed in the t
         "install it with: pip install 'pybus[sqlalchemy]' and a driver (aiosqlite, asyncpg)"
     ) from exc
 
-from pybus.context import Registration, current_context, current_record
+from pybus.context import current_context, current_record
 from pybus.errors import ImproperlyConfigured, key_name, message_key, whole_number
 from pybus.handlers import positive_seconds
 from pybus.providers import Factory
@@ -71,9 +71,6 @@ if TYPE_CHECKING:
     from pybus.dispatcher import Dispatcher
 
 __all__ = ["Outbox", "Relay", "SqlAlchemyUnitOfWork"]
-
-logger = logging.getLogger("pybus.sqlalchemy")
-
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
@@ -176,15 +173,6 @@ class Outbox:
             relay.wake()
 
 
-def _qualified(registration: Registration) -> str:
-    """`module.Name` of a registration's handler (its target's module, when known)."""
-    target = getattr(registration, "target", None)
-    if target is None:
-        return registration.name
-    module = getattr(target, "__module__", None) or type(target).__module__
-    return f"{module}.{registration.name}"
-
-
 def _check_sessions(sessions: object) -> None:
     if not isinstance(sessions, async_sessionmaker):
         raise ImproperlyConfigured(
@@ -218,7 +206,9 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
                 "dispatcher tracks it when messages are routed, or with Dispatcher(context=True)"
             )
         registration = record[0]
-        handler = name or f"{key_name(context.key)}->{_qualified(registration)}"
+        # The engines' records name a `Handler` (its qualified name says the module).
+        qualified = getattr(registration, "qualified_name", registration.name)
+        handler = name or f"{key_name(context.key)}->{qualified}"
         if len(handler) > 255:
             raise ImproperlyConfigured(
                 f"The inbox name {handler[:60]}... is longer than 255 characters: pass units(name=...)"
@@ -483,13 +473,8 @@ class Relay:
         return int(getattr(result, "rowcount", 0) or 0)
 
     async def _report(self, error: BaseException) -> None:
-        hook = self.dp.on_error
-        try:
-            outcome = hook(error, None)
-            if asyncio.iscoroutine(outcome):
-                await outcome
-        except Exception:
-            logger.exception("pybus: the on_error hook failed while reporting a relay failure")
+        # As every background failure is: the error hook (sync or async), whose own failure is logged.
+        await self.dp._supervisor.report(error, None, contextvars.copy_context())
 
 
 def _envelope(row: Any) -> Envelope:

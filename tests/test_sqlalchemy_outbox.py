@@ -505,3 +505,36 @@ async def test_a_service_that_does_not_end_is_cancelled_after_its_grace(
         await dp.stop()
         await serving
     assert stuck.cancelled
+
+
+async def test_a_relay_pass_that_fails_goes_to_the_error_hook_and_the_next_pass_sends(db: Database) -> None:
+    class Refusing(Recording):
+        refuse = True
+
+        async def send(self, envelope: Envelope) -> str:
+            if Refusing.refuse:
+                raise ConnectionError("the broker is away")
+            return await super().send(envelope)
+
+    heard: list[BaseException] = []
+
+    async def on_error(error: BaseException, message: object) -> None:  # async: awaited too
+        heard.append(error)
+        Refusing.refuse = False  # the broker is back for the next pass
+
+    broker = InMemoryBroker()
+    dp, outbox, _, _ = shop(db, broker)
+    dp.transport = Refusing(broker, group="shop")
+    dp.on_error = on_error
+    await db.create_tables()
+    relay = outbox.relay(dp, db.sessions, poll=0.01)
+    async with dp:
+        await dp.execute(CreateUser("ada"))
+        running = asyncio.create_task(relay.run())
+        try:
+            await until(lambda: relay.sent == 1)
+        finally:
+            await relay.stop()
+            await running
+    assert [str(error) for error in heard] == ["the broker is away"]
+    assert relay.failed == 1
