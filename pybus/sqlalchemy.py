@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Outbox", "Relay", "SqlAlchemyUnitOfWork"]
 
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -143,8 +144,10 @@ class Outbox:
                 if idempotent:
                     await unit.claim(name)
                 yield unit
-            finally:
-                await unit.close()
+            except BaseException:
+                await unit.close(failing=True)  # the failure in flight is the one to raise
+                raise
+            await unit.close()
 
         unit_of_work.__qualname__ = f"{type(self).__name__}.units({'idempotent' if idempotent else ''})"
         return Factory(unit_of_work)
@@ -274,12 +277,15 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
     async def rollback(self) -> None:
         await self.session.rollback()
 
-    async def close(self) -> None:
+    async def close(self, *, failing: bool = False) -> None:
         """End the handling's session (its Factory's teardown). Writes made through a unit
-        that was never entered are lost, so that is raised, not ignored."""
+        that was never entered are lost: after a handling that succeeded, that is raised,
+        not ignored (`failing`: the handling already failed, and that failure is raised)."""
         if self._claim is not None and self._outbox._claiming.get(self._claim) is asyncio.current_task():
             del self._outbox._claiming[self._claim]
-        unentered = self.state == "new" and self.session.in_transaction() and not self._claimed
+        unentered = (
+            not failing and self.state == "new" and self.session.in_transaction() and not self._claimed
+        )
         await self.session.close()
         if unentered:
             raise ImproperlyConfigured(
