@@ -32,7 +32,7 @@ from typing import (
 from pybus.context import HandlingContext, current_context
 from pybus.errors import HandlerSignatureError, ImproperlyConfigured, Kind, key_name
 from pybus.providers import Factory, Provider, Resolver, Singleton
-from pybus.unit_of_work import AlreadyHandled, UnitOfWork, units_in
+from pybus.unit_of_work import AlreadyHandled, UnitOfWork, makes_units, units_in
 
 if TYPE_CHECKING:
     from pybus.middleware import Middleware
@@ -730,11 +730,16 @@ def _scoped_plan(
     collects = handler.collects_events
     # A Factory may make a unit of work, whose committed events are this handling's
     # follow-ups: the engines must hand the plan their list (see `pybus.unit_of_work`).
-    per_handling = any(isinstance(value, Factory) for value in handler.bound.values())
+    # Only a plan whose Factory says it makes one collects (a collecting plan leaves the
+    # engines' fast path): decided here, once.
+    factories = frozenset(name for name, value in handler.bound.items() if isinstance(value, Factory))
+    per_handling = any(
+        isinstance(value, Factory) and makes_units(value.factory) for value in handler.bound.values()
+    )
 
     async def make(stack: AsyncExitStack, units: list[UnitOfWork]) -> Any:
         init = await resolver.resolve_all(init_values, stack) if init_values else init_values
-        units.extend(units_in(init, lambda name: isinstance(init_values[name], Factory)))
+        units.extend(units_in(init, factories))
         if handler_factory is None:
             return target(**init)
         instance = handler_factory(target, **init) if init else handler_factory(target)
@@ -751,7 +756,7 @@ def _scoped_plan(
                 instance = await make(stack, units) if is_class else target
                 func = getattr(instance, method) if method else instance
                 kwargs = await resolver.resolve_all(call_values, stack) if call_values else call_values
-                units.extend(units_in(kwargs, lambda name: isinstance(call_values[name], Factory)))
+                units.extend(units_in(kwargs, factories))
                 if units:
                     _attach(units, handler, followups)
                 result = call(func, message, kwargs)
@@ -790,8 +795,13 @@ def _scoped_plan(
 
 
 def _attach(units: list[UnitOfWork], handler: Handler, followups: list[Any] | None) -> None:
-    # Units come from Factories (units_in refuses the others), whose plans collect.
-    assert followups is not None
+    if followups is None:  # the plan was compiled as not collecting: nowhere to hand its events
+        raise ImproperlyConfigured(
+            f"{handler} was given a {type(units[0]).__name__} by a Factory whose callable does not "
+            "say it makes a unit of work, so its events would have nowhere to go: annotate the "
+            "callable's return type (-> MyUnit, or AsyncIterator[MyUnit] for a generator), or pass "
+            "the unit's class to Factory"
+        )
     handling = object()
     for unit in units:
         unit.attach(handling, str(handler))

@@ -19,7 +19,7 @@ three hooks (the base class keeps nothing, for tests and in-memory stores).
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, get_args, get_type_hints
 
 from pybus.errors import ImproperlyConfigured
 
@@ -150,13 +150,29 @@ class UnitOfWork:
         return events, sends
 
 
-def units_in(values: dict[str, Any], made_per_handling: Callable[[str], bool]) -> list[UnitOfWork]:
+def makes_units(factory: Callable[..., Any]) -> bool:
+    """Whether `factory` (a Factory's callable) says it makes a unit of work: it is a
+    `UnitOfWork` class, or its return annotation names one (`-> MyUnit`,
+    `-> AsyncIterator[MyUnit]` for a generator). Decided once, when plans are compiled."""
+    if isinstance(factory, type):
+        return issubclass(factory, UnitOfWork)
+    try:
+        returned = get_type_hints(factory).get("return")
+    except Exception:  # an annotation that does not resolve: it says nothing
+        return False
+    return any(
+        isinstance(candidate, type) and issubclass(candidate, UnitOfWork)
+        for candidate in (returned, *get_args(returned))
+    )
+
+
+def units_in(values: dict[str, Any], per_handling: frozenset[str]) -> list[UnitOfWork]:
     """The units of work among a handling's injected values; `ImproperlyConfigured` for a
     unit whose parameter is not given one per handling (a Singleton, or a ready value)."""
     found = []
     for name, value in values.items():
         if isinstance(value, UnitOfWork):
-            if not made_per_handling(name):
+            if name not in per_handling:
                 raise ImproperlyConfigured(
                     f"The {type(value).__name__} bound to {name!r} is not made per handling (a "
                     "Singleton or a ready value would serve every handling): bind it with a Factory"

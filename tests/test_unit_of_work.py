@@ -4,7 +4,9 @@ errors of a unit used outside the handling it was injected into."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -242,4 +244,44 @@ async def test_a_unit_from_a_singleton_is_refused_at_once_beside_a_factory() -> 
 
     async with dp:
         with pytest.raises(ImproperlyConfigured, match="'uow' is not made per handling"):
+            await dp.execute(CreateUser("ada"))
+
+
+def make_store():  # type: ignore[no-untyped-def]  # unannotated on purpose
+    return Store()
+
+
+def make_typed_store() -> Store:
+    return Store()
+
+
+async def open_store() -> AsyncIterator[Store]:
+    yield Store()
+
+
+@pytest.mark.parametrize("factory", [make_typed_store, open_store])
+async def test_a_factory_whose_return_type_names_the_unit_hands_its_events_over(factory: Any) -> None:
+    dp = Dispatcher()
+    published: list[object] = []
+    dp.events.bind(Welcomed, published.append)
+
+    @dp.commands.register(CreateUser, uow=Factory(factory))
+    async def create(cmd: CreateUser, uow: Store) -> None:
+        async with uow:
+            uow.add_event(Welcomed(cmd.name))
+
+    async with dp:
+        await dp.execute(CreateUser("ada"))
+    assert published == [Welcomed("ada")]
+
+
+async def test_a_factory_that_does_not_say_it_makes_a_unit_is_refused_not_lost() -> None:
+    dp = Dispatcher()
+
+    @dp.commands.register(CreateUser, uow=Factory(make_store))
+    async def create(cmd: CreateUser, uow: Store) -> None:
+        raise AssertionError("not reached")
+
+    async with dp:
+        with pytest.raises(ImproperlyConfigured, match="annotate the callable's return type"):
             await dp.execute(CreateUser("ada"))
