@@ -11,9 +11,8 @@ import logging
 import signal
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, Never, NoReturn, Protocol, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Never, NoReturn, Protocol, Self, TypeVar, overload
 
-from pybus.consumer import Consumer
 from pybus.engines import EventEngine, RequestEngine
 from pybus.errors import (
     ComingFromIambus,
@@ -40,9 +39,13 @@ from pybus.retry import Retry, checked_retry
 from pybus.routers import EventRouter, RequestRouter, bind_any
 from pybus.settings import Settings
 from pybus.tracking import Instrumentation
-from pybus.transport import Envelope, Transport
 from pybus.transport_routes import Routing
 from pybus.workers import EngineStatistics, ErrorHook, Statistics, Supervisor, WorkerPool, checked_hook
+
+# A transport's modules load when one is used (see pybus.transport_routes), not with `import pybus`.
+if TYPE_CHECKING:
+    from pybus.consumer import Consumer
+    from pybus.transport import Envelope, Transport
 
 R = TypeVar("R")
 logger = logging.getLogger("pybus")
