@@ -72,6 +72,20 @@ class Consumer:
     decodable), `released` (given back unhandled when the consumer stopped) and
     `unreleased` (not handled, and the transport refused to take them back: they
     stay pending in the broker, which delivers them again later).
+
+    Made by `dp.consumer()` (which `dp.serve()` and `pybus worker` call), which
+    passes the first five arguments; an application chooses the last four.
+
+    Args:
+        transport: Where the envelopes come from, and where their outcomes go.
+        codec: Decodes an envelope's body into its message (`pybus.codec`).
+        handlers: How a message of each kind is handled: the engines' deliver methods.
+        names: The routed names to read.
+        supervisor: The dispatcher's supervisor: its error hook hears every failure.
+        concurrency: Messages handled at a time (>= 1).
+        prefetch: Messages held besides those being handled, read ahead (>= 1).
+        max_deliveries: Failed deliveries after which a message is dead-lettered (>= 1).
+        wait: Seconds a read waits when there is nothing to read (> 0); a new message ends it at once.
     """
 
     def __init__(

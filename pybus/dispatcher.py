@@ -77,26 +77,30 @@ class Dispatcher:
     `await query(q)` and `await publish(event)`, or `send` messages to the
     background workers.
 
-    - Router classes are pluggable; `None` creates the default router on first use.
-    - `concurrent_events=True` runs the handlers of one event concurrently in a
-      task group instead of one after the other; `max_cascade_depth` bounds how
-      deep follow-up events may nest before `CascadeDepthExceeded`.
-    - `handler_factory` builds class handlers (for a DI container); its result may
-      be awaitable, and `__init__` is then not checked at registration.
-    - `queue_size` and `workers` size each engine's background queue and worker
-      pool; `on_error(error, message)` receives background failures (default: an
-      ERROR log record with the traceback); `default_timeout` (seconds) bounds
-      every handling whose registration sets no `timeout`.
-    - `transport` carries the messages given to `route()` to other processes.
-    - `middleware` wraps every handler, outside the routers' and the
-      registrations' middleware (see `add_middleware`).
-    - `retry` (a `pybus.Retry`) is the retry policy of every handler whose
-      registration and router set none.
-    - `context=True` tracks every handling's context (`pybus.current_context()`)
-      even when nothing else asks for it; see `tracks_context`.
-
     `async with dp:` starts the dispatcher on entry and, on exit, drains the
-    background queues and stops it.
+    background queues and stops it. Every option is keyword-only; a value that
+    cannot work raises `ImproperlyConfigured` here, not at the first message.
+
+    Args:
+        events_router_cls: Router class for events (an `EventRouter` subclass); `None`: `EventRouter`.
+        commands_router_cls: Router class for commands (a `RequestRouter` subclass); `None`: `RequestRouter`.
+        queries_router_cls: Router class for queries (a `RequestRouter` subclass); `None`: `RequestRouter`.
+        concurrent_events: Run the handlers of one event concurrently (a task group), not one by one.
+        max_cascade_depth: How deep follow-up events may nest before `CascadeDepthExceeded` (>= 0).
+        handler_factory: Builds class handlers as `factory(cls)` or `factory(cls, **bound)` (a DI container);
+            its result may be awaitable, and `__init__` is then not checked at registration.
+        queue_size: Messages each engine's background queue holds (>= 1); past it, `send` waits for room.
+        workers: Background worker tasks per engine (>= 1).
+        on_error: `on_error(error, message)`, sync or async: hears the failures nobody awaits (background
+            handlings, consumers, relays); `None`: an ERROR log record with the traceback.
+        default_timeout: Seconds that bound every handling whose registration sets no `timeout`; `None`: none.
+        transport: Carries the messages given to `route()` to other processes; `stop()` closes it.
+            `None`: everything stays in this process.
+        middleware: Wraps every handler, outside the routers' and the registrations' middleware.
+        retry: A `pybus.Retry`: the policy of every handler whose registration and router set none.
+        context: Track every handling's context (`pybus.current_context()`) even when nothing asks for it.
+        **iambus: Not options: iambus's names (`listen_for_signals=`, `engine_workers=`) raise
+            `ComingFromIambus` naming the pybus equivalent; any other name raises `TypeError`.
     """
 
     def __init__(
@@ -428,13 +432,15 @@ class Dispatcher:
 
         Run it with `await consumer.run()`, end it with `await consumer.stop()`;
         `serve()` does both, and `dp.stop()` stops every consumer it made first.
-        It handles up to `concurrency` messages at a time and holds up to
-        `prefetch` more, read ahead (reads of up to `prefetch`, the next one on its
-        way while a batch is handled); a read waits at most `wait` seconds for a
-        message (a new one ends the wait at once).
-        After `max_deliveries` failed handlings a message is dead-lettered.
-        Raises `ImproperlyConfigured` without routes and a transport, or before
-        `start()`, and `DispatcherClosed` once stopping.
+        Reads of up to `prefetch` messages go out while a batch is handled.
+        Raises `ImproperlyConfigured` without routes and a transport, before
+        `start()`, or for sizes that cannot work, and `DispatcherClosed` once stopping.
+
+        Args:
+            concurrency: Messages handled at a time (>= 1).
+            prefetch: Messages held besides those being handled, read ahead (>= 1).
+            max_deliveries: Failed deliveries after which a message is dead-lettered (>= 1).
+            wait: Seconds a read waits when there is nothing to read (> 0); a new message ends it at once.
         """
         engines = self._engines("consume from the transport")
         if self.state is not State.STARTED:
@@ -498,16 +504,26 @@ class Dispatcher:
         """Start, run until one of `stop_signals` arrives or `stop()` is called, then stop.
 
         With a transport, also consumes the routed messages this process has
-        handlers for (see `consumer` for `concurrency`, `prefetch`,
-        `max_deliveries` and `wait`); on the signal it stops reading at once, lets
-        handlings in flight finish within `drain_timeout`, and gives the rest back
-        to the transport. Returns what `stop(drain_timeout)` returns.
+        handlers for (the last four options are `consumer`'s); on the signal it
+        stops reading at once, lets handlings in flight finish within
+        `drain_timeout`, and gives the rest back to the transport. Services added
+        with `add_service` run beside the consumer. Returns what
+        `stop(drain_timeout)` returns.
 
         The only place pybus installs signal handlers, and only while it runs: the
         ones it replaced are put back (it refuses to replace a handler the event loop
         itself holds). Stops the dispatcher whatever ends it (a signal, `dp.stop()`,
         its own cancellation); if the consumer ends on its own, serve() stops the
         dispatcher and raises `TransportError`.
+
+        Args:
+            stop_signals: Signals that stop it; `()` installs none (then call `dp.stop()` yourself).
+            drain_timeout: Seconds handlings in flight and queued background work get to finish once
+                stopping; `None`: no limit, `0`: none. What is left is given back or cancelled.
+            concurrency: Messages the consumer handles at a time (>= 1).
+            prefetch: Messages the consumer holds besides those being handled, read ahead (>= 1).
+            max_deliveries: Failed deliveries after which a message is dead-lettered (>= 1).
+            wait: Seconds a read waits when there is nothing to read (> 0).
         """
         drain_seconds("drain_timeout", drain_timeout)  # refused before anything starts
         previous = {sig: signal.getsignal(sig) for sig in stop_signals}

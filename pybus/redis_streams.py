@@ -109,7 +109,26 @@ class RedisTransport(Transport):
     between a handling and its ack leaves few to be handled again. Call `aclose()`
     when done: it sends the acks and gives back, without counting a delivery, what
     was received and not handed out (also what a cancelled read took). Raises
-    `ImproperlyConfigured` for a `max_len` below 1.
+    `ImproperlyConfigured` for a `max_len` below 1. Making one connects to nothing:
+    the first send or read does.
+
+    Args:
+        url: The Redis server (`redis://host:port/db`, `rediss://` for TLS).
+        group: The consumer group, i.e. the service: every group gets every message, one consumer
+            of the group handles it.
+        consumer: This process's name in the group; `None`: `host-pid`. A consumer restarted under
+            the same name handles its own pending entries first.
+        prefix: Starts every key the transport writes: streams `<prefix><name>`, dead letters
+            `<prefix>dead`.
+        claim_idle: Seconds a consumer must be silent (killed, or its loop stalled) before another
+            claims its entries.
+        claim_interval: Seconds between looks for entries to claim.
+        max_len: Retention: each stream is trimmed to about this many entries (>= 1), never past what
+            a group still needs; `None`: nothing is trimmed.
+        dedupe_window: Seconds a handled message id is remembered: a copy sent within it is acked
+            without being handled again.
+        timeout: Seconds within which a send, a give-back, a retry, a dead letter, the last acks and
+            `aclose()` return or raise `TransportError`.
     """
 
     def __init__(
