@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import uuid
 from collections.abc import Mapping
 from contextvars import ContextVar
 from types import MappingProxyType
@@ -82,15 +81,16 @@ _current: ContextVar[Record | None] = ContextVar("pybus_handling", default=None)
 # than the rest of a send); formatted only when read. A process forked from this one
 # draws its own prefix: forked workers (gunicorn --preload, multiprocessing) would
 # otherwise make the same ids, and a transport that drops duplicates by id would
-# drop their messages.
-_PREFIX = f"{uuid.uuid4().hex}-"
+# drop their messages. The prefix is 128 bits of os.urandom (a uuid4 has 122; the
+# uuid module would add itself and platform to `import pybus`).
+_PREFIX = f"{os.urandom(16).hex()}-"
 _numbers = itertools.count(1)
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 def _new_prefix() -> None:
     global _PREFIX
-    _PREFIX = f"{uuid.uuid4().hex}-"
+    _PREFIX = f"{os.urandom(16).hex()}-"
 
 
 os.register_at_fork(after_in_child=_new_prefix)

@@ -36,11 +36,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from pybus.cleanup import CleanupTask
-from pybus.consumer import Consumer
 from pybus.errors import DispatcherClosed
 from pybus.workers import Supervisor
 
 if TYPE_CHECKING:
+    from pybus.consumer import Consumer
     from pybus.engines import EventEngine, RequestEngine
     from pybus.providers import Resolver
     from pybus.transport import Transport

@@ -12,7 +12,6 @@ for an event, the handlers that succeeded are not repeated.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -85,6 +84,8 @@ class Retry:
             grown = self.max_delay
         base = min(grown, self.max_delay)
         if self.jitter:
+            import random  # only policies with jitter need it: not loaded by `import pybus`
+
             base += base * self.jitter * random.random()
         return base
 

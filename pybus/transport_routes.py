@@ -15,17 +15,20 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from pybus.codec import JsonCodec, default_name
-from pybus.consumer import Consumer
 from pybus.context import child_ids, current_record, ident
 from pybus.errors import ImproperlyConfigured, Kind
 from pybus.handlers import Handler, route_record
 from pybus.messages import Command, Query
-from pybus.transport import NO_HEADERS, Envelope, Transport
 from pybus.workers import Supervisor
 
+# Every dispatcher has a `Routing`, but the codec, the consumer and the transport's
+# types are needed only once a route exists: their modules load then (see `add`,
+# `forwarders` and `consumer`), so `import pybus` loads none of them.
 if TYPE_CHECKING:
+    from pybus.codec import JsonCodec
+    from pybus.consumer import Consumer
     from pybus.engines import EventEngine, RequestEngine
+    from pybus.transport import NO_HEADERS, Envelope, Transport
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,8 @@ class Routing:
     def add(self, key: object, name: str | None, kind: Kind | None) -> None:
         if key is str or not isinstance(key, type | str):
             raise ImproperlyConfigured(f"Cannot route {key!r}: a route is a message class or a string")
+        from pybus.codec import default_name
+
         self.routes[key] = (name or default_name(key), kind)
 
     def forwarders(self, kinds: Mapping[object, Kind]) -> dict[Kind, Forwarder]:
@@ -83,6 +88,12 @@ class Routing:
                 "Messages are routed with dp.route(), but the dispatcher has no transport: "
                 "pass Dispatcher(transport=...)"
             )
+        # Bound here, once, for envelope(), which runs per routed message and only after
+        # this (it needs the codec made here): an import there would cost every send.
+        global Envelope, NO_HEADERS
+        from pybus.codec import JsonCodec
+        from pybus.transport import NO_HEADERS, Envelope
+
         self.codec = JsonCodec({key: name for key, (name, _) in self.routes.items()})
         self._kinds = {key: given or route_kind(key, kinds) for key, (_, given) in self.routes.items()}
         found: dict[Kind, Forwarder] = {}
@@ -166,6 +177,8 @@ class Routing:
             raise ImproperlyConfigured(
                 "Nothing to consume: route messages with dp.route() and pass Dispatcher(transport=...)"
             )
+        from pybus.consumer import Consumer
+
         events, commands, queries = engines
         names = [
             name
