@@ -20,11 +20,15 @@ import argparse
 import asyncio
 import dataclasses
 import importlib
+import inspect
 import json
 import logging
 import os
+import re
 import sys
 import traceback
+import types
+import typing
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -244,7 +248,15 @@ def _class_names(cls: type) -> set[str]:
 
 
 def build_message(key: object, arguments: object) -> object:
-    """The message for `key` from decoded JSON (pydantic, msgspec, dataclass, any class taking keywords)."""
+    """The message for `key` from decoded JSON, checked against the class's fields first.
+
+    pydantic models are validated by `model_validate` (unknown fields refused unless the model's
+    config sets `extra`), msgspec structs by `msgspec.convert` (unknown fields refused unless the
+    struct forbids them itself), dataclasses by pybus (see `_dataclass_arguments`); any other class
+    is called with the fields as keywords. A field that does not fit raises `UsageError` naming the
+    class, each field and what it expects. pydantic and msgspec are only touched when `key` is one
+    of their classes: they are loaded then, since the application defined it.
+    """
     if isinstance(key, str):
         if arguments not in (None, {}):
             raise UsageError(f"{key!r} is a string message: it takes no arguments")
@@ -253,17 +265,277 @@ def build_message(key: object, arguments: object) -> object:
     if arguments is None:
         arguments = {}
     if not isinstance(arguments, dict):
-        raise UsageError(f"The arguments of {key.__qualname__} must be a JSON object, not {arguments!r}")
+        raise UsageError(
+            f"The arguments of {key_name(key)} must be a JSON object, not {_shown(arguments)}\n{_takes(key)}"
+        )
+    if _is_subclass_of(key, "pydantic.main", "BaseModel"):
+        return _pydantic_message(key, arguments)
+    if _is_subclass_of(key, "msgspec", "Struct"):
+        return _msgspec_message(key, arguments)
+    if dataclasses.is_dataclass(key):
+        problems: list[tuple[str, str]] = []
+        arguments = _dataclass_arguments(key, arguments, "", problems)
+        if problems:
+            raise _misfit(key, problems)
     try:
-        if hasattr(key, "model_validate"):  # pydantic v2
-            return key.model_validate(arguments)
-        if hasattr(key, "__struct_fields__"):  # msgspec
-            import msgspec
-
-            return msgspec.convert(arguments, key)
         return key(**arguments)
     except Exception as exc:
-        raise UsageError(f"Cannot build {key.__qualname__} from {json.dumps(arguments)}: {exc}") from exc
+        raise UsageError(
+            f"Cannot build {key_name(key)} from {json.dumps(arguments, default=repr)}: {exc}\n{_takes(key)}"
+        ) from exc
+
+
+def _is_subclass_of(key: type, module: str, name: str) -> bool:
+    """Whether `key` subclasses `module.name`, without importing `module`: a class of a library
+    that was never imported cannot be one of its subclasses."""
+    loaded = sys.modules.get(module)
+    base = getattr(loaded, name, None)
+    return isinstance(base, type) and issubclass(key, base)
+
+
+def _pydantic_message(key: type, arguments: dict[str, Any]) -> object:
+    import pydantic  # loaded already: `key` is a pydantic model
+
+    model = typing.cast("type[pydantic.BaseModel]", key)
+    options: dict[str, Any] = {}
+    # A typo in an optional field's name would be dropped silently (pydantic ignores unknown
+    # fields by default): refuse unknown fields unless the model chose its own `extra`.
+    # pydantic >= 2.12 takes `extra` per call; older versions keep the model's behaviour.
+    takes_extra = "extra" in inspect.signature(model.model_validate).parameters
+    if model.model_config.get("extra") is None and takes_extra:
+        options["extra"] = "forbid"
+    try:
+        return model.model_validate(arguments, **options)
+    except pydantic.ValidationError as exc:
+        problems = [_pydantic_problem(error) for error in exc.errors(include_url=False)]
+        raise _misfit(key, problems) from exc
+    except Exception as exc:  # a validator that raised something else
+        raise UsageError(f"Cannot build {key_name(key)} from {json.dumps(arguments)}: {exc}") from exc
+
+
+def _pydantic_problem(error: Any) -> tuple[str, str]:
+    where = _path(error["loc"])
+    if error["type"] == "missing":
+        return where, "required field missing"
+    if error["type"] == "extra_forbidden":
+        return where, "unknown field"
+    return where, f"{error['msg']} (got {_shown(error['input'])})"
+
+
+def _msgspec_message(key: type, arguments: dict[str, Any]) -> object:
+    import msgspec  # loaded already: `key` is a msgspec struct
+
+    config = getattr(key, "__struct_config__", None)
+    problems: list[tuple[str, str]] = []
+    # msgspec.convert ignores unknown fields unless the struct sets forbid_unknown_fields.
+    if config is not None and not config.forbid_unknown_fields:
+        known = {field.encode_name for field in msgspec.structs.fields(key)} | {config.tag_field}
+        problems += [(name, "unknown field") for name in arguments if name not in known]
+    try:
+        message: object = msgspec.convert(arguments, key)
+    except msgspec.ValidationError as exc:
+        raise _misfit(key, [*problems, _msgspec_problem(str(exc))]) from exc
+    except Exception as exc:  # __post_init__ raised something else
+        raise UsageError(f"Cannot build {key_name(key)} from {json.dumps(arguments)}: {exc}") from exc
+    if problems:
+        raise _misfit(key, problems)
+    return message
+
+
+def _msgspec_problem(text: str) -> tuple[str, str]:
+    """msgspec's one error ("Expected `int`, got `str` - at `$.order_id`") as (field, problem)."""
+    text, _, at = text.partition(" - at `$")
+    where = at.removesuffix("`").removeprefix(".")
+    missing = re.fullmatch(r"Object missing required field `(.+)`", text)
+    if missing:
+        return f"{where}.{missing[1]}" if where else missing[1], "required field missing"
+    unknown = re.fullmatch(r"Object contains unknown field `(.+)`", text)
+    if unknown:
+        return f"{where}.{unknown[1]}" if where else unknown[1], "unknown field"
+    return where, text
+
+
+def _dataclass_arguments(
+    cls: type, arguments: dict[str, Any], prefix: str, problems: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """`arguments` checked against the dataclass `cls`, its nested dataclasses built; each field that
+    does not fit is added to `problems` as (field, problem).
+
+    Names come from the constructor: a field it does not take is unknown, a parameter without a
+    default is required. Types come from the resolved annotations and are checked for the types
+    JSON can carry: bool, int, float (an int is accepted and made a float), str, None, list and
+    list[X], dict and dict[str, X], unions (Optional), Literal, Any and nested dataclasses (built
+    from their JSON object, checked the same way). Any other annotation (tuple, set, enum,
+    datetime, a class) is not checked: the value is passed as JSON decoded it. When the
+    annotations do not resolve, no type is checked.
+    """
+    fields = _constructor_fields(cls)
+    if fields is None:  # **kwargs, or no signature: the constructor judges
+        return arguments
+    built: dict[str, Any] = {}
+    for name in arguments:
+        if name not in fields:
+            problems.append((prefix + name, "unknown field"))
+    for name, (annotation, required) in fields.items():
+        if name in arguments:
+            built[name] = _fitted(arguments[name], annotation, prefix + name, problems)
+        elif required:
+            problems.append((prefix + name, f"required field missing (expected {_type_text(annotation)})"))
+    return built
+
+
+def _constructor_fields(cls: type) -> dict[str, tuple[object, bool]] | None:
+    """The keywords `cls(...)` takes: name -> (resolved annotation or Any, required)."""
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: names are still checked
+        hints = {}
+    fields: dict[str, tuple[object, bool]] = {}
+    for parameter in parameters:
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            return None
+        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            written = Any if parameter.annotation is inspect.Parameter.empty else parameter.annotation
+            hint = hints.get(parameter.name, written)
+            if isinstance(hint, dataclasses.InitVar):
+                hint = hint.type
+            fields[parameter.name] = (hint, parameter.default is inspect.Parameter.empty)
+    return fields
+
+
+def _fitted(value: Any, annotation: Any, where: str, problems: list[tuple[str, str]]) -> Any:
+    """`value` as a field annotated `annotation` takes it, or `value` with a problem added."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None) or annotation is None:
+        fits = value is None
+    elif annotation is bool:
+        fits = isinstance(value, bool)
+    elif annotation is int:
+        fits = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation is float:
+        fits = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if fits else value
+    elif annotation is str:
+        fits = isinstance(value, str)
+    elif annotation is list or origin is list:
+        fits = isinstance(value, list)
+        if fits and args:
+            value = [_fitted(item, args[0], f"{where}[{at}]", problems) for at, item in enumerate(value)]
+    elif annotation is dict or origin is dict:
+        fits = isinstance(value, dict)
+        if fits and len(args) == 2:
+            value = {key: _fitted(item, args[1], f"{where}.{key}", problems) for key, item in value.items()}
+    elif origin is typing.Union or origin is types.UnionType:
+        members = [member for member in args if member is not type(None)] if value is not None else args
+        for member in members:
+            tried: list[tuple[str, str]] = []
+            fitted = _fitted(value, member, where, tried)
+            if not tried:
+                return fitted
+            if len(members) == 1 and any(inner != where for inner, _ in tried):
+                problems += tried  # Optional[Item] given an object: the problems inside it are clearer
+                return value
+        fits = False
+    elif origin is typing.Literal:
+        fits = any(value == choice and type(value) is type(choice) for choice in args)
+    elif isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        fits = isinstance(value, dict)
+        if fits:
+            before = len(problems)
+            nested = _dataclass_arguments(annotation, value, f"{where}.", problems)
+            if len(problems) == before:
+                try:
+                    return annotation(**nested)
+                except Exception as exc:
+                    problems.append((where, f"cannot build {key_name(annotation)}: {exc}"))
+    else:  # not checked (Any, or a type JSON does not carry): passed as decoded
+        return value
+    if not fits:
+        problems.append((where, f"expected {_type_text(annotation)}, got {_shown(value)}"))
+    return value
+
+
+def _misfit(key: type, problems: list[tuple[str, str]]) -> UsageError:
+    expected = {name: annotation for name, annotation, _ in _fields_of(key) or ()}
+    lines = [f"The arguments do not fit {key_name(key)}:"]
+    for where, problem in problems:
+        if problem == "required field missing" and where in expected:  # pydantic's and msgspec's
+            problem += f" (expected {_type_text(expected[where])})"
+        lines.append(f"  {where}: {problem}" if where else f"  {problem}")
+    return UsageError("\n".join([*lines, _takes(key)]))
+
+
+def _takes(key: type) -> str:
+    """What `key` takes, and what to do: "PlaceOrder takes a JSON object with customer: str, ..."."""
+    fields = _fields_of(key)
+    if fields is None:
+        return "Fix the JSON and run again"
+    if not fields:
+        return f"{key_name(key)} takes no fields: pass {{}} or nothing"
+    shown = ", ".join(
+        f"{name}: {_type_text(annotation)}" + ("" if required else " (optional)")
+        for name, annotation, required in fields
+    )
+    return f"{key_name(key)} takes a JSON object with {shown}; fix the JSON and run again"
+
+
+def _fields_of(key: type) -> list[tuple[str, object, bool]] | None:
+    """(name in the JSON, annotation, required) for each field of `key`; None when not known."""
+    if _is_subclass_of(key, "pydantic.main", "BaseModel"):
+        import pydantic
+
+        return [
+            (
+                info.validation_alias if isinstance(info.validation_alias, str) else info.alias or name,
+                info.annotation,
+                info.is_required(),
+            )
+            for name, info in typing.cast("type[pydantic.BaseModel]", key).model_fields.items()
+        ]
+    if _is_subclass_of(key, "msgspec", "Struct"):
+        import msgspec
+
+        return [(field.encode_name, field.type, field.required) for field in msgspec.structs.fields(key)]
+    fields = _constructor_fields(key)
+    if fields is None:
+        return None
+    return [(name, annotation, required) for name, (annotation, required) in fields.items()]
+
+
+def _type_text(annotation: object) -> str:
+    """An annotation as written in Python: `str | None`, `list[Item]`, `Literal['a', 'b']`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None) or annotation is None:
+        return "None"
+    if origin is typing.Annotated:
+        return _type_text(args[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return " | ".join(_type_text(member) for member in args)
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(repr(choice) for choice in args)}]"
+    if origin is not None and args:
+        inner = ", ".join("..." if arg is Ellipsis else _type_text(arg) for arg in args)
+        return f"{_type_text(origin)}[{inner}]"
+    if isinstance(annotation, type):
+        return key_name(annotation)
+    return str(annotation).replace("typing.", "")
+
+
+def _path(location: Sequence[object]) -> str:
+    """A pydantic error location as `items[0].sku`."""
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def to_json(value: object) -> str:
@@ -302,7 +574,11 @@ def _exec(args: argparse.Namespace) -> int:
     try:
         arguments = json.loads(args.arguments) if args.arguments is not None else None
     except json.JSONDecodeError as exc:
-        raise UsageError(f"The arguments are not valid JSON ({exc}): {args.arguments}") from exc
+        hint = _takes(key) if isinstance(key, type) else f"{key!r} is a string message: pass no arguments"
+        raise UsageError(
+            f"The arguments for {key_name(key)} are not valid JSON ({exc}): {args.arguments}\n"
+            """Write a JSON object in single quotes for the shell, as in '{"field": "value"}'\n""" + hint
+        ) from exc
     message = build_message(key, arguments)
     try:
         result = asyncio.run(_run(dp, kind, message))

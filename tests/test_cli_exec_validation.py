@@ -1,0 +1,336 @@
+"""`pybus exec` checks the JSON against the message's fields before anything is dispatched.
+
+Each kind of mistake is tried against a dataclass, a pydantic model and a msgspec struct of the
+same shape: the command line exits 2 with a message naming the class, the field and what it
+expects, and the handler is never called. Good input still reaches the handler.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from dataclasses import InitVar, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import msgspec
+import pydantic
+import pytest
+
+from pybus import Dispatcher
+from pybus.cli import UsageError, build_message, main
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = "exec_validation_app:create"
+
+
+@dataclass(frozen=True)
+class DcLine:
+    sku: str
+    qty: int = 1
+
+
+@dataclass(frozen=True)
+class DcOrder:
+    customer: str
+    lines: list[DcLine]
+    note: str | None = None
+
+
+class PdLine(pydantic.BaseModel):
+    sku: str
+    qty: int = 1
+
+
+class PdOrder(pydantic.BaseModel):
+    customer: str
+    lines: list[PdLine]
+    note: str | None = None
+
+
+class MsLine(msgspec.Struct):
+    sku: str
+    qty: int = 1
+
+
+class MsOrder(msgspec.Struct):
+    customer: str
+    lines: list[MsLine]
+    note: str | None = None
+
+
+@pytest.fixture
+def handled(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The messages the app's handlers received; the app is importable as exec_validation_app."""
+    received: list[object] = []
+
+    def create() -> Dispatcher:
+        dp = Dispatcher()
+
+        async def take(order: Any) -> str:
+            received.append(order)
+            return f"ok {order.customer}"
+
+        for cls in (DcOrder, PdOrder, MsOrder):
+            dp.commands.bind(cls, take)
+        return dp
+
+    module = types.ModuleType("exec_validation_app")
+    module.create = create  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "exec_validation_app", module)
+    return received
+
+
+def refused(arguments: str, message: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """stderr of `pybus exec APP message arguments`, which must exit 2 and print nothing."""
+    with pytest.raises(SystemExit) as info:
+        main(["exec", APP, message, arguments])
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    return err
+
+
+def takes(name: str) -> str:
+    return (
+        f"{name} takes a JSON object with customer: str, lines: list[{name[:2]}Line], "
+        "note: str | None (optional); fix the JSON and run again\n"
+    )
+
+
+FAMILIES = ["DcOrder", "PdOrder", "MsOrder"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_good_input_reaches_the_handler(
+    name: str, handled: list[object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["exec", APP, name, '{"customer": "ada", "lines": [{"sku": "book-1"}]}']) == 0
+    assert capsys.readouterr().out == '"ok ada"\n'
+    (order,) = handled
+    assert type(order).__name__ == name
+    assert order.customer == "ada"  # type: ignore[attr-defined]
+    (line,) = order.lines  # type: ignore[attr-defined]
+    assert (type(line).__name__, line.sku, line.qty) == (f"{name[:2]}Line", "book-1", 1)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_an_unknown_field_is_refused(
+    name: str, handled: list[object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = refused('{"customer": "ada", "lines": [], "coupon": "X"}', name, capsys)
+    assert err == f"pybus: error: The arguments do not fit {name}:\n  coupon: unknown field\n{takes(name)}"
+    assert handled == []
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_missing_required_field_is_refused(
+    name: str, handled: list[object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = refused('{"lines": []}', name, capsys)
+    assert err == (
+        f"pybus: error: The arguments do not fit {name}:\n"
+        f"  customer: required field missing (expected str)\n{takes(name)}"
+    )
+    assert handled == []
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("DcOrder", "customer: expected str, got 7"),
+        ("PdOrder", "customer: Input should be a valid string (got 7)"),
+        ("MsOrder", "customer: Expected `str`, got `int`"),
+    ],
+)
+def test_a_wrong_type_is_refused(
+    name: str, problem: str, handled: list[object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = refused('{"customer": 7, "lines": []}', name, capsys)
+    assert err == f"pybus: error: The arguments do not fit {name}:\n  {problem}\n{takes(name)}"
+    assert handled == []
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("DcOrder", 'lines[0].qty: expected int, got "two"'),
+        ("PdOrder", 'lines[0].qty: Input should be a valid integer, unable to parse string as an integer '
+         '(got "two")'),
+        ("MsOrder", "lines[0].qty: Expected `int`, got `str`"),
+    ],
+)  # fmt: skip
+def test_a_wrong_type_inside_a_nested_message_is_named_by_its_path(
+    name: str, problem: str, handled: list[object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = refused('{"customer": "ada", "lines": [{"sku": "b", "qty": "two"}]}', name, capsys)
+    assert err == f"pybus: error: The arguments do not fit {name}:\n  {problem}\n{takes(name)}"
+    assert handled == []
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_json_that_is_not_an_object_is_refused(
+    name: str, handled: list[object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = refused('["ada"]', name, capsys)
+    assert err == f'pybus: error: The arguments of {name} must be a JSON object, not ["ada"]\n{takes(name)}'
+    assert handled == []
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_invalid_json_is_refused(
+    name: str, handled: list[object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = refused("{customer: ada}", name, capsys)
+    assert err == (
+        f"pybus: error: The arguments for {name} are not valid JSON (Expecting property name enclosed in "
+        "double quotes: line 1 column 2 (char 1)): {customer: ada}\n"
+        """Write a JSON object in single quotes for the shell, as in '{"field": "value"}'\n""" + takes(name)
+    )
+    assert handled == []
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_problem_is_listed_with_the_fields_the_class_takes(
+    name: str, handled: list[object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = refused('{"custmer": "ada", "lines": []}', name, capsys)
+    lines = err.splitlines()
+    assert lines[0] == f"pybus: error: The arguments do not fit {name}:"
+    assert sorted(lines[1:-1]) == [
+        "  custmer: unknown field",
+        "  customer: required field missing (expected str)",
+    ]
+    assert lines[-1] == takes(name).strip()
+    assert handled == []
+
+
+def test_the_real_command_exits_2_on_a_field_error() -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("pybus")), "exec", "examples.orders:create_app", "PlaceOrder",
+         '{"customer": "ada", "sku": 3}'],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "pybus: error: The arguments do not fit PlaceOrder:\n"
+        "  sku: expected str, got 3\n"
+        "PlaceOrder takes a JSON object with customer: str, sku: str; fix the JSON and run again\n"
+    )
+
+
+# -- what is checked for a dataclass -----------------------------------------------------
+
+
+@dataclass
+class Shipment:
+    order_id: int
+    weight: float = 0.0
+    rush: bool = False
+    carrier: Literal["post", "courier"] = "post"
+    label: Optional[str] = None  # noqa: UP045  # the typing spelling is read too
+    tags: dict[str, int] = field(default_factory=dict)
+    address: DcLine | None = None
+    parts: tuple[int, ...] = ()
+    extra: Any = None
+    scale: InitVar[int] = 1
+
+    def __post_init__(self, scale: int) -> None:
+        self.weight *= scale
+
+
+def test_a_dataclass_is_built_with_its_nested_dataclasses_and_numbers() -> None:
+    shipment = build_message(
+        Shipment,
+        {"order_id": 1, "weight": 2, "rush": True, "carrier": "courier", "label": None, "tags": {"a": 1},
+         "address": {"sku": "b"}, "parts": [1, "x"], "extra": {"any": ["thing"]}, "scale": 3},
+    )  # fmt: skip
+    parts: Any = [1, "x"]  # a tuple field is not checked: the list arrives as it is
+    assert shipment == Shipment(
+        1, 6.0, True, "courier", None, {"a": 1}, DcLine("b"), parts, {"any": ["thing"]}
+    )
+    assert isinstance(shipment, Shipment)
+    assert isinstance(shipment.weight, float)
+    assert isinstance(shipment.address, DcLine)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        ({"order_id": True}, "order_id: expected int, got true"),
+        ({"order_id": 1.5}, "order_id: expected int, got 1.5"),
+        ({"order_id": 1, "weight": "9"}, 'weight: expected float, got "9"'),
+        ({"order_id": 1, "rush": 1}, "rush: expected bool, got 1"),
+        ({"order_id": 1, "carrier": "van"}, "carrier: expected Literal['post', 'courier'], got \"van\""),
+        ({"order_id": 1, "label": 5}, "label: expected str | None, got 5"),
+        ({"order_id": 1, "tags": {"a": "1"}}, 'tags.a: expected int, got "1"'),
+        ({"order_id": 1, "tags": []}, "tags: expected dict[str, int], got []"),
+        ({"order_id": 1, "address": {"qty": 2}}, "address.sku: required field missing (expected str)"),
+        ({"order_id": 1, "address": "b"}, 'address: expected DcLine | None, got "b"'),
+        ({"order_id": 1, "scale": "2"}, 'scale: expected int, got "2"'),
+    ],
+)
+def test_what_a_dataclass_field_is_checked_for(arguments: dict[str, object], problem: str) -> None:
+    with pytest.raises(UsageError) as info:
+        build_message(Shipment, arguments)
+    assert str(info.value).splitlines()[:2] == ["The arguments do not fit Shipment:", f"  {problem}"]
+
+
+@dataclass
+class Unresolved:
+    when: NotDefinedAnywhere  # type: ignore[name-defined]  # noqa: F821
+
+
+def test_annotations_that_do_not_resolve_leave_the_names_checked() -> None:
+    assert build_message(Unresolved, {"when": "any value"}) == Unresolved("any value")
+    with pytest.raises(UsageError, match=r"  whenever: unknown field\n  when: required field missing"):
+        build_message(Unresolved, {"whenever": 1})
+
+
+def test_a_pydantic_model_that_chose_its_extra_keeps_it() -> None:
+    class Open(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="allow")
+        name: str
+
+    assert build_message(Open, {"name": "a", "more": 1}).model_extra == {"more": 1}  # type: ignore[attr-defined]
+
+
+def test_a_msgspec_struct_that_forbids_unknown_fields_reports_them_itself() -> None:
+    class Strict(msgspec.Struct, forbid_unknown_fields=True):
+        name: str
+
+    with pytest.raises(UsageError) as info:
+        build_message(Strict, {"name": "a", "more": 1})
+    assert str(info.value).splitlines()[1] == "  more: unknown field"
+
+
+def test_the_cli_loads_no_model_library_the_app_does_not_use(tmp_path: Path) -> None:
+    (tmp_path / "plainapp.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from pybus import Dispatcher\n\n"
+        "@dataclass\nclass Ping:\n    n: int\n\n"
+        "dp = Dispatcher()\n"
+        "dp.commands.bind(Ping, lambda ping: ping.n)\n"
+    )
+    check = (
+        "import sys\n"
+        "from pybus.cli import main\n"
+        "code = main(['exec', 'plainapp:dp', 'Ping', '{\"n\": 2}'])\n"
+        "print(code, sorted(m for m in ('pydantic', 'msgspec') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert result.stdout.splitlines() == ["2", "0 []"], result.stderr
+
+
+def test_the_exec_section_shows_a_real_field_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    arguments = '{"customer": "ada", "skus": ["book-1"]}'
+    with pytest.raises(SystemExit):
+        main(["exec", "examples.orders:create_app", "PlaceOrder", arguments])
+    shown = f"$ pybus exec examples.orders:create_app PlaceOrder '{arguments}'\n{capsys.readouterr().err}"
+    assert shown in (ROOT / "docs" / "cli.md").read_text()
