@@ -13,7 +13,7 @@ import sys
 import types
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import markdown  # type: ignore[import-untyped]  # Markdown ships no type information
 import msgspec
@@ -305,6 +305,98 @@ def test_a_msgspec_struct_that_forbids_unknown_fields_reports_them_itself() -> N
     with pytest.raises(UsageError) as info:
         build_message(Strict, {"name": "a", "more": 1})
     assert str(info.value).splitlines()[1] == "  more: unknown field"
+
+
+@dataclass
+class Checked:
+    sku: str
+
+    def __post_init__(self) -> None:
+        if not self.sku:
+            raise ValueError("a sku cannot be empty")
+
+
+@dataclass
+class Holder:
+    item: Checked
+
+
+@dataclass
+class Nothing:
+    pass
+
+
+class Loose:
+    def __init__(self, **fields: object) -> None:
+        self.fields = fields
+
+
+class Guarded(msgspec.Struct):
+    sku: str
+
+    def __post_init__(self) -> None:
+        raise RuntimeError("the stock service is down")
+
+
+def test_what_the_class_cannot_take_is_reported_with_what_to_do() -> None:
+    with pytest.raises(UsageError) as info:
+        build_message(Holder, {"item": {"sku": ""}})
+    assert str(info.value).splitlines()[1] == "  item: cannot build Checked: a sku cannot be empty"
+    with pytest.raises(UsageError) as info:
+        build_message(Checked, {"sku": ""})
+    assert str(info.value) == (
+        'Cannot build Checked from {"sku": ""}: a sku cannot be empty\n'
+        "Checked takes a JSON object with sku: str; fix the JSON and run again"
+    )
+    with pytest.raises(UsageError) as info:
+        build_message(Nothing, [])
+    assert str(info.value) == (
+        "The arguments of Nothing must be a JSON object, not []\nNothing takes no fields: pass {} or nothing"
+    )
+    assert build_message(Loose, {"any": 1}).fields == {"any": 1}  # type: ignore[attr-defined]
+    with pytest.raises(UsageError) as info:
+        build_message(Loose, [])
+    assert str(info.value).endswith("not []\nFix the JSON and run again")
+    with pytest.raises(UsageError, match=r"^Cannot build Guarded from .*: the stock service is down$"):
+        build_message(Guarded, {"sku": "b"})
+    with pytest.raises(UsageError) as info:
+        build_message(MsOrder, {"customer": "ada", "lines": [{"qty": 1}]})
+    assert str(info.value).splitlines()[1] == "  lines[0].sku: required field missing"
+
+
+def test_no_json_is_an_empty_object_and_annotated_types_are_shown_plain() -> None:
+    with pytest.raises(UsageError) as info:
+        build_message(DcOrder, None)
+    assert str(info.value).splitlines()[1:3] == [
+        "  customer: required field missing (expected str)",
+        "  lines: required field missing (expected list[DcLine])",
+    ]
+
+    class Counted(msgspec.Struct):
+        qty: Annotated[int, msgspec.Meta(ge=1)]
+
+    with pytest.raises(UsageError) as info:
+        build_message(Counted, {"qty": 0})
+    assert str(info.value).splitlines()[1:] == [
+        "  qty: Expected `int` >= 1",
+        "Counted takes a JSON object with qty: int; fix the JSON and run again",
+    ]
+
+
+def test_invalid_json_for_a_string_message(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def create() -> Dispatcher:
+        dp = Dispatcher()
+        dp.events.bind("audit", lambda: None)
+        return dp
+
+    module = types.ModuleType("exec_string_app")
+    module.create = create  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "exec_string_app", module)
+    with pytest.raises(SystemExit):
+        main(["exec", "exec_string_app:create", "audit", "{"])
+    assert capsys.readouterr().err.endswith("\n'audit' is a string message: pass no arguments\n")
 
 
 def test_the_cli_loads_no_model_library_the_app_does_not_use(tmp_path: Path) -> None:
