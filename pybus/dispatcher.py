@@ -33,7 +33,6 @@ from pybus.handlers import Handler, callable_name, positive_seconds
 from pybus.lifecycle import Lifecycle, State
 from pybus.messages import Command, Query
 from pybus.middleware import Middleware, checked
-from pybus.observer import Observer
 from pybus.providers import Provider, Resolver
 from pybus.retry import Retry, checked_retry
 from pybus.routers import EventRouter, RequestRouter, bind_any
@@ -42,9 +41,11 @@ from pybus.tracking import Instrumentation
 from pybus.transport_routes import Routing
 from pybus.workers import EngineStatistics, ErrorHook, Statistics, Supervisor, WorkerPool, checked_hook
 
-# A transport's modules load when one is used (see pybus.transport_routes), not with `import pybus`.
+# A transport's modules load when one is used (see pybus.transport_routes), not with
+# `import pybus`; the observer's with the test tools that subclass it (pybus.testing).
 if TYPE_CHECKING:
     from pybus.consumer import Consumer
+    from pybus.observer import Observer
     from pybus.transport import Envelope, Transport
 
 R = TypeVar("R")

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from threading import get_ident
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pybus.context import _current, failure_record
 from pybus.errors import (
@@ -42,7 +42,9 @@ from pybus.errors import (
     message_key,
 )
 from pybus.lanes import LaneTask, current_lane, running_in, start_in
-from pybus.observer import Observer
+
+if TYPE_CHECKING:
+    from pybus.observer import Observer
 
 logger = logging.getLogger("pybus")
 
