@@ -3,16 +3,16 @@
 Each engine has a `WorkerPool`: `send` puts a message on its queue and returns;
 worker lanes (see `pybus.lanes`) take messages off and run them with exactly
 the semantics of `execute`/`query`/`publish` (follow-up events included). The
-pools of one dispatcher share a `Supervisor`: the error hook, the count of
-unfinished messages that `join()` waits on, the phase of the shutdown, and the
-event loop the dispatcher serves.
+pools of one dispatcher share a `Supervisor`: the error hook, `join()` (which
+waits until no pool has a message queued or in flight), the phase of the
+shutdown, and the event loop the dispatcher serves.
 
 Each message runs in a copy of the `contextvars` context taken at `send`, from
 its first step to its last in the one lane that took it.
 
 Every message a pool accepts ends in exactly one of its counters: `handled`,
-`failed` (the error hook was called) or `unhandled` (still queued, or cancelled
-mid-handling, when the pool was stopped).
+`failed` (the error hook was called, and returned) or `unhandled` (still queued,
+or cancelled mid-handling, when the pool was stopped).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import inspect
 import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
+from contextvars import copy_context
 from dataclasses import dataclass
 from threading import get_ident
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,7 @@ from pybus.errors import (
     key_name,
     message_key,
 )
-from pybus.lanes import LaneTask, current_lane, running_in, start_in
+from pybus.lanes import DONE, Failed, LaneTask, current_lane, handlings, rest_of, running_in, start_in
 
 if TYPE_CHECKING:
     from pybus.observer import Observer
@@ -50,7 +51,6 @@ logger = logging.getLogger("pybus")
 
 #: `on_error(error, message)`; may return an awaitable, which is awaited.
 ErrorHook = Callable[[BaseException, object], object]
-_Item = tuple[object, contextvars.Context, object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,8 @@ class EngineStatistics:
     """A snapshot of one engine's background work.
 
     `queued`: sent and not yet started (ordering-key backlogs included);
-    `in_flight`: being handled; `handled` and `failed`: finished since start;
+    `in_flight`: being handled (a failing message until its error hook returned);
+    `handled` and `failed`: finished since start;
     `active_keys`: ordering keys with a message queued or in flight;
     `unhandled`: dropped or cancelled by `stop()` (or by the loop ending).
     Every message sent is in exactly one of queued, in_flight, handled, failed
@@ -130,7 +131,6 @@ class Supervisor:
 
     def __init__(self, on_error: object = None) -> None:
         self.on_error: ErrorHook = checked_hook(on_error)
-        self.unfinished = 0
         self.closing = False
         self.closed = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -166,10 +166,15 @@ class Supervisor:
         for pool in self.pools:
             pool.refuse_waiting()
 
-    def finished(self, count: int = 1) -> None:
-        self.unfinished -= count
-        if not self.unfinished:
-            self.wake_joins()
+    def unfinished(self) -> int:
+        """Messages sent and not done yet, over every pool: what `join()` waits for."""
+        return sum(pool.unfinished() for pool in self.pools)
+
+    def pool_settled(self) -> None:
+        """A pool has nothing queued or in flight: wake the joins waiting if no pool has."""
+        idle = self._idle
+        if idle is not None and not idle.is_set() and not self.unfinished():
+            idle.set()
 
     def wake_joins(self) -> None:
         """Wake the `join()` calls waiting: to return (all done), or to replace a lost lane."""
@@ -180,9 +185,9 @@ class Supervisor:
         """Return once every sent message, and everything it sent in turn, is done."""
         if self.inside():
             raise WouldDeadlock("dp.join()")
-        if self.unfinished:
+        if self.unfinished():
             self.bind("join the dispatcher")
-        while self.unfinished:
+        while self.unfinished():
             for pool in self.pools:  # also when a lane ends while this waits
                 pool.replace_lost_lanes()
             if self._idle is None or self._idle.is_set():
@@ -257,8 +262,12 @@ class WorkerPool:
         self._workers = workers
         self.capacity = capacity
         self._describe = describe
-        self._ready: deque[_Item] = deque()
-        self._backlogs: dict[object, deque[_Item]] = {}
+        # Each message is queued with the copy of its sender's context, flat, without a tuple
+        # per message: with a full queue, tuples would be a third of what the garbage
+        # collector traverses. Ready to start: message, context, key, message, ...; waiting
+        # for its key's turn, in the key's backlog: message, context, message, ...
+        self._ready: deque[object] = deque()
+        self._backlogs: dict[object, deque[object]] = {}
         self._queued = 0
         # Room handed to a waiting sender that has not put its message yet.
         self._reserved = 0
@@ -270,28 +279,34 @@ class WorkerPool:
         self._lanes: set[asyncio.Task[None]] = set()
         self._live = 0  # lanes running; a send (or join) replaces those that ended
         self._loop: asyncio.AbstractEventLoop | None = None  # where the lanes run
-        self._thread = -1  # the thread of that loop
+        # The thread of that loop; -1 while a lane is missing, so that one comparison on
+        # every send finds both a foreign thread and lanes to start.
+        self._thread = -1
         self._stopping = False
         self.observer: Observer | None = None
-        self.in_flight = 0
+        # Counted once per message on its way: `_queued` up when it is queued and down when a
+        # lane takes it, `_started` up then, and one of `handled`, `failed` and `_cancelled`
+        # up when it ends; in flight is what started and has not ended.
+        self._started = 0
         self.handled = 0
         self.failed = 0
+        self._cancelled = 0  # cancelled mid-handling (counted in `unhandled` too)
         self.unhandled = 0
         supervisor.pools.append(self)
 
+    def in_flight(self) -> int:
+        return self._started - self.handled - self.failed - self._cancelled
+
+    def unfinished(self) -> int:
+        """Messages queued or in flight."""
+        return self._queued + self.in_flight()
+
     def statistics(self) -> EngineStatistics:
         return EngineStatistics(
-            self._queued, self.in_flight, self.handled, self.failed, len(self._backlogs), self.unhandled
+            self._queued, self.in_flight(), self.handled, self.failed, len(self._backlogs), self.unhandled
         )
 
     # -- sending -----------------------------------------------------------------
-
-    def put_if_room(self, message: object, key: object = None) -> bool:
-        """Queue `message` if that needs no waiting and no checks; False otherwise.
-
-        The fast path of `send`, callable without a coroutine of its own.
-        """
-        return self._put(message, key, True)
 
     async def send(self, message: object, key: object = None) -> None:
         """Queue `message`, waiting in line for room while the queue is full."""
@@ -299,10 +314,10 @@ class WorkerPool:
         if supervisor.closing:
             supervisor.check_open(self.kind, message)
         if (not self._senders and not self._reserved and self._queued < self.capacity) or supervisor.inside():
-            self._put(message, key)
+            self._put(message, key, False)
             return
         self._check_key(key)  # before waiting: the key will not be better after
-        if get_ident() != self._thread or self._live < self._workers:
+        if get_ident() != self._thread:
             self._start_lanes(message)  # checks the loop (a full queue whose lanes ended: restarts them)
         loop = self._loop
         assert loop is not None  # lanes run in it
@@ -325,21 +340,21 @@ class WorkerPool:
             if not room:
                 raise DispatcherClosed(self.kind, message)
             supervisor.check_open(self.kind, message)  # the dispatcher may have begun to stop since
-            self._put(message, key)
+            self._put(message, key, False)
         finally:
             self._make_room()  # free room goes to the next sender in line, never to a newcomer
 
     def send_nowait(self, message: object, key: object = None) -> None:
         """Queue `message` or raise `QueueFull` at once."""
         if self._queued < self._limit:
-            self._put(message, key)
+            self._put(message, key, False)
             return
         supervisor = self._supervisor
         supervisor.check_open(self.kind, message)
         self._check_key(key)
         if not supervisor.inside() and (self._senders or self._reserved or self._queued >= self.capacity):
             raise QueueFull(self.kind, self.capacity)  # room that senders wait for is theirs
-        self._put(message, key)
+        self._put(message, key, False)
 
     def _check_key(self, key: object) -> None:
         if key is not None:
@@ -351,9 +366,13 @@ class WorkerPool:
     def _unhashable(self, key: object) -> InvalidMessage:
         return InvalidMessage(f"dp.{ROUTERS[self.kind]}.send()", key, key=True)
 
-    def _put(self, message: object, key: object, only_if_room: bool = False) -> bool:
-        """Queue `message`; with `only_if_room`, only when that needs no waiting and no
-        checks (else return False). One function for both: a frame less on every send."""
+    def put_if_room(self, message: object, key: object = None, only_if_room: bool = True) -> bool:
+        """Queue `message` if that needs no waiting and no checks; False otherwise.
+
+        The fast path of `send`, callable without a coroutine of its own. With
+        `only_if_room=False` (the pool's own calls, checks done), queue it anyway.
+        One function for both: a frame less on every send.
+        """
         if only_if_room and self._queued >= self._limit:
             return False
         # The dispatcher serves one loop, in one thread. asyncio.get_running_loop()
@@ -361,7 +380,7 @@ class WorkerPool:
         # (one loop runs in a thread at a time: in the lanes' thread, the lanes' loop is
         # the running one if it runs at all), and asks whether that loop runs only to
         # wake an idle lane (a loop left without dp.stop() holds lanes that never run).
-        if get_ident() != self._thread or self._live < self._workers:
+        if get_ident() != self._thread:  # also while a lane is missing
             self._start_lanes(message)
         elif self._idle_lanes and not self._loop.is_running():  # type: ignore[union-attr]
             raise ForeignEventLoop(f"send {self.kind} {key_name(message_key(message))}")
@@ -371,21 +390,25 @@ class WorkerPool:
                 backlog = self._backlogs.get(key)
             except TypeError:
                 raise self._unhashable(key) from None
-        supervisor = self._supervisor
-        item = (message, contextvars.copy_context(), key)
+        context = copy_context()
         self._queued += 1
-        supervisor.unfinished += 1
         if self.observer is not None:
             self.observer.queued(self.kind, message)
         if key is not None:
             if backlog is not None:
-                backlog.append(item)
+                backlog.append(message)
+                backlog.append(context)
                 return True  # runs when the message before it with this key is done
             self._backlogs[key] = deque()
-        self._ready.append(item)
+        ready = self._ready
+        ready.append(message)
+        ready.append(context)
+        ready.append(key)
         if self._idle_lanes:
             wake_first(self._idle_lanes)
         return True
+
+    _put = put_if_room
 
     def _start_lanes(self, message: object) -> None:
         """Start the lanes (at the first send), or replace lanes that ended (cancelled from outside)."""
@@ -418,6 +441,7 @@ class WorkerPool:
             return
         self._lanes.remove(lane)
         self._live -= 1
+        self._thread = -1  # the next send starts one in its place
         if self._queued and not self._stopping:
             self._supervisor.wake_joins()  # a join() waiting starts a lane in its place
 
@@ -455,8 +479,10 @@ class WorkerPool:
         lane = current_lane()
         assert lane is not None  # started as a LaneTask by _start_lanes
         ready = self._ready
-        handle = self._handle
+        take = ready.popleft
         supervisor = self._supervisor
+        stepper = handlings(self._handle, supervisor)  # runs this lane's handlings, in turn
+        first_step = stepper.send
         loop = lane.get_loop()
         try:
             while True:
@@ -468,39 +494,43 @@ class WorkerPool:
                     await waiter  # a cancellation here ends the lane: nothing is in hand
                 if self._stopping:
                     return
-                message, context, key = ready.popleft()
+                message = take()
+                context: contextvars.Context = take()  # type: ignore[assignment]
+                key = take()
                 self._queued -= 1
                 if self._senders:
                     self._make_room()
-                self.in_flight += 1
-                error: BaseException | None = None
-                try:
-                    rest = start_in(context, handle(message), supervisor)
-                    if rest is not None:  # None: done without ever waiting, the common case
-                        await rest
-                except asyncio.CancelledError as exc:
-                    if self._stopping or lane.cancelled_from_outside():
-                        self._ended_by_cancellation(message, context, key)
-                        raise
-                    error = exc  # the handling cancelled itself, or raised CancelledError
-                except Exception as exc:
-                    error = exc
-                # A cancellation the handling asked for on its own task must not reach what
-                # follows (its error report, the next message); one from outside ends the lane.
-                alive = not lane.dirty or await lane.settle()
-                if error is None:
-                    # _done() written out: this is every background handling's path.
+                self._started += 1
+                step: Any = context.run(first_step, message)
+                if step is DONE and not lane.dirty:
+                    # Done in its first step, and no cancellation asked for: every background
+                    # handling's common path, _done() written out.
                     self.handled += 1
-                    self.in_flight -= 1
                     if key is not None:
                         self._release(key)
                     if self.observer is not None:
                         context.run(self.observer.dequeued, self.kind, message)
-                    supervisor.unfinished -= 1
-                    if not supervisor.unfinished:
-                        supervisor.wake_joins()
+                    if not self._queued and not self.in_flight():
+                        supervisor.pool_settled()
+                    continue
+                if step is not DONE and step.__class__ is not Failed:
+                    step = await rest_of(stepper, context, step)  # it waits: run the rest
+                error: BaseException | None = None
+                if step is not DONE:
+                    error = step.error
+                    if isinstance(error, asyncio.CancelledError) and (
+                        self._stopping or lane.cancelled_from_outside()
+                    ):
+                        self._ended_by_cancellation(message, context, key)
+                        raise error
+                    # Else the handling cancelled itself, raised CancelledError, or failed.
+                # A cancellation the handling asked for on its own task must not reach what
+                # follows (its error report, the next message); one from outside ends the lane.
+                alive = not lane.dirty or await lane.settle()
+                if error is None:
+                    self.handled += 1
+                    self._done(message, context, key)
                 else:
-                    self.failed += 1
                     try:
                         where = (
                             f"while handling {self.kind} {key_name(message_key(message))} in the background "
@@ -512,6 +542,7 @@ class WorkerPool:
                             # The hook's own cancel() must not reach its next call.
                             alive = (not lane.dirty or await lane.settle()) and alive
                     finally:
+                        self.failed += 1  # after the hook: join() waits for it
                         self._done(message, context, key)
                 if not alive:
                     return  # cancelled from outside as the handling ended
@@ -525,6 +556,7 @@ class WorkerPool:
             return "handler unknown"
 
     def _ended_by_cancellation(self, message: object, context: contextvars.Context, key: object) -> None:
+        self._cancelled += 1
         self.unhandled += 1
         if not self._stopping:
             logger.warning(
@@ -536,19 +568,23 @@ class WorkerPool:
         self._done(message, context, key)
 
     def _done(self, message: object, context: contextvars.Context, key: object) -> None:
-        self.in_flight -= 1
+        """After the message's counter went up: free its key, tell the observer and `join()`."""
         if key is not None:
             self._release(key)
         if self.observer is not None:
             context.run(self.observer.dequeued, self.kind, message)
-        self._supervisor.finished()
+        if not self._queued and not self.in_flight():
+            self._supervisor.pool_settled()
 
     def _release(self, key: object) -> None:
         backlog = self._backlogs.get(key)
         if backlog is None:
             return  # the pool was stopped and its backlogs dropped
         if backlog:
-            self._ready.append(backlog.popleft())
+            ready = self._ready
+            ready.append(backlog.popleft())  # the message
+            ready.append(backlog.popleft())  # its context
+            ready.append(key)
             if self._idle_lanes:
                 wake_first(self._idle_lanes)
         else:
@@ -563,17 +599,20 @@ class WorkerPool:
         """
         self._stopping = True
         self.refuse_waiting()
-        dropped = list(self._ready)
+        ready = list(self._ready)
+        dropped = list(zip(ready[0::3], ready[1::3], strict=True))  # (message, context)
         for backlog in self._backlogs.values():
-            dropped.extend(backlog)
+            waiting = list(backlog)
+            dropped.extend(zip(waiting[0::2], waiting[1::2], strict=True))
         self._ready.clear()
         self._backlogs.clear()
         self._queued = 0
         self.unhandled += len(dropped)
         if self.observer is not None:
-            for message, context, _ in dropped:
-                context.run(self.observer.dequeued, self.kind, message)
-        self._supervisor.finished(len(dropped))
+            for message, context in dropped:
+                context.run(self.observer.dequeued, self.kind, message)  # type: ignore[attr-defined]
+        if not self.in_flight():
+            self._supervisor.pool_settled()
         for lane in self._lanes:
             lane.cancel()
 
