@@ -13,10 +13,10 @@ a call, an await. Everything that can be decided once is decided at `start()`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from inspect import isawaitable
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pybus.context import (
     Delivery,
@@ -129,8 +129,11 @@ class EventEngine(_Engine):
         self._fast_all: dict[object, tuple[Callable[[Any], Any], ...]] = {}
         self._fast = self._fast_all
         self.observer: Observer | None = None
-        #: Per class: does publishing an instance do anything? Filled on first sight.
-        self.wanted: dict[type, bool] = {}
+        #: Per class, filled on first sight: what a handler's return value of that class
+        #: asks for. False: nothing (no handler, and no error to raise); a tuple: its
+        #: handlers, all plain async ones (`_fast_all`'s entry), which `execute` runs
+        #: itself as the cascade's first level; True: the general `cascade`.
+        self.wanted: dict[type, bool | tuple[Callable[[Any], Any], ...]] = {}
         self._resolve_registered()
         #: The background queue and worker lanes of events.
         self.workers = WorkerPool(
@@ -230,36 +233,30 @@ class EventEngine(_Engine):
         if invokes is None:
             await self._publish(event)
             return
-        # The common case, written out: no per-handler branching, no lists
-        # allocated unless a handler returns a follow-up or fails.
+        # The common case, written out: no per-handler branching, no lists allocated
+        # unless a handler returns a follow-up or fails (and no comprehension: it
+        # would make `self` and `event` cells, which every call pays for).
+        failures: list[Exception] | None = None
         followups: list[Any] | None = None
-        failed: list[tuple[Callable[[Any], Any], Exception]] | None = None
         for invoke in invokes:
             try:
                 result = await invoke(event)
             except Exception as exc:
-                if failed is None:
-                    failed = []
-                failed.append((invoke, exc))
+                if failures is None:
+                    failures = []
+                failures.append(self.annotate(exc, invoke, event))
             except BaseException as exc:  # a cancellation: it propagates at once
-                if failed is not None:
-                    plans = {plan.invoke: plan for plan in self._plans[event.__class__]}
-                    _failed_before(exc, [_annotate(error, plans[invoke], event) for invoke, error in failed])
+                if failures is not None:
+                    _failed_before(exc, failures)
                 raise
             else:
                 if result is not None:
                     if followups is None:
                         followups = []
                     followups.append(result)
-        if failed is None and followups is None:
-            return
-        failures: list[Exception] = []
-        if failed is not None:
-            # The same function registered for a class and its base appears twice;
-            # either plan names the same handler.
-            plans = {plan.invoke: plan for plan in self._plans[event.__class__]}
-            failures.extend(_annotate(exc, plans[invoke], event) for invoke, exc in failed)
         if followups is not None:
+            if failures is None:
+                failures = []
             await self.cascade(followups, failures)
         if failures:
             raise _grouped(event, _publishing(event, failures), failures)
@@ -337,22 +334,34 @@ class EventEngine(_Engine):
         """False when publishing `event` would certainly do nothing (no handler, no error)."""
         if self.observer is not None:
             return True  # an observer hears of events nobody handles
+        return self.follow_up(event) is not False
+
+    def follow_up(self, event: object) -> bool | tuple[Callable[[Any], Any], ...]:
+        """`wanted`'s entry for `event`'s class, made on first sight (see `wanted`)."""
         wanted = self.wanted.get(event.__class__)
         if wanted is None:
-            wanted = bool(self.handlers_for(event)) or message_key(event) in self._foreign
+            if not self.handlers_for(event) and message_key(event) not in self._foreign:
+                wanted = False
+            else:
+                fast = self._fast_all.get(event.__class__) if self._max_depth >= 1 else None
+                wanted = True if fast is None else fast
             if not isinstance(event, str):
                 self.wanted[event.__class__] = wanted
         return wanted
 
     async def cascade(
-        self, events: list[Any], failures: list[Exception], parents: list[Ids] | None = None
+        self,
+        events: list[Any],
+        failures: list[Exception],
+        parents: list[Ids] | None = None,
+        depth: int = 1,
     ) -> None:
         """Publish follow-up events breadth-first, appending handler failures to `failures`.
 
         While tracking, `parents[i]` are the ids of the message whose handling produced
         `events[i]`: each follow-up is a child of it (same correlation, caused by it).
+        `depth` is the cascade level of `events` (1: follow-ups of the original call).
         """
-        depth = 1
         while events:
             produced: list[Any] = []
             produced_by: list[Ids] | None = None if parents is None else []
@@ -387,6 +396,15 @@ class EventEngine(_Engine):
                     self.observer.no_handler(event)
             events, parents = produced, produced_by
             depth += 1
+
+    def annotate(self, exc: Exception, invoke: Callable[[Any], Any], event: object) -> Exception:
+        """`exc`, raised by the handler whose fast-table entry is `invoke`, with its note."""
+        return _annotate(exc, self._plan_of(event, invoke), event)
+
+    def _plan_of(self, event: object, invoke: Callable[[Any], Any]) -> CallPlan:
+        """The plan whose invoke the fast table holds (the same function registered for a
+        class and its base appears twice; either plan names the same handler)."""
+        return next(plan for plan in self._plans[event.__class__] if plan.invoke is invoke)
 
     async def _fan_out_instrumented(
         self,
@@ -546,11 +564,23 @@ class RequestEngine(_Engine):
         # (their plans, when tracked); `_fast` is empty while an observer is attached.
         self._fast_all = {key: self._fast_entry(p) for key, p in plans.items() if self._fast_ok(p)}
         self._fast = self._fast_all
+        # Of those, the handlers proven to return None (`CallPlan.direct`): handle returns
+        # their own coroutine. Emptied with `_fast`.
+        self._direct_all: dict[object, Callable[[Any], Coroutine[Any, Any, Any]]] = {
+            key: p.invoke for key, p in plans.items() if self._direct_ok(p)
+        }
+        self._direct = self._direct_all
+        # Handlers that collect events (and nothing else: no middleware, no tracking): their
+        # `collect`, called by handle's second fast path. Emptied with `_fast`.
+        self._collecting_all = {key: p.collect for key, p in plans.items() if self._collecting_ok(p)}
+        self._collecting = self._collecting_all
         self.observer: Observer | None = None
+        # Decided once: what execute/query, the workers and the consumer call.
         if self.tracked:
-            # Decided once: the tracked fast path is what execute/query, the workers and
-            # the consumer call.
             setattr(self, "handle", self._handle_tracked)  # noqa: B010 - shadows the method
+        elif not self._direct_all:
+            # No handler to hand over: one coroutine, no plain call in front of it.
+            setattr(self, "handle", self._handle_async)  # noqa: B010 - shadows the method
         self._events = events
         self._wanted = events.wanted
         self._foreign = foreign
@@ -571,15 +601,39 @@ class RequestEngine(_Engine):
         """
         previous = self._plans.pop(key, None)
         self._fast_all.pop(key, None)
+        self._direct_all.pop(key, None)
+        self._collecting_all.pop(key, None)
         if plan is not None:
             self._plans[key] = plan
             if self._fast_ok(plan):
                 self._fast_all[key] = self._fast_entry(plan)
+            if self._direct_ok(plan):
+                self._direct_all[key] = plan.invoke
+            if self._collecting_ok(plan):
+                self._collecting_all[key] = plan.collect
         return previous
+
+    def observe(self, observer: Observer | None) -> None:
+        super().observe(observer)
+        fast = observer is None and not self.closed
+        self._direct = self._direct_all if fast else {}
+        self._collecting = self._collecting_all if fast else {}
+
+    def close(self) -> None:
+        super().close()
+        self._direct = {}
+        self._collecting = {}
 
     def _fast_ok(self, plan: CallPlan) -> bool:
         # An instrumented dispatcher takes the general path, which tells the instrumentation.
         return plan.is_async and plan.collect is None and self._instrument is None
+
+    def _collecting_ok(self, plan: CallPlan) -> bool:
+        return plan.is_async and plan.collect is not None and not self.tracked and self._instrument is None
+
+    def _direct_ok(self, plan: CallPlan) -> bool:
+        # Tracked handlings run inside their context, which a bare coroutine cannot set.
+        return plan.direct and not self.tracked and self._fast_ok(plan)
 
     def _fast_entry(self, plan: CallPlan) -> Any:
         return plan if self.tracked else plan.invoke
@@ -613,23 +667,86 @@ class RequestEngine(_Engine):
         (`InvalidMessage` for a class or None, naming `call`)."""
         self.plan_for(message, call)
 
-    async def handle(self, message: object, timeout: float | None = None) -> Any:
-        """Run the handler of `message` and its follow-ups; return the handler's result.
+    def handle(self, message: object, timeout: float | None = None) -> Coroutine[Any, Any, Any]:
+        """Run the handler of `message` and its follow-ups; awaiting gives the handler's result.
 
         Past `timeout` seconds (follow-ups included) the handling is cancelled
-        and `TimeoutError` raised.
+        and `TimeoutError` raised. Nothing runs, and nothing is raised, until the
+        returned coroutine is awaited.
         """
+        if timeout is None:
+            invoke = self._direct.get(message.__class__)
+            if invoke is not None:
+                # The handler's own coroutine: it returns None, so there is no follow-up
+                # to publish and nothing to wrap (`CallPlan.direct`). What the call raises
+                # (a Factory's failure) is raised when awaited, as on every other path.
+                try:
+                    return invoke(message)
+                except Exception as exc:
+                    return _raising(exc)
+        return self._handle_async(message, timeout)
+
+    async def _handle_async(self, message: object, timeout: float | None = None) -> Any:
+        """`handle`, as one coroutine: for handlers that may return something."""
         if timeout is not None:
             _check_timeout(CALLS[self.kind], timeout)
-            return await within(timeout, self.handle(message), _late(self.kind, message, timeout))
+            return await within(timeout, self._handle_async(message), _late(self.kind, message, timeout))
         invoke = self._fast.get(message.__class__)
-        if invoke is None:
-            return await self._handle(message)
-        result = await invoke(message)
-        if result is not None:
-            wanted = self._wanted.get(result.__class__)
-            if wanted or (wanted is None and self._events.wants(result)):
-                await self._follow_up([result], message)
+        if invoke is not None:
+            result = await invoke(message)
+            if result is None:
+                return None
+            event = result
+        else:
+            collect = self._collecting.get(message.__class__)
+            if collect is None:
+                return await self._handle(message)
+            # A handler that collects events: `_run`'s steps, without observer or tracking.
+            collected: list[Any] = []
+            result = await collect(message, collected)
+            if result is not None and self._events.wants(result):
+                collected.append(result)
+            if not collected:
+                return result
+            if len(collected) > 1:
+                await self._follow_up(collected, message)
+                return result
+            event = collected[0]
+        invokes = self._wanted.get(event.__class__)
+        if invokes is None:
+            invokes = self._events.follow_up(event)
+        if invokes is False:
+            return result
+        if invokes is True:
+            await self._follow_up([event], message)
+            return result
+        # One follow-up event whose handlers are all plain async ones: the first level of
+        # the cascade, written out (`EventEngine.cascade` runs the general case and the
+        # levels below; tests/test_fast_paths.py holds the two to the same outcome).
+        failures: list[Exception] | None = None
+        followups: list[Any] | None = None
+        for run in invokes:
+            try:
+                produced = await run(event)
+            except Exception as exc:
+                if failures is None:
+                    failures = []
+                failures.append(self._events.annotate(exc, run, event))
+            except BaseException as exc:  # a cancellation: it propagates at once
+                if failures is not None:
+                    _failed_before(exc, failures)
+                raise
+            else:
+                if produced is not None:
+                    if followups is None:
+                        followups = []
+                    followups.append(produced)
+        if followups is not None:
+            if failures is None:
+                failures = []
+            await self._events.cascade(followups, failures, depth=2)
+        if failures:
+            raise self._followups_failed(message, failures)
         return result
 
     async def _handle_tracked(self, message: object, timeout: float | None = None) -> Any:
@@ -722,12 +839,19 @@ class RequestEngine(_Engine):
         failures: list[Exception] = []
         await self._events.cascade(events, failures, None if ids is None else [ids] * len(events))
         if failures:
-            raise _grouped(
-                message,
-                f"{self.kind} {key_name(message_key(message))} succeeded, but "
-                f"{len(failures)} follow-up event handler(s) failed",
-                failures,
-            )
+            raise self._followups_failed(message, failures)
+
+    def _followups_failed(self, message: object, failures: list[Exception]) -> Exception:
+        return _grouped(
+            message,
+            f"{self.kind} {key_name(message_key(message))} succeeded, but "
+            f"{len(failures)} follow-up event handler(s) failed",
+            failures,
+        )
+
+
+async def _raising(exc: Exception) -> NoReturn:
+    raise exc
 
 
 def _late(kind: Kind, message: object, seconds: float) -> str:

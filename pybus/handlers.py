@@ -31,6 +31,7 @@ from typing import (
 
 from pybus.context import HandlingContext, current_context
 from pybus.errors import HandlerSignatureError, ImproperlyConfigured, Kind, key_name
+from pybus.factory_plans import factory_invoke
 from pybus.providers import Factory, Provider, Resolver, Singleton
 from pybus.unit_of_work import AlreadyHandled, UnitOfWork, makes_units, units_in
 
@@ -136,6 +137,9 @@ class CallPlan:
     call `await collect(message, followups)` instead, which appends the
     collected events to `followups` and returns the handler's result. `retry`
     is the policy the engines apply when the call fails (tracked dispatchers only).
+    `direct` says that what `invoke(message)` returns is an awaitable whose result is
+    always None (proven at start, `pybus.returns`): `execute` may then hand it to its
+    caller as it is (or, when the call raised, a coroutine that raises the same).
     """
 
     handler: Handler
@@ -143,6 +147,7 @@ class CallPlan:
     is_async: bool
     collect: Callable[[Any, list[Any]], Awaitable[Any]] | None
     retry: Retry | None = None
+    direct: bool = False
 
 
 def callable_name(target: object) -> str:
@@ -595,7 +600,19 @@ def _timed(plan: CallPlan, seconds: float) -> CallPlan:
         assert collect is not None  # only used when the plan collects
         return await within(seconds, collect(message, followups), note)
 
-    return CallPlan(handler, timed_invoke, True, timed_collect if collect is not None else None)
+    return CallPlan(
+        handler,
+        timed_invoke,
+        True,
+        timed_collect if collect is not None else None,
+        direct=plan.direct and collect is None,
+    )
+
+
+#: Whether `start()` compiles the written-out plans (handed-over coroutines, collectors
+#: and Factories without an exit stack). Only tests turn it off, to compare them with
+#: the general plans (tests/test_fast_paths.py).
+WRITTEN_OUT = True
 
 
 def _compile(
@@ -609,36 +626,63 @@ def _compile(
     bound = dict(handler.bound)
     call = _caller(handler.message_param, handler.message_by_keyword, handler.context_params)
     has_providers = any(isinstance(value, Provider) for value in bound.values())
+    # Every invoke below returns an awaitable of the async handler's result: when the
+    # handler provably returns None, execute may return it to its caller (CallPlan.direct).
+    from pybus.returns import returns_none  # at start only: it imports ast
+
+    none = WRITTEN_OUT and handler.is_async and returns_none(getattr(target, method) if method else target)
+    if WRITTEN_OUT and handler.collects_events and not has_providers and handler_factory is None:
+        return _collecting_plan(handler, call, bound)
     if handler.collects_events or (handler.is_class and (has_providers or handler_factory is not None)):
-        return _scoped_plan(handler, resolver, handler_factory, call, send)
+        # A handler_factory may make an instance of another class than the one proven.
+        none = none and handler_factory is None
+        return _scoped_plan(handler, resolver, handler_factory, call, send, none)
     if handler.is_class:
 
         def invoke(message: Any) -> Any:
             return call(getattr(target(**bound), method), message, {})  # type: ignore[arg-type]
 
-        return CallPlan(handler, invoke, handler.is_async, None)
+        return CallPlan(handler, invoke, handler.is_async, None, direct=none)
     func = getattr(target, method) if method else target
     positional = (
         handler.message_param is not None and not handler.message_by_keyword and not handler.context_params
     )
     if not has_providers and handler.context_params:
-        return CallPlan(handler, _context_invoke(handler, func, call, bound), handler.is_async, None)
+        return CallPlan(
+            handler, _context_invoke(handler, func, call, bound), handler.is_async, None, direct=none
+        )
     if not has_providers:
         if positional:
             # The common case costs nothing: the function itself, or a C-level partial.
-            return CallPlan(
-                handler, functools.partial(func, **bound) if bound else func, handler.is_async, None
-            )
-        return CallPlan(handler, lambda message: call(func, message, bound), handler.is_async, None)
-    scoped = _scoped_plan(handler, resolver, None, call, send)
+            invoke = functools.partial(func, **bound) if bound else func
+            return CallPlan(handler, invoke, handler.is_async, None, direct=none)
+        return CallPlan(
+            handler, lambda message: call(func, message, bound), handler.is_async, None, direct=none
+        )
+    scoped = _scoped_plan(handler, resolver, None, call, send, none)
     singletons = {name: value.identity for name, value in bound.items() if isinstance(value, Singleton)}
     if len(singletons) < sum(isinstance(value, Provider) for value in bound.values()):
-        return scoped  # a Factory: every handling needs its own scope
+        # A Factory: every handling makes its own value. Written out when it can be.
+        written = None
+        if WRITTEN_OUT and positional and scoped.collect is None:
+            written = factory_invoke(
+                func,
+                bound,
+                resolver,
+                scoped.invoke,
+                lambda unit: _attach([unit], handler, None),
+                handler.is_async,
+            )
+        if written is None:
+            return scoped
+        made, returns_handlers = written
+        is_async = handler.is_async if returns_handlers else True
+        return CallPlan(handler, made, is_async, None, direct=none)
     # For an async handler both paths return a coroutine, so the plan stays async
     # (and eligible for the engines' fast paths); a sync handler's result is
     # awaited only when it is the coroutine of the first, resolving handling.
     with_singletons = _singleton_invoke(func, positional, call, bound, singletons, resolver, scoped.invoke)
-    return CallPlan(handler, with_singletons, handler.is_async, None)
+    return CallPlan(handler, with_singletons, handler.is_async, None, direct=none)
 
 
 def _context_invoke(
@@ -721,6 +765,7 @@ def _scoped_plan(
     handler_factory: Callable[..., Any] | None,
     call: Caller,
     send: Callable[..., Awaitable[None]] | None = None,
+    none: bool = False,
 ) -> CallPlan:
     target: Any = handler.target
     method = handler.method
@@ -791,7 +836,45 @@ def _scoped_plan(
                 await send(sent, key=key)
         return result
 
-    return CallPlan(handler, run, True, run if collects or per_handling else None)
+    collect = run if collects or per_handling else None
+    # `run` returns the handler's result (None when an idempotent unit skipped it).
+    return CallPlan(handler, run, True, collect, direct=none and collect is None)
+
+
+def _collecting_plan(handler: Handler, call: Caller, bound: dict[str, object]) -> CallPlan:
+    """A class handler (made per handling) or a ready instance that collects events, without
+    providers: the general scope's steps written out, without an exit stack (it has nothing
+    to tear down). Its events are taken once the handler returned, and only then."""
+    target: Any = handler.target
+    method = handler.method
+    assert method is not None  # a collecting handler is a class or an instance with a method
+    is_class = handler.is_class
+
+    async def collect(message: Any, followups: list[Any] | None = None) -> Any:
+        instance = target(**bound) if is_class else target
+        dumped = False
+        try:
+            result = call(getattr(instance, method), message, {})
+            if inspect.isawaitable(result):
+                result = await result
+            dumped = True
+            events = instance.dump_events()
+            if events.__class__ is not list:
+                if inspect.isawaitable(events):
+                    events = await events
+                _check_dumped(handler, events)
+        except BaseException as exc:
+            if not is_class and not dumped:
+                # A ready instance serves every handling: what this failed one collected must
+                # not be published by the next.
+                await _discard_events(target, exc)
+            raise
+        if events:
+            assert followups is not None  # the engines call a collecting plan's `collect`
+            followups.extend(events)
+        return result
+
+    return CallPlan(handler, collect, True, collect)
 
 
 def _attach(units: list[UnitOfWork], handler: Handler, followups: list[Any] | None) -> None:

@@ -148,7 +148,7 @@ class Resolver:
         self.closed = False
         self._instances: dict[object, Any] = {}  # what the Singletons made, whatever overrides say
         self._locks: dict[object, asyncio.Lock] = {}
-        self._overrides: dict[object, list[tuple[Provider, Any]]] = {}  # in force, innermost last
+        self.overrides: dict[object, list[tuple[Provider, Any]]] = {}  # in force, innermost last
         self._labels: dict[object, Provider] = {}
         self._scope = _SingletonScope()
 
@@ -171,8 +171,8 @@ class Resolver:
     async def resolve(self, provider: Provider, stack: AsyncExitStack | _SingletonScope) -> Any:
         """The value of `provider` for one handling; Factory teardowns go on `stack`."""
         identity = provider.identity
-        if self._overrides:
-            stacked = self._overrides.get(identity)
+        if self.overrides:
+            stacked = self.overrides.get(identity)
             if stacked:
                 replacement = stacked[-1][1]
                 if isinstance(replacement, Provider):
@@ -223,24 +223,23 @@ class Resolver:
         kwargs = await self.resolve_all(provider.kwargs, stack) if provider.kwargs else {}
         factory = provider.factory
         shape = provider.shape
+        # A generator's failures before its yield get their note in __enter__/__aenter__.
+        if shape == "async generator":
+            return await stack.enter_async_context(_AsyncGeneratorProvider(provider, factory(**kwargs)))
+        if shape == "generator":
+            return stack.enter_context(_GeneratorProvider(provider, factory(**kwargs)))
         try:
-            if shape == "async generator":
-                return await stack.enter_async_context(_AsyncGeneratorProvider(provider, factory(**kwargs)))
-            if shape == "generator":
-                return stack.enter_context(_GeneratorProvider(provider, factory(**kwargs)))
             value = factory(**kwargs)
             if inspect.isawaitable(value):
                 value = await value
             return value
-        except (ProviderError, DispatcherClosed):
-            raise
         except Exception as exc:
-            exc.add_note(f"raised by provider {provider!r} while making its value")
+            noted(exc, provider)
             raise
 
     def _refresh(self, identity: object) -> None:
         """Make `singletons[identity]` what a handling gets now (an override's value, or the instance)."""
-        stacked = self._overrides.get(identity)
+        stacked = self.overrides.get(identity)
         if stacked:
             provider, replacement = stacked[-1]
             if isinstance(provider, Singleton) and not isinstance(replacement, Provider):
@@ -263,16 +262,16 @@ class Resolver:
         """
         identity = provider.identity
         entry = (provider, replacement)
-        stacked = self._overrides.setdefault(identity, [])
+        stacked = self.overrides.setdefault(identity, [])
         stacked.append(entry)
         self._refresh(identity)
         try:
             yield
         finally:
-            stacked = self._overrides[identity]
+            stacked = self.overrides[identity]
             del stacked[next(i for i, other in enumerate(stacked) if other is entry)]
             if not stacked:
-                del self._overrides[identity]
+                del self.overrides[identity]
             self._refresh(identity)
 
     async def aclose(self) -> None:
@@ -292,8 +291,17 @@ class Resolver:
         await self._scope.aclose()
 
 
+def noted(exc: Exception, provider: Provider) -> None:
+    """Note on `exc`, raised while `provider` made its value, the provider's name
+    (pybus's own errors name it already)."""
+    if not isinstance(exc, ProviderError | DispatcherClosed):
+        exc.add_note(f"raised by provider {provider!r} while making its value")
+
+
 class _GeneratorProvider:
     """A generator provider as a context manager: yields once, never hides the handler's error."""
+
+    __slots__ = ("generator", "provider")
 
     def __init__(self, provider: Provider, generator: Generator[Any, None, None]) -> None:
         self.provider = provider
@@ -304,11 +312,19 @@ class _GeneratorProvider:
             return next(self.generator)
         except StopIteration:
             raise ProviderError(repr(self.provider), "returned without yielding a value") from None
+        except Exception as exc:
+            noted(exc, self.provider)
+            raise
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> Literal[False]:
         try:
             if exc is None:
-                next(self.generator)
+                # A for loop ends a finished generator without raising StopIteration,
+                # which costs more than the rest of a teardown.
+                for _ in self.generator:
+                    break
+                else:
+                    return False
             else:
                 self.generator.throw(exc)
         except StopIteration:
@@ -324,6 +340,8 @@ class _GeneratorProvider:
 class _AsyncGeneratorProvider:
     """An async generator provider as an async context manager (see `_GeneratorProvider`)."""
 
+    __slots__ = ("generator", "provider")
+
     def __init__(self, provider: Provider, generator: AsyncGenerator[Any, None]) -> None:
         self.provider = provider
         self.generator = generator
@@ -333,11 +351,17 @@ class _AsyncGeneratorProvider:
             return await anext(self.generator)
         except StopAsyncIteration:
             raise ProviderError(repr(self.provider), "returned without yielding a value") from None
+        except Exception as exc:
+            noted(exc, self.provider)
+            raise
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> Literal[False]:
         try:
             if exc is None:
-                await anext(self.generator)
+                async for _ in self.generator:  # as in _GeneratorProvider.__exit__
+                    break
+                else:
+                    return False
             else:
                 await self.generator.athrow(exc)
         except StopAsyncIteration:

@@ -1,0 +1,590 @@
+"""The engines' fast paths and their general paths give the same outcome, for every kind of handler.
+
+Each case builds the same application twice and runs the same call on both: once
+as it is (the fast paths: `execute` handing over a handler proven to return
+None, the written-out first level of a returned or collected follow-up, the
+written-out Factory calls, publish's loop) and once with an `Observer` attached,
+which sends every call down the general path. Results, the events the handlers
+saw (in order), the exceptions (type, text, notes, groups) and the Factory
+teardowns must be the same. The tracked paths are compared the same way, with
+the ids each handling saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from pybus import (
+    Dispatcher,
+    EventCollector,
+    Factory,
+    HandlingContext,
+    Singleton,
+    UnitOfWork,
+    current_context,
+    handlers,
+)
+from pybus.observer import Observer
+
+pytestmark = pytest.mark.asyncio
+
+
+@dataclass(frozen=True)
+class Cmd:
+    n: int
+
+
+@dataclass(frozen=True)
+class Evt:
+    n: int
+
+
+@dataclass(frozen=True)
+class Deeper:
+    n: int
+
+
+@dataclass(frozen=True)
+class Unhandled:
+    n: int
+
+
+class Boom(Exception):
+    pass
+
+
+Build = Callable[[Dispatcher, list[object]], None]
+
+
+def outcome(error: BaseException) -> object:
+    """An exception as comparable data: its type, text, notes and, for a group, its members."""
+    inner = [outcome(e) for e in error.exceptions] if isinstance(error, BaseExceptionGroup) else None
+    return (type(error).__name__, str(error), getattr(error, "__notes__", []), inner)
+
+
+Outcome = tuple[object, list[object]]
+
+
+async def run_both(
+    build: Build, message: object, *, publish: bool = False, **options: Any
+) -> tuple[Outcome, Outcome]:
+    """The outcome of one call on the application as it is, and on its general paths: its
+    plans compiled without the written-out ones, an observer attached."""
+    results: list[Outcome] = []
+    for general in (False, True):
+        seen: list[object] = []
+        dp = Dispatcher(**options)
+        build(dp, seen)
+        handlers.WRITTEN_OUT = not general
+        try:
+            dp.start()
+        finally:
+            handlers.WRITTEN_OUT = True
+        if general:
+            dp.attach_observer(Observer())
+        try:
+            call = dp.publish(message) if publish else dp.execute(message)
+            result: object = ("returned", await call)
+        except BaseException as exc:
+            result = ("raised", outcome(exc))
+        finally:
+            await dp.stop()
+        results.append((result, seen))
+    return results[0], results[1]
+
+
+def events_seen_by(seen: list[object]) -> Callable[..., Any]:
+    async def on_evt(event: Evt) -> None:
+        seen.append(("evt", event))
+
+    return on_evt
+
+
+# -- the applications ----------------------------------------------------------
+
+
+def returns_none(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd) -> None:
+        seen.append(("cmd", cmd))
+
+    dp.commands.bind(Cmd, handle)
+
+
+def raises(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd) -> None:
+        raise Boom(f"no {cmd.n}")
+
+    dp.commands.bind(Cmd, handle)
+
+
+def returns_an_event(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd) -> Evt:
+        return Evt(cmd.n)
+
+    dp.commands.bind(Cmd, handle)
+    dp.events.bind(Evt, events_seen_by(seen))
+
+
+def returns_an_event_without_handler(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd) -> Unhandled:
+        return Unhandled(cmd.n)
+
+    dp.commands.bind(Cmd, handle)
+
+
+def returns_a_value(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd) -> int:
+        return cmd.n * 2
+
+    dp.commands.bind(Cmd, handle)
+
+
+def returns_sometimes(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd) -> Evt | None:
+        return Evt(cmd.n) if cmd.n else None
+
+    dp.commands.bind(Cmd, handle)
+    dp.events.bind(Evt, events_seen_by(seen))
+
+
+def follow_up_fails(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd) -> Evt:
+        return Evt(cmd.n)
+
+    async def first(event: Evt) -> None:
+        seen.append(("first", event))
+        raise Boom("first")
+
+    async def second(event: Evt) -> Deeper:
+        seen.append(("second", event))
+        return Deeper(event.n)
+
+    async def third(event: Evt) -> None:
+        raise Boom("third")
+
+    async def deeper(event: Deeper) -> None:
+        seen.append(("deeper", event))
+        raise Boom("deeper")
+
+    dp.commands.bind(Cmd, handle)
+    dp.events.bind(Evt, first)
+    dp.events.bind(Evt, second)
+    dp.events.bind(Evt, third)
+    dp.events.bind(Deeper, deeper)
+
+
+def follow_up_cascades(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd) -> Evt:
+        return Evt(cmd.n)
+
+    async def on_evt(event: Evt) -> Deeper:
+        seen.append(("evt", event))
+        return Deeper(event.n)
+
+    async def on_deeper(event: Deeper) -> None:
+        seen.append(("deeper", event))
+
+    dp.commands.bind(Cmd, handle)
+    dp.events.bind(Evt, on_evt)
+    dp.events.bind(Deeper, on_deeper)
+
+
+def follow_up_cancelled(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd) -> Evt:
+        return Evt(cmd.n)
+
+    async def fails(event: Evt) -> None:
+        raise Boom("before the cancellation")
+
+    async def cancelled(event: Evt) -> None:
+        raise asyncio.CancelledError
+
+    async def never(event: Evt) -> None:
+        seen.append(("never", event))
+
+    dp.commands.bind(Cmd, handle)
+    dp.events.bind(Evt, fails)
+    dp.events.bind(Evt, cancelled)
+    dp.events.bind(Evt, never)
+
+
+def sync_handler(dp: Dispatcher, seen: list[object]) -> None:
+    def handle(cmd: Cmd) -> Evt:
+        return Evt(cmd.n)
+
+    dp.commands.bind(Cmd, handle)
+    dp.events.bind(Evt, events_seen_by(seen))
+
+
+class ClassHandler:
+    def __init__(self, seen: list[object]) -> None:
+        self.seen = seen
+
+    async def handle(self, cmd: Cmd) -> None:
+        self.seen.append(("class", cmd))
+
+
+def class_handler(dp: Dispatcher, seen: list[object]) -> None:
+    dp.commands.bind(Cmd, ClassHandler, seen=seen)
+
+
+class RefusingInit:
+    def __init__(self) -> None:
+        raise Boom("cannot make the handler")
+
+    async def handle(self, cmd: Cmd) -> None:
+        return None
+
+
+def class_handler_init_fails(dp: Dispatcher, seen: list[object]) -> None:
+    dp.commands.bind(Cmd, RefusingInit)
+
+
+class Collecting(EventCollector):
+    async def handle(self, cmd: Cmd) -> None:
+        self.add_event(Evt(cmd.n))
+
+
+class CollectingTwo(EventCollector):
+    async def handle(self, cmd: Cmd) -> Evt:
+        self.add_event(Evt(cmd.n))
+        self.add_event(Deeper(cmd.n))
+        return Evt(-cmd.n)
+
+
+class CollectingThenFailing(EventCollector):
+    async def handle(self, cmd: Cmd) -> None:
+        self.add_event(Evt(cmd.n))
+        raise Boom("after collecting")
+
+
+class DumpsOne:
+    async def handle(self, cmd: Cmd) -> None:
+        return None
+
+    def add_event(self, event: object) -> None:
+        pass
+
+    def dump_events(self) -> object:
+        return Evt(1)  # one event, not a list: refused
+
+
+class DumpsAsync(EventCollector):
+    async def handle(self, cmd: Cmd) -> None:
+        self.add_event(Evt(cmd.n))
+
+    async def dump_events(self) -> list[object]:  # type: ignore[override]
+        return super().dump_events()
+
+
+def collector(cls: type) -> Build:
+    def build(dp: Dispatcher, seen: list[object]) -> None:
+        dp.commands.bind(Cmd, cls)
+        dp.events.bind(Evt, events_seen_by(seen))
+
+        async def on_deeper(event: Deeper) -> None:
+            seen.append(("deeper", event))
+
+        dp.events.bind(Deeper, on_deeper)
+
+    build.__name__ = f"collector_{cls.__name__}"
+    return build
+
+
+def ready_collector(dp: Dispatcher, seen: list[object]) -> None:
+    dp.commands.bind(Cmd, CollectingThenFailing())
+    dp.events.bind(Evt, events_seen_by(seen))
+
+
+def with_factory(make: Callable[..., Any], *, singleton: bool = False, ready: bool = False) -> Build:
+    def build(dp: Dispatcher, seen: list[object]) -> None:
+        bound: dict[str, object] = {"value": Factory(make)}
+        if singleton:
+            bound["single"] = Singleton(lambda: "single")
+        if ready:
+            bound["ready"] = "ready"
+
+        async def handle(cmd: Cmd, value: object, **rest: object) -> None:
+            seen.append(("handled", cmd, value, sorted(rest.items())))
+
+        dp.commands.bind(Cmd, handle, **bound)  # type: ignore[call-overload]
+
+    build.__name__ = f"factory_{getattr(make, '__name__', 'callable')}_{singleton}_{ready}"
+    return build
+
+
+def make_value() -> str:
+    return "made"
+
+
+def make_failing() -> str:
+    raise Boom("factory failed")
+
+
+def make_awaitable() -> Any:
+    async def later() -> str:
+        return "awaited"
+
+    return later()
+
+
+async def make_async() -> str:
+    return "async"
+
+
+class Unit(UnitOfWork):
+    pass
+
+
+def make_unit() -> Any:  # not annotated as a unit: refused at the handling
+    return Unit()
+
+
+TEARDOWNS: list[str] = []
+
+
+def make_scoped_unit() -> Iterator[Any]:
+    TEARDOWNS.append("unit entered")
+    yield Unit()
+    TEARDOWNS.append("unit torn down")
+
+
+async def make_async_unit() -> Any:
+    return Unit()
+
+
+def make_scoped() -> Iterator[str]:
+    TEARDOWNS.append("entered")
+    try:
+        yield "scoped"
+    finally:
+        TEARDOWNS.append("torn down")
+
+
+def make_scoped_failing_teardown() -> Iterator[str]:
+    yield "scoped"
+    raise Boom("teardown failed")
+
+
+def make_yields_twice() -> Iterator[str]:
+    yield "first"
+    yield "second"
+
+
+def make_never_yields() -> Iterator[str]:
+    if False:
+        yield "never"
+
+
+async def make_async_scoped() -> AsyncIterator[str]:
+    TEARDOWNS.append("async entered")
+    yield "async scoped"
+    TEARDOWNS.append("async torn down")
+
+
+async def make_async_yields_twice() -> AsyncIterator[str]:
+    yield "first"
+    yield "second"
+
+
+def factory_with_failing_handler(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd, value: str) -> None:
+        raise Boom(f"handler failed with {value}")
+
+    dp.commands.bind(Cmd, handle, value=Factory(make_scoped))
+
+
+def factory_positional(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd, value: str) -> None:
+        seen.append(("positional", value))
+
+    dp.commands.bind(Cmd, handle, value=Factory(make_value))
+
+
+def factory_then_entered(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd, made: str, scoped: str) -> Evt:
+        seen.append(("both", made, scoped))
+        return Evt(cmd.n)
+
+    dp.commands.bind(Cmd, handle, made=Factory(make_awaitable), scoped=Factory(make_scoped))
+    dp.events.bind(Evt, events_seen_by(seen))
+
+
+APPLICATIONS: list[Build] = [
+    returns_none,
+    raises,
+    returns_an_event,
+    returns_an_event_without_handler,
+    returns_a_value,
+    returns_sometimes,
+    follow_up_fails,
+    follow_up_cascades,
+    follow_up_cancelled,
+    sync_handler,
+    class_handler,
+    class_handler_init_fails,
+    collector(Collecting),
+    collector(CollectingTwo),
+    collector(CollectingThenFailing),
+    collector(DumpsOne),
+    collector(DumpsAsync),
+    ready_collector,
+    with_factory(make_value),
+    with_factory(make_value, singleton=True, ready=True),
+    with_factory(make_failing),
+    with_factory(make_failing, ready=True),
+    with_factory(make_awaitable),
+    with_factory(make_awaitable, singleton=True),
+    with_factory(make_async),
+    with_factory(make_unit),
+    with_factory(make_scoped_unit),
+    with_factory(make_async_unit),
+    with_factory(make_scoped),
+    with_factory(make_scoped, ready=True),
+    with_factory(make_scoped_failing_teardown),
+    with_factory(make_yields_twice),
+    with_factory(make_never_yields),
+    with_factory(make_async_scoped),
+    with_factory(make_async_yields_twice),
+    factory_with_failing_handler,
+    factory_positional,
+    factory_then_entered,
+]
+
+
+@pytest.mark.parametrize("build", APPLICATIONS, ids=lambda build: build.__name__)
+@pytest.mark.parametrize("n", [0, 3])
+async def test_execute_takes_the_same_course_on_the_fast_and_the_general_path(build: Build, n: int) -> None:
+    TEARDOWNS.clear()
+    fast, general = await run_both(build, Cmd(n))
+    teardowns_fast = TEARDOWNS[: len(TEARDOWNS) // 2]
+    assert fast == general
+    assert TEARDOWNS == teardowns_fast * 2
+
+
+@pytest.mark.parametrize("build", APPLICATIONS, ids=lambda build: build.__name__)
+async def test_the_same_course_with_a_cascade_limit_of_zero(build: Build) -> None:
+    fast, general = await run_both(build, Cmd(1), max_cascade_depth=0)
+    assert fast == general
+
+
+def events_only(dp: Dispatcher, seen: list[object]) -> None:
+    follow_up_fails(dp, seen)
+
+    async def on_unhandled(event: Unhandled) -> Evt:
+        seen.append(("unhandled", event))
+        return Evt(event.n)
+
+    dp.events.bind(Unhandled, on_unhandled)
+
+
+@pytest.mark.parametrize("event", [Evt(1), Deeper(2), Unhandled(3), Cmd(4)], ids=repr)
+async def test_publish_takes_the_same_course_on_the_fast_and_the_general_path(event: object) -> None:
+    fast, general = await run_both(events_only, event, publish=True)
+    assert fast == general
+
+
+async def test_publish_cancelled_after_a_failure_names_it_on_both_paths() -> None:
+    def build(dp: Dispatcher, seen: list[object]) -> None:
+        async def fails(event: Evt) -> None:
+            raise Boom("first")
+
+        async def cancelled(event: Evt) -> None:
+            raise asyncio.CancelledError
+
+        dp.events.bind(Evt, fails)
+        dp.events.bind(Evt, cancelled)
+
+    fast, general = await run_both(build, Evt(1), publish=True)
+    assert fast == general
+    assert "1 other event handler failure(s) of this publish" in repr(fast)
+
+
+async def test_a_handler_proven_to_return_none_is_handed_over_and_raises_only_when_awaited() -> None:
+    for build in (class_handler_init_fails, with_factory(make_failing), raises):
+        dp = Dispatcher()
+        build(dp, [])
+        dp.start()
+        call = dp.execute(Cmd(1))  # nothing runs, nothing raises yet
+        with pytest.raises(Boom):
+            await call
+        await dp.stop()
+
+
+def contexts(seen: list[object]) -> list[object]:
+    """The contexts the handlers saw, their ids replaced by the order they first appeared in."""
+    numbers: dict[object, int] = {}
+
+    def number(value: object) -> object:
+        return None if value is None else numbers.setdefault(value, len(numbers))
+
+    out: list[object] = []
+    for entry in seen:
+        if isinstance(entry, HandlingContext):
+            ids = (number(entry.message_id), number(entry.correlation_id), number(entry.causation_id))
+            out.append((entry.kind, entry.key, entry.attempt, ids))
+        else:
+            out.append(entry)
+    return out
+
+
+def recording(seen: list[object]) -> None:
+    context = current_context()
+    assert context is not None
+    seen.append(context)
+
+
+def tracked_cascade(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd) -> Evt:
+        recording(seen)
+        return Evt(cmd.n)
+
+    async def on_evt(event: Evt) -> Deeper:
+        recording(seen)
+        return Deeper(event.n)
+
+    async def on_deeper(event: Deeper) -> None:
+        recording(seen)
+        raise Boom("deepest")
+
+    dp.commands.bind(Cmd, handle)
+    dp.events.bind(Evt, on_evt)
+    dp.events.bind(Deeper, on_deeper)
+
+
+class TrackedCollector(EventCollector):
+    def __init__(self, seen: list[object]) -> None:
+        self.seen = seen
+
+    async def handle(self, cmd: Cmd) -> None:
+        recording(self.seen)
+        self.add_event(Evt(cmd.n))
+
+
+def tracked_collector(dp: Dispatcher, seen: list[object]) -> None:
+    async def on_evt(event: Evt) -> None:
+        recording(seen)
+
+    dp.commands.bind(Cmd, TrackedCollector, seen=seen)
+    dp.events.bind(Evt, on_evt)
+
+
+def tracked_factory(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd, value: str) -> None:
+        recording(seen)
+
+    dp.commands.bind(Cmd, handle, value=Factory(make_scoped))
+
+
+@pytest.mark.parametrize("build", [tracked_cascade, tracked_collector, tracked_factory])
+async def test_the_tracked_paths_give_each_handling_the_same_ids(build: Build) -> None:
+    """With tracking on, the fast and general paths give the handlings the same chain of ids."""
+    (fast, fast_seen), (general, general_seen) = await run_both(build, Cmd(2), context=True)
+    assert fast == general
+    assert contexts(fast_seen) == contexts(general_seen)
+    assert contexts(fast_seen)  # the handlers ran and saw their contexts
