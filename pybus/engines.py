@@ -126,14 +126,15 @@ class EventEngine(_Engine):
         self._plans: dict[object, tuple[CallPlan, ...]] = {}
         # Keys whose handlers are all plain async callables, run by publish's fast loop.
         # `_fast` is what publish reads: the same table, or empty while observed.
-        self._fast_all: dict[object, tuple[Callable[[Any], Any], ...]] = {}
+        # The entry is the handler's invoke when there is one handler, else a tuple of them.
+        self._fast_all: dict[object, Any] = {}
         self._fast = self._fast_all
         self.observer: Observer | None = None
         #: Per class, filled on first sight: what a handler's return value of that class
-        #: asks for. False: nothing (no handler, and no error to raise); a tuple: its
-        #: handlers, all plain async ones (`_fast_all`'s entry), which `execute` runs
+        #: asks for. False: nothing (no handler, and no error to raise); its handlers,
+        #: all plain async ones (`_fast_all`'s entry: one, or a tuple), which `execute` runs
         #: itself as the cascade's first level; True: the general `cascade`.
-        self.wanted: dict[type, bool | tuple[Callable[[Any], Any], ...]] = {}
+        self.wanted: dict[type, Any] = {}
         self._resolve_registered()
         #: The background queue and worker lanes of events.
         self.workers = WorkerPool(
@@ -176,7 +177,7 @@ class EventEngine(_Engine):
             and key not in self._routed
             and all(p.is_async and p.collect is None for p in plans)
         ):
-            self._fast_all[key] = tuple(p.invoke for p in plans)
+            self._fast_all[key] = plans[0].invoke if len(plans) == 1 else tuple(p.invoke for p in plans)
         return plans
 
     def _resolve_class(self, cls: type) -> tuple[CallPlan, ...]:
@@ -233,6 +234,19 @@ class EventEngine(_Engine):
         if invokes is None:
             await self._publish(event)
             return
+        if invokes.__class__ is not tuple:  # one handler: no loop
+            try:
+                result = await invokes(event)
+            except Exception as exc:
+                failed = [self.annotate(exc, invokes, event)]
+            else:
+                if result is None:
+                    return
+                failed = []
+                await self.cascade([result], failed)
+                if not failed:
+                    return
+            raise _grouped(event, _publishing(event, failed), failed)
         # The common case, written out: no per-handler branching, no lists allocated
         # unless a handler returns a follow-up or fails (and no comprehension: it
         # would make `self` and `event` cells, which every call pays for).
@@ -336,7 +350,7 @@ class EventEngine(_Engine):
             return True  # an observer hears of events nobody handles
         return self.follow_up(event) is not False
 
-    def follow_up(self, event: object) -> bool | tuple[Callable[[Any], Any], ...]:
+    def follow_up(self, event: object) -> Any:
         """`wanted`'s entry for `event`'s class, made on first sight (see `wanted`)."""
         wanted = self.wanted.get(event.__class__)
         if wanted is None:
@@ -723,6 +737,19 @@ class RequestEngine(_Engine):
         # One follow-up event whose handlers are all plain async ones: the first level of
         # the cascade, written out (`EventEngine.cascade` runs the general case and the
         # levels below; tests/test_fast_paths.py holds the two to the same outcome).
+        if invokes.__class__ is not tuple:  # one handler: no loop
+            try:
+                produced = await invokes(event)
+            except Exception as exc:
+                failed = [self._events.annotate(exc, invokes, event)]
+            else:
+                if produced is None:
+                    return result
+                failed = []
+                await self._events.cascade([produced], failed, depth=2)
+                if not failed:
+                    return result
+            raise self._followups_failed(message, failed)
         failures: list[Exception] | None = None
         followups: list[Any] | None = None
         for run in invokes:

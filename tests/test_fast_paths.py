@@ -62,9 +62,13 @@ Build = Callable[[Dispatcher, list[object]], None]
 
 
 def outcome(error: BaseException) -> object:
-    """An exception as comparable data: its type, text, notes and, for a group, its members."""
+    """An exception as comparable data: its type, text, notes, cause and context and, for a
+    group, its members."""
     inner = [outcome(e) for e in error.exceptions] if isinstance(error, BaseExceptionGroup) else None
-    return (type(error).__name__, str(error), getattr(error, "__notes__", []), inner)
+    chained = [
+        None if e is None else (type(e).__name__, str(e)) for e in (error.__cause__, error.__context__)
+    ]
+    return (type(error).__name__, str(error), getattr(error, "__notes__", []), chained, inner)
 
 
 Outcome = tuple[object, list[object]]
@@ -175,6 +179,44 @@ def follow_up_fails(dp: Dispatcher, seen: list[object]) -> None:
     dp.events.bind(Evt, first)
     dp.events.bind(Evt, second)
     dp.events.bind(Evt, third)
+    dp.events.bind(Deeper, deeper)
+
+
+def follow_up_alone_fails(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd) -> Evt:
+        return Evt(cmd.n)
+
+    async def alone(event: Evt) -> None:
+        seen.append(("alone", event))
+        raise Boom("alone")
+
+    dp.commands.bind(Cmd, handle)
+    dp.events.bind(Evt, alone)
+
+
+def follow_up_alone_cancelled(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd) -> Evt:
+        return Evt(cmd.n)
+
+    async def alone(event: Evt) -> None:
+        raise asyncio.CancelledError
+
+    dp.commands.bind(Cmd, handle)
+    dp.events.bind(Evt, alone)
+
+
+def follow_up_alone_cascade_fails(dp: Dispatcher, seen: list[object]) -> None:
+    async def handle(cmd: Cmd) -> Evt:
+        return Evt(cmd.n)
+
+    async def alone(event: Evt) -> Deeper:
+        return Deeper(event.n)
+
+    async def deeper(event: Deeper) -> None:
+        raise Boom("deeper, alone")
+
+    dp.commands.bind(Cmd, handle)
+    dp.events.bind(Evt, alone)
     dp.events.bind(Deeper, deeper)
 
 
@@ -425,6 +467,9 @@ APPLICATIONS: list[Build] = [
     follow_up_fails,
     follow_up_cascades,
     follow_up_cancelled,
+    follow_up_alone_fails,
+    follow_up_alone_cancelled,
+    follow_up_alone_cascade_fails,
     sync_handler,
     class_handler,
     class_handler_init_fails,
