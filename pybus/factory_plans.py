@@ -37,7 +37,8 @@ from pybus.providers import (
     Resolver,
     Singleton,
     _AsyncGeneratorProvider,
-    _GeneratorProvider,
+    enter_generator,
+    leave_generator,
     noted,
 )
 from pybus.unit_of_work import UnitOfWork
@@ -45,16 +46,15 @@ from pybus.unit_of_work import UnitOfWork
 Made = tuple[str, Factory, Callable[[], Any]]
 
 
-def _second(func: Callable[..., Any], name: str) -> bool:
-    """Does `func` take exactly (message, name), both by position?"""
+def in_order(func: Callable[..., Any], names: list[str]) -> bool:
+    """Does `func` take exactly (message, *names), every one by position or keyword?
+    Then the values can be passed by position, which costs less than by keyword."""
     try:
         params = list(inspect.signature(func).parameters.values())
     except (TypeError, ValueError):
         return False
-    return (
-        len(params) == 2
-        and params[1].name == name
-        and all(param.kind is param.POSITIONAL_OR_KEYWORD for param in params)
+    return [param.name for param in params[1:]] == names and all(
+        param.kind is param.POSITIONAL_OR_KEYWORD for param in params
     )
 
 
@@ -180,7 +180,7 @@ def factory_invoke(
                 return awaiting(message, {name: value}, 0)
             return func(message, value)
 
-        return (invoke_second if _second(func, name) else invoke_one), True
+        return (invoke_second if in_order(func, [name]) else invoke_one), True
 
     if not entered:
 
@@ -198,6 +198,7 @@ def factory_invoke(
     name, last = factories[-1]
     make_last = _maker(last)
     alone = not made and not ready and not singletons
+    second = alone and in_order(func, [name])
 
     async def invoke_entered(message: Any) -> Any:
         if alone:
@@ -213,12 +214,24 @@ def factory_invoke(
             if index < len(made):
                 await rest(kwargs, index)
         if last.shape == "generator":
-            with _GeneratorProvider(last, make_last()) as value:
+            # What `with _GeneratorProvider(...)` does, without the context manager's calls.
+            generator = make_last()
+            value = enter_generator(last, generator)
+            try:
                 if value.__class__ not in plain_types:
                     plain(value)  # a generator's value is never awaited: only refuses a unit
-                kwargs[name] = value
-                result = func(message, **kwargs)
-                return (await result) if is_async else result
+                if second:
+                    result = func(message, value)
+                else:
+                    kwargs[name] = value
+                    result = func(message, **kwargs)
+                if is_async:
+                    result = await result
+            except BaseException as exc:
+                leave_generator(last, generator, exc)
+                raise
+            leave_generator(last, generator, None)
+            return result
         if last.shape == "async generator":
             async with _AsyncGeneratorProvider(last, make_last()) as value:
                 if value.__class__ not in plain_types:

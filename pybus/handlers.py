@@ -31,7 +31,7 @@ from typing import (
 
 from pybus.context import HandlingContext, current_context
 from pybus.errors import HandlerSignatureError, ImproperlyConfigured, Kind, key_name
-from pybus.factory_plans import factory_invoke
+from pybus.factory_plans import factory_invoke, in_order
 from pybus.providers import Factory, Provider, Resolver, Singleton
 from pybus.unit_of_work import AlreadyHandled, UnitOfWork, makes_units, units_in
 
@@ -653,9 +653,9 @@ def _compile(
         )
     if not has_providers:
         if positional:
-            # The common case costs nothing: the function itself, or a C-level partial.
-            invoke = functools.partial(func, **bound) if bound else func
-            return CallPlan(handler, invoke, handler.is_async, None, direct=none)
+            # The common case costs nothing: the function itself, a call passing the bound
+            # values by position, or a C-level partial passing them by keyword.
+            return CallPlan(handler, _bound_invoke(func, bound), handler.is_async, None, direct=none)
         return CallPlan(
             handler, lambda message: call(func, message, bound), handler.is_async, None, direct=none
         )
@@ -683,6 +683,19 @@ def _compile(
     # awaited only when it is the coroutine of the first, resolving handling.
     with_singletons = _singleton_invoke(func, positional, call, bound, singletons, resolver, scoped.invoke)
     return CallPlan(handler, with_singletons, handler.is_async, None, direct=none)
+
+
+def _bound_invoke(func: Callable[..., Any], bound: dict[str, object]) -> Callable[[Any], Any]:
+    """`func(message, **bound)` at the least cost."""
+    if not bound:
+        return func
+    if not in_order(func, list(bound)):
+        return functools.partial(func, **bound)
+    values = tuple(bound.values())
+    if len(values) == 1:
+        (value,) = values
+        return lambda message: func(message, value)
+    return lambda message: func(message, *values)
 
 
 def _context_invoke(
@@ -734,7 +747,14 @@ def _singleton_invoke(
                 current, bound_call = value, functools.partial(func, **{name: value})
             return bound_call(message)
 
-        return invoke_only
+        def invoke_second(message: Any) -> Any:
+            """`invoke_only` for a handler whose Singleton is its second positional parameter."""
+            value = values.get(identity, _MISSING)
+            if value is _MISSING:
+                return resolve_first(message)
+            return func(message, value)
+
+        return invoke_second if in_order(func, [name]) else invoke_only
 
     if len(singletons) == 1:
         ((name, identity),) = singletons.items()
@@ -849,13 +869,20 @@ def _collecting_plan(handler: Handler, call: Caller, bound: dict[str, object]) -
     method = handler.method
     assert method is not None  # a collecting handler is a class or an instance with a method
     is_class = handler.is_class
+    is_async = handler.is_async
+    positional = (
+        handler.message_param is not None and not handler.message_by_keyword and not handler.context_params
+    )
 
     async def collect(message: Any, followups: list[Any] | None = None) -> Any:
         instance = target(**bound) if is_class else target
         dumped = False
         try:
-            result = call(getattr(instance, method), message, {})
-            if inspect.isawaitable(result):
+            if positional:
+                result = getattr(instance, method)(message)
+            else:
+                result = call(getattr(instance, method), message, {})
+            if is_async or inspect.isawaitable(result):
                 result = await result
             dumped = True
             events = instance.dump_events()

@@ -298,6 +298,42 @@ def noted(exc: Exception, provider: Provider) -> None:
         exc.add_note(f"raised by provider {provider!r} while making its value")
 
 
+def enter_generator(provider: Provider, generator: Generator[Any, None, None]) -> Any:
+    """Run a generator provider up to its yield; its value."""
+    try:
+        return next(generator)
+    except StopIteration:
+        raise ProviderError(repr(provider), "returned without yielding a value") from None
+    except Exception as exc:
+        noted(exc, provider)
+        raise
+
+
+def leave_generator(
+    provider: Provider, generator: Generator[Any, None, None], exc: BaseException | None
+) -> None:
+    """Run a generator provider's teardown, after a handling that raised `exc` (None: that
+    succeeded). Never hides `exc`: it propagates unless the teardown raises another error."""
+    try:
+        if exc is None:
+            # A for loop ends a finished generator without raising StopIteration,
+            # which costs more than the rest of a teardown.
+            for _ in generator:
+                break
+            else:
+                return
+        else:
+            generator.throw(exc)
+    except StopIteration:
+        return  # done; the handler's error, if any, propagates (never suppressed)
+    except BaseException as raised:
+        if raised is not exc:
+            raised.add_note(f"raised by the teardown of provider {provider!r}")
+        raise
+    generator.close()
+    raise ProviderError(repr(provider), "yielded a second time")
+
+
 class _GeneratorProvider:
     """A generator provider as a context manager: yields once, never hides the handler's error."""
 
@@ -308,33 +344,11 @@ class _GeneratorProvider:
         self.generator = generator
 
     def __enter__(self) -> Any:
-        try:
-            return next(self.generator)
-        except StopIteration:
-            raise ProviderError(repr(self.provider), "returned without yielding a value") from None
-        except Exception as exc:
-            noted(exc, self.provider)
-            raise
+        return enter_generator(self.provider, self.generator)
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> Literal[False]:
-        try:
-            if exc is None:
-                # A for loop ends a finished generator without raising StopIteration,
-                # which costs more than the rest of a teardown.
-                for _ in self.generator:
-                    break
-                else:
-                    return False
-            else:
-                self.generator.throw(exc)
-        except StopIteration:
-            return False  # done; the handler's error, if any, propagates (never suppressed)
-        except BaseException as raised:
-            if raised is not exc:
-                raised.add_note(f"raised by the teardown of provider {self.provider!r}")
-            raise
-        self.generator.close()
-        raise ProviderError(repr(self.provider), "yielded a second time")
+        leave_generator(self.provider, self.generator, exc)
+        return False
 
 
 class _AsyncGeneratorProvider:

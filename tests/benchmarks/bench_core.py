@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 
 from pybus import CallNext, Dispatcher, EventCollector, Factory, HandlingContext, Middleware, Retry, Singleton
@@ -74,7 +74,7 @@ def make_repo() -> object:
     return REPO
 
 
-def repo_scope() -> Iterator[object]:
+def repo_scope() -> Generator[object, None, None]:
     """A Factory with a teardown: the code after `yield` runs after each handling."""
     yield REPO
 
