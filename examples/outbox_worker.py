@@ -31,7 +31,7 @@ database: `metadata.create_all`):
 | `RELAY_POLL` | 0.05 | seconds between the relay's passes when there is nothing to send |
 | `RELAY_BATCH` | 100 | rows per relay pass (one transaction) |
 
-Needs pybus[redis,sqlalchemy] and asyncpg; see tests/test_outbox_kills.py, which kills
+Needs pybus-cqrs[redis,sqlalchemy] and asyncpg; see tests/test_outbox_kills.py, which kills
 the relay and the worker at random moments while 10,000 orders go through.
 """
 

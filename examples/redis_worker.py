@@ -12,7 +12,7 @@ Each job records its effect in the Redis hash `effects` (job number -> times
 handled), so you can see that every job took effect once. A job with negative
 `seconds` fails (see it with `pybus dlq examples.redis_worker:create_worker list`).
 PYBUS_JOB_DELAY makes every job of that worker take that many seconds more, to try
-out a worker that dies with work in hand. Needs pybus[redis].
+out a worker that dies with work in hand. Needs pybus-cqrs[redis].
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ same way: see examples/redis_worker.py). A shop publishes OrderPaid and sends
 ShipOrder; a billing service and a warehouse service, each a consumer group,
 handle them with their own dispatchers.
 
-Run: `uv run python examples/transport_in_memory.py` (needs pybus[transport])
+Run: `uv run python examples/transport_in_memory.py` (needs pybus-cqrs[transport])
 """
 
 from __future__ import annotations

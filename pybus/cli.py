@@ -641,7 +641,7 @@ def _dlq(args: argparse.Namespace) -> int:
     try:
         from pybus.redis_dead_letters import RedisDeadLetters
         from pybus.redis_streams import RedisTransport
-    except ImportError as exc:  # without pybus[redis], no transport here keeps dead letters
+    except ImportError as exc:  # without pybus-cqrs[redis], no transport here keeps dead letters
         raise UsageError(f"{args.app} has no transport that keeps dead letters ({exc})") from exc
     if not isinstance(transport, RedisTransport):
         raise UsageError(f"{args.app} has no transport that keeps dead letters (RedisTransport does)")

@@ -7,7 +7,7 @@ system. Bodies are encoded by msgspec (dataclasses, msgspec structs, attrs
 classes and plain types) or by pydantic for pydantic models; a string message
 is its own name with an empty body.
 
-Install with the `transport` extra (`pybus[transport]`): msgspec is not a
+Install with the `transport` extra (`pybus-cqrs[transport]`): msgspec is not a
 dependency of the core.
 """
 
@@ -54,7 +54,7 @@ class JsonCodec:
             import msgspec
         except ImportError as exc:  # pragma: no cover - the extra is installed in CI
             raise ImproperlyConfigured(
-                "Routing messages to a transport needs msgspec: install pybus[transport] (or pybus[redis])"
+                "Routing messages to a transport needs msgspec: install pybus-cqrs[transport] (or pybus-cqrs[redis])"
             ) from exc
         self._msgspec = msgspec
         self._encoder = msgspec.json.Encoder()

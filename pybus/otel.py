@@ -17,7 +17,7 @@ OpenTelemetry API, to the providers given or the global ones:
   `pybus.handling.duration` (seconds), per handler call.
 
 docs/tracing.md describes the names and attributes. The core of pybus never
-imports this module; it needs the extra `pybus[otel]` (opentelemetry-api).
+imports this module; it needs the extra `pybus-cqrs[otel]` (opentelemetry-api).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ try:
 except ImportError as exc:
     raise ImportError(
         f"pybus.otel needs the OpenTelemetry API, which is not installed ({exc}); "
-        "install it with: pip install 'pybus[otel]'"
+        "install it with: pip install 'pybus-cqrs[otel]'"
     ) from exc
 
 from pybus.context import Ids, Registration, current_record, ident

@@ -1,5 +1,5 @@
 """SQLAlchemy 2.0 (asyncio): a unit of work over an `AsyncSession`, a transactional outbox
-and an idempotent inbox. Needs the extra `pybus[sqlalchemy]` and a driver (aiosqlite,
+and an idempotent inbox. Needs the extra `pybus-cqrs[sqlalchemy]` and a driver (aiosqlite,
 asyncpg).
 
 - `Outbox(metadata)` declares two tables on the application's `MetaData` (so
@@ -57,7 +57,7 @@ try:
 except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
     raise ImportError(
         f"pybus.sqlalchemy needs SQLAlchemy 2.0 with asyncio ({exc}); "
-        "install it with: pip install 'pybus[sqlalchemy]' and a driver (aiosqlite, asyncpg)"
+        "install it with: pip install 'pybus-cqrs[sqlalchemy]' and a driver (aiosqlite, asyncpg)"
     ) from exc
 
 from pybus.context import current_context, current_record

@@ -611,7 +611,7 @@ def test_without_opentelemetry_the_import_names_the_extra(monkeypatch: pytest.Mo
         importlib.import_module("pybus.otel")
     assert str(missing.value) == (
         "pybus.otel needs the OpenTelemetry API, which is not installed (No module named 'opentelemetry'); "
-        "install it with: pip install 'pybus[otel]'"
+        "install it with: pip install 'pybus-cqrs[otel]'"
     )
 
 
