@@ -53,6 +53,13 @@ if TYPE_CHECKING:
 _NO_PLANS: tuple[CallPlan, ...] = ()
 
 
+class Quiet(tuple[Any, ...]):
+    """The fast table's entry for several handlers that all return None (`CallPlan.direct`):
+    publish runs them without looking at their results."""
+
+    __slots__ = ()
+
+
 class _Engine:
     """What both engines share: the observer switch and the closing of the fast paths.
 
@@ -132,7 +139,7 @@ class EventEngine(_Engine):
         self.observer: Observer | None = None
         #: Per class, filled on first sight: what a handler's return value of that class
         #: asks for. False: nothing (no handler, and no error to raise); its handlers,
-        #: all plain async ones (`_fast_all`'s entry: one, or a tuple), which `execute` runs
+        #: all plain async ones (`_fast_all`'s entry: one, a tuple or a Quiet tuple), which `execute` runs
         #: itself as the cascade's first level; True: the general `cascade`.
         self.wanted: dict[type, Any] = {}
         self._resolve_registered()
@@ -177,7 +184,12 @@ class EventEngine(_Engine):
             and key not in self._routed
             and all(p.is_async and p.collect is None for p in plans)
         ):
-            self._fast_all[key] = plans[0].invoke if len(plans) == 1 else tuple(p.invoke for p in plans)
+            if len(plans) == 1:
+                self._fast_all[key] = plans[0].invoke
+            elif all(p.direct for p in plans):
+                self._fast_all[key] = Quiet(p.invoke for p in plans)
+            else:
+                self._fast_all[key] = tuple(p.invoke for p in plans)
         return plans
 
     def _resolve_class(self, cls: type) -> tuple[CallPlan, ...]:
@@ -234,7 +246,25 @@ class EventEngine(_Engine):
         if invokes is None:
             await self._publish(event)
             return
-        if invokes.__class__ is not tuple:  # one handler: no loop
+        if invokes.__class__ is not tuple:
+            if invokes.__class__ is Quiet:
+                # Handlers proven to return None (`CallPlan.direct`): no result to look at.
+                failed = None
+                for invoke in invokes:
+                    try:
+                        await invoke(event)
+                    except Exception as exc:
+                        if failed is None:
+                            failed = []
+                        failed.append(self.annotate(exc, invoke, event))
+                    except BaseException as exc:  # a cancellation: it propagates at once
+                        if failed is not None:
+                            _failed_before(exc, failed)
+                        raise
+                if failed is None:
+                    return
+                raise _grouped(event, _publishing(event, failed), failed)
+            # One handler: no loop.
             try:
                 result = await invokes(event)
             except Exception as exc:
@@ -737,7 +767,7 @@ class RequestEngine(_Engine):
         # One follow-up event whose handlers are all plain async ones: the first level of
         # the cascade, written out (`EventEngine.cascade` runs the general case and the
         # levels below; tests/test_fast_paths.py holds the two to the same outcome).
-        if invokes.__class__ is not tuple:  # one handler: no loop
+        if invokes.__class__ is not tuple and invokes.__class__ is not Quiet:  # one handler: no loop
             try:
                 produced = await invokes(event)
             except Exception as exc:

@@ -528,6 +528,38 @@ def events_only(dp: Dispatcher, seen: list[object]) -> None:
     dp.events.bind(Unhandled, on_unhandled)
 
 
+def quiet_events(dp: Dispatcher, seen: list[object]) -> None:
+    """Several handlers of one event, all proven to return None (publish does not look at
+    their results); a command returning that event."""
+
+    async def handle(cmd: Cmd) -> Evt:
+        return Evt(cmd.n)
+
+    async def first(event: Evt) -> None:
+        seen.append(("first", event))
+
+    async def fails(event: Evt) -> None:
+        seen.append(("fails", event))
+        raise Boom(f"quiet {event.n}")
+
+    async def last(event: Evt) -> None:
+        seen.append(("last", event))
+        if event.n == 13:
+            raise asyncio.CancelledError
+
+    dp.commands.bind(Cmd, handle)
+    for handler in (first, fails, last):
+        dp.events.bind(Evt, handler)
+
+
+@pytest.mark.parametrize("n", [1, 13])
+async def test_handlers_that_return_none_take_the_same_course(n: int) -> None:
+    published = await run_both(quiet_events, Evt(n), publish=True)
+    assert published[0] == published[1]
+    executed = await run_both(quiet_events, Cmd(n))
+    assert executed[0] == executed[1]
+
+
 @pytest.mark.parametrize("event", [Evt(1), Deeper(2), Unhandled(3), Cmd(4)], ids=repr)
 async def test_publish_takes_the_same_course_on_the_fast_and_the_general_path(event: object) -> None:
     fast, general = await run_both(events_only, event, publish=True)
