@@ -220,9 +220,8 @@ def paths() -> list[Path]:
             "execute + 1 returned follow-up event",
             Cascading,
             [
-                ("await handler(msg); await on_event(result)", chain_wrapper),
-                ("(the same, in a coroutine of our own)", lambda m: chain_wrapper(m)),
-                ("+ our coroutine, two dict lookups (handler, follow-up)", chain_lookups),
+                ("a coroutine awaiting handler(msg), then on_event(result)", chain_wrapper),
+                ("+ two dict lookups (handler, follow-up)", chain_lookups),
                 ("+ a plain function in front (the dispatcher hands others over)", chain_in_front),
                 ("dp.execute (all of it)", one.execute),
             ],
