@@ -154,6 +154,9 @@ class Consumer:
         self._state = "running"
         self._finished = loop.create_future()
         self._context = contextvars.copy_context()
+        # running_in is this consumer in every handling's context (a copy of this one): they
+        # are inside the dispatcher (its supervisor), and consumer.stop() can tell its own.
+        self._context.run(running_in.set, self)
         try:
             if self.names:
                 self._add_lanes(loop)
@@ -266,9 +269,7 @@ class Consumer:
             envelope = ready.popleft()
             self._busy += 1
             try:
-                # running_in is this consumer: it is inside the dispatcher (its supervisor),
-                # and consumer.stop() can tell its own handlings.
-                rest = start_in(self._context.copy(), self._process(envelope, lane), self)
+                rest = start_in(self._context.copy(), self._process(envelope, lane))
                 if rest is None:
                     in_a_row += 1
                 else:

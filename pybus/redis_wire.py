@@ -12,7 +12,7 @@ server does not know them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -20,30 +20,32 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
+from pybus.errors import Kind
 from pybus.transport import NO_HEADERS, Envelope
 
 Entry = tuple[str, bytes, dict[bytes, bytes]]  # stream key, entry id, fields
 Receipt = tuple[str, bytes]  # stream key, entry id
 
 _header = msgspec.json.Encoder()
-_header_fields = msgspec.json.Decoder(list[str | dict[str, str] | None]).decode
 
 
-def _read_header(data: bytes) -> list[Any]:
-    """kind, name, message id, correlation id, causation id[, headers]; ValueError otherwise."""
-    header = _header_fields(data)
-    ids, more = header[:5], header[5:]
-    if (
-        len(ids) != 5
-        or not all(isinstance(item, str) for item in ids[:4])
-        or not isinstance(ids[4], str | None)
-        or len(more) > 1
-        or (more and not isinstance(more[0], dict))
-    ):
-        raise ValueError("not a pybus header")
-    return header
+class Header(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """An entry's `h` field: kind, name, message id, correlation id, causation id and, when
+    the envelope has any, its headers (a JSON array of five or six items)."""
+
+    kind: str
+    name: str
+    message_id: str
+    correlation_id: str
+    causation_id: str | None
+    headers: dict[str, str] = {}
+
+
+#: Decodes and checks a header in one call (msgspec.ValidationError, a DecodeError, when
+#: it is not a pybus header).
+read_header = msgspec.json.Decoder(Header).decode
 
 
 # Marks the ids (ARGV[3], one per line) done at time ARGV[2], acks the entries
@@ -139,6 +141,20 @@ end
 return {reply, done, {}}
 """
 
+# Tells for each message id of ARGV[1] (one per line, an empty line an empty id) whether
+# it is marked done in KEYS[1]: 1 or 0, in order. The ids travel as one argument: packing
+# one argument per id costs the client more than this script costs Redis.
+CHECK = """
+local ids = {}
+for id in string.gmatch(ARGV[1] .. "\\n", "([^\\n]*)\\n") do ids[#ids + 1] = id end
+local done = {}
+for first = 1, #ids, 1000 do
+    local scores = redis.call("ZMSCORE", KEYS[1], unpack(ids, first, math.min(first + 999, #ids)))
+    for _, score in ipairs(scores) do done[#done + 1] = score and 1 or 0 end
+end
+return done
+"""
+
 # Claims for consumer ARGV[2] of group ARGV[1] up to ARGV[4] entries of stream KEYS[1]
 # that have been idle for ARGV[3] ms or more in any consumer, except the entries
 # ARGV[5] (one per line: those this process holds). Finding them (XPENDING ... IDLE)
@@ -202,7 +218,7 @@ return lost
 """
 
 
-SCRIPTS = {"add": ADD, "ack": ACK, "take": TAKE, "claim": CLAIM, "hold": HOLD}
+SCRIPTS = {"add": ADD, "ack": ACK, "take": TAKE, "check": CHECK, "claim": CLAIM, "hold": HOLD}
 SHA = {
     name: hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest() for name, script in SCRIPTS.items()
 }
@@ -238,32 +254,59 @@ def connect(url: str, *, timeout: float, connect_timeout: float) -> Any:
 
 
 async def execute(
-    client: Any, queue: Callable[[Any], object], connected: Callable[[], None] | None = None
+    client: Any, commands: Sequence[Sequence[Any]], connected: Callable[[], None] | None = None
 ) -> list[Any]:
-    """Send what `queue` puts in a pipeline of `client`, in one round trip; return the replies.
+    """Send `commands` in one round trip, on one connection of `client`'s pool, and return
+    their replies as the server sent them (bytes, lists, None: no redis-py response
+    callbacks). An error reply raises, once every reply has been read (the connection
+    stays in step with the server).
 
-    The connection is taken here, before anything is queued, and `connected` is
-    called once it is: a failure before that call sent nothing. Scripts go by their
-    hash: redis-py's Script objects would ask SCRIPT EXISTS before every pipeline.
-    When the server does not know them (first use, a restart, SCRIPT FLUSH) it ran
-    none of them: they are loaded and the pipeline is sent once more.
+    The connection is taken here, before anything is sent, and `connected` is called
+    once it is: a failure before that call sent nothing. Scripts go by their hash:
+    redis-py's Script objects would ask SCRIPT EXISTS before every pipeline. When the
+    server does not know them (first use, a restart, SCRIPT FLUSH), the scripts are
+    loaded and the commands from the first that failed on are sent once more; those
+    before it ran and are not sent again, so a command that must not run twice (an
+    `XREADGROUP ... >`) goes before any script.
     """
-    for attempt in (1, 2):
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.connection = await client.connection_pool.get_connection()
-            if connected is not None:
-                connected()
-            queue(pipe)
-            try:
-                return list(await pipe.execute())
-            except NoScriptError:
-                if attempt == 2:
-                    raise
-        async with client.pipeline(transaction=False) as pipe:
-            for script in SCRIPTS.values():
-                pipe.script_load(script)
-            await pipe.execute()
-    raise AssertionError("unreachable")  # pragma: no cover
+    pool = client.connection_pool
+    connection = await pool.get_connection()
+    try:
+        if connected is not None:
+            connected()
+        replies = await _round_trip(connection, commands)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):
+                loaded = await _round_trip(
+                    connection, [("SCRIPT", "LOAD", script) for script in SCRIPTS.values()]
+                )
+                _raise_first(loaded)
+                replies[index:] = await _round_trip(connection, commands[index:])
+                break
+        _raise_first(replies)
+        return replies
+    finally:
+        await pool.release(connection)
+
+
+async def _round_trip(connection: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """Write `commands` at once and read a reply to each; an error reply is returned, not
+    raised. A failure of the connection (or a cancellation) mid-way closes it (redis-py
+    does), so that a later user never reads the replies meant for these."""
+    await connection.send_packed_command(connection.pack_commands(commands))
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(await connection.read_response())
+        except ResponseError as error:
+            replies.append(error)
+    return replies
+
+
+def _raise_first(replies: list[Any]) -> None:
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
 
 
 async def trim(client: Any, key: str, max_len: int) -> None:
@@ -320,19 +363,62 @@ def entry_envelope(
     key: str, prefix: str, entry_id: bytes, fields: dict[bytes, bytes], attempt: int
 ) -> Envelope:
     """The envelope of an entry of stream `key`, delivered `attempt` times."""
-    handle = (key, entry_id)
-    try:
-        kind, name, message_id, correlation_id, causation_id, *more = _read_header(fields[b"h"])
-        headers = MappingProxyType(more[0]) if more else NO_HEADERS
-    except (KeyError, ValueError, TypeError, msgspec.DecodeError):
-        # Not written by pybus: handed on as it is, the codec dead-letters it.
-        name = key.removeprefix(prefix)
-        fallback = entry_id.decode()
-        return Envelope("event", name, fields.get(b"b", b""), fallback, fallback, None, attempt, handle)
-    if kind not in ("command", "query"):
-        kind = "event"
+    header = fields.get(b"h")
     body = fields.get(b"b", b"")
-    return Envelope(kind, name, body, message_id, correlation_id, causation_id, attempt, handle, headers)
+    if header is not None:
+        try:
+            return _envelope(read_header(header), body, attempt, (key, entry_id))
+        except msgspec.DecodeError:
+            pass
+    # Not written by pybus: handed on as it is, the codec dead-letters it.
+    fallback = entry_id.decode()
+    name = key.removeprefix(prefix)
+    return Envelope("event", name, body, fallback, fallback, None, attempt, (key, entry_id))
+
+
+#: The kinds an entry's header can give; any other is an event.
+_KINDS: dict[str, Kind] = {"command": "command", "query": "query"}
+
+
+def _envelope(header: Header, body: bytes, attempt: int, handle: Receipt) -> Envelope:
+    headers = header.headers
+    return Envelope(
+        _KINDS.get(header.kind, "event"), header.name, body,
+        header.message_id, header.correlation_id, header.causation_id,
+        attempt, handle, MappingProxyType(headers) if headers else NO_HEADERS,
+    )  # fmt: skip
+
+
+def new_envelopes(
+    key: str, prefix: str, items: list[Any], attempt: int
+) -> list[tuple[Receipt, Envelope, bytes | None]]:
+    """The raw entries `items` of stream `key` ([entry id, [field, value, ...]], as
+    XREADGROUP sends them), each as (its receipt, its envelope, the group it is for: field
+    `g`, set when a dead letter was requeued for one group, else None).
+
+    An entry laid out as pybus writes it (`i`, `h`, `b`, in that order) is read by
+    position; any other (another writer's, a requeued one) by name, as `entry_envelope`
+    reads it. Both give the same envelope.
+    """
+    found: list[tuple[Receipt, Envelope, bytes | None]] = []
+    append = found.append
+    for entry_id, fields in items:
+        handle = (key, entry_id)
+        if (
+            fields is not None
+            and len(fields) == 6
+            and fields[0] == b"i"
+            and fields[2] == b"h"
+            and fields[4] == b"b"
+        ):
+            try:
+                append((handle, _envelope(read_header(fields[3]), fields[5], attempt, handle), None))
+                continue
+            except msgspec.DecodeError:
+                pass
+        named = pairs(fields)
+        append((handle, entry_envelope(key, prefix, entry_id, named, attempt), named.get(b"g")))
+    return found
 
 
 def receipt(envelope: Envelope) -> Receipt:

@@ -254,7 +254,7 @@ async def test_a_send_that_fails_otherwise_raises_that_error_instead_of_waiting_
 
     transport = RedisTransport(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
 
-    async def broken(queue: object, connected: object = None) -> list[Any]:
+    async def broken(commands: Any, connected: Any = None) -> list[Any]:
         raise ValueError("not a Redis error")
 
     transport._execute = broken  # type: ignore[method-assign]  # a failure that is no RedisError
