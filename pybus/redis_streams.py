@@ -170,6 +170,10 @@ class RedisTransport(Transport):
         self.dead_key = f"{prefix}dead"
         # The socket timeout is above any block time, so an idle read is no error.
         self.client = wire.connect(url, timeout=timeout + 30.0, connect_timeout=timeout)
+        # The scripts and reads of `_execute` go through a client of their own, without a
+        # socket timeout (redis-py would make a task per write): each round trip is bounded
+        # as a whole, by the same time. aclose() closes both.
+        self._rounds = wire.connect(url, timeout=None, connect_timeout=timeout)
         self._groups_ready: set[str] = set()
         self._own_from: dict[str, bytes] = {}  # stream key -> own pending entries are read after this id
         self._held: set[Receipt] = set()  # entries pending here that this process has not finished
@@ -207,7 +211,7 @@ class RedisTransport(Transport):
     async def _execute(
         self, commands: Sequence[Sequence[Any]], connected: Callable[[], None] | None = None
     ) -> list[Any]:
-        return await wire.execute(self.client, commands, connected)
+        return await wire.execute(self._rounds, commands, connected, timeout=self.timeout + 30.0)
 
     # -- producing ---------------------------------------------------------------------
 
@@ -1018,10 +1022,11 @@ class RedisTransport(Transport):
                         failure = giving_back.exception()  # raised below, after the close
         finally:
             self._closed = True  # acks that fail now are not tried again
-            try:
-                await self.client.aclose()  # ends what still waits on a connection
-            except (RedisError, OSError) as exc:  # a socket that would not close in time: closed anyway
-                unclean = exc
+            for client in (self.client, self._rounds):
+                try:
+                    await client.aclose()  # ends what still waits on a connection
+                except (RedisError, OSError) as exc:  # a socket that would not close in time: closed anyway
+                    unclean = unclean or exc
             if left:
                 await self._settle(left, loop.time() + 1.0)
         ack_failure, self._ack_failure = self._ack_failure, None

@@ -11,6 +11,7 @@ server does not know them.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
 from types import MappingProxyType
@@ -21,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pybus.errors import Kind
 from pybus.transport import NO_HEADERS, Envelope
@@ -224,10 +226,13 @@ SHA = {
 }
 
 
-def connect(url: str, *, timeout: float, connect_timeout: float) -> Any:
+def connect(url: str, *, timeout: float | None, connect_timeout: float) -> Any:
     """A client of `url` that never retries a command by itself: a retried XADD can write
     an entry twice, a retried requeue would find its letter gone. Typed loosely: reply
-    types depend on decode_responses (off: replies are bytes).
+    types depend on decode_responses (off: replies are bytes). `timeout` is the socket
+    timeout of each write and read; None for a client whose calls are bounded by their
+    caller (`execute` with its `timeout`): redis-py writes in an `asyncio.wait_for`, a
+    task and two turns of the event loop per write, only when a socket timeout is set.
 
     Its pool checks a connection before handing it out, and connects again, before
     anything is written, when the server has closed it (a restart of redis-server): a
@@ -254,12 +259,18 @@ def connect(url: str, *, timeout: float, connect_timeout: float) -> Any:
 
 
 async def execute(
-    client: Any, commands: Sequence[Sequence[Any]], connected: Callable[[], None] | None = None
+    client: Any,
+    commands: Sequence[Sequence[Any]],
+    connected: Callable[[], None] | None = None,
+    *,
+    timeout: float | None = None,
 ) -> list[Any]:
     """Send `commands` in one round trip, on one connection of `client`'s pool, and return
     their replies as the server sent them (bytes, lists, None: no redis-py response
     callbacks). An error reply raises, once every reply has been read (the connection
-    stays in step with the server).
+    stays in step with the server). With `timeout`, a round trip not answered within
+    it raises redis-py's `TimeoutError` and closes its connection, as a socket timeout
+    does.
 
     The connection is taken here, before anything is sent, and `connected` is called
     once it is: a failure before that call sent nothing. Scripts go by their hash:
@@ -269,6 +280,18 @@ async def execute(
     before it ran and are not sent again, so a command that must not run twice (an
     `XREADGROUP ... >`) goes before any script.
     """
+    if timeout is None:
+        return await _execute(client, commands, connected)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _execute(client, commands, connected)
+    except TimeoutError:  # the cancellation closed the connection mid-way (redis-py does)
+        raise RedisTimeoutError(f"Redis did not answer within {timeout} s") from None
+
+
+async def _execute(
+    client: Any, commands: Sequence[Sequence[Any]], connected: Callable[[], None] | None
+) -> list[Any]:
     pool = client.connection_pool
     connection = await pool.get_connection()
     try:

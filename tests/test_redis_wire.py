@@ -1,18 +1,22 @@
 """The Redis transport's entry reading: the positional fast path for entries laid out as
 pybus writes them (`redis_wire.new_envelopes`) and the general one, by field name
 (`redis_wire.entry_envelope`), give the same envelope for every entry; the header check
-done by msgspec accepts and refuses exactly what the earlier hand-written check did."""
+done by msgspec accepts and refuses exactly what the earlier hand-written check did; a
+round trip through a client without a socket timeout is bounded as a whole."""
 
 from __future__ import annotations
 
 import dataclasses
+import signal
 from typing import Any
 
 import msgspec
 import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pybus import redis_wire as wire
 from pybus.transport import Envelope
+from tests.redis_server import redis_server
 
 KEY = "pybus:orders.paid"
 ID = b"1700000000000-0"
@@ -118,3 +122,20 @@ def test_a_pybus_entry_is_read_as_it_was_written() -> None:
     assert as_tuple(envelope) == as_tuple(
         dataclasses.replace(sent, receipt=("pybus:orders.pay", ID), headers=dict(sent.headers))
     )
+
+
+async def test_a_round_trip_without_a_socket_timeout_is_bounded_as_a_whole() -> None:
+    """The transport's scripts and reads go through a client without a socket timeout;
+    `execute` bounds each round trip instead, and closes a connection it gave up on, so
+    that a late reply is never read as the answer to the next command."""
+    with redis_server() as (url, process):
+        client = wire.connect(url, timeout=None, connect_timeout=1)
+        assert await wire.execute(client, [("ECHO", "up")], timeout=1) == [b"up"]
+        process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(RedisTimeoutError, match=r"^Redis did not answer within 0.2 s$"):
+                await wire.execute(client, [("ECHO", "stale")], timeout=0.2)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        assert await wire.execute(client, [("ECHO", "fresh")], timeout=1) == [b"fresh"]
+        await client.aclose()
