@@ -3,7 +3,9 @@
 Run: `uv run python tests/benchmarks/bench_import.py` (`--rounds N`, default 5;
 `--modules` also prints each module's self time; `--source DIR` measures the pybus
 package in DIR instead of the installed one, e.g. an earlier commit exported with
-`git archive <commit> pybus | tar -x -C DIR`).
+`git archive <commit> pybus | tar -x -C DIR`). Given more than once, `--source`
+measures each tree in turn within every round, so that a busy machine slows them
+alike: that is how to compare two versions.
 
 Each round is a fresh interpreter running
 
@@ -63,26 +65,43 @@ def one_round(cwd: str, source: str | None = None) -> dict[str, tuple[int, int]]
     return {name.strip(): (self_us, cumulative_us) for name, self_us, cumulative_us in rows[start : end + 1]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="What `import pybus` costs on top of the standard library.")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--modules", action="store_true", help="print each module's self time")
-    parser.add_argument("--source", help="the directory holding the pybus package to measure")
-    args = parser.parse_args()
-    source = None if args.source is None else os.path.abspath(args.source)
-    with tempfile.TemporaryDirectory() as cwd:
-        one_round(cwd, source)  # writes the bytecode caches
-        rounds = [one_round(cwd, source) for _ in range(args.rounds)]
+def summary(rounds: list[dict[str, tuple[int, int]]], modules: bool) -> None:
+    """Print the medians of `rounds`: pybus's own modules, the total and, with `modules`, each module."""
     own = [sum(s for name, (s, _) in r.items() if name.split(".")[0] == "pybus") for r in rounds]
     total = [r["pybus"][1] for r in rounds]
-    print(f"python -X importtime -c {STATEMENT!r}: median of {args.rounds} rounds, bytecode cached")
     print(f"pybus's own modules, self time summed: {statistics.median(own) / 1000:5.1f} ms")
     print(f"total on top of the standard modules:  {statistics.median(total) / 1000:5.1f} ms")
-    if args.modules:
+    if modules:
         names = {name for r in rounds for name in r}
         medians = {name: statistics.median(r.get(name, (0, 0))[0] for r in rounds) for name in names}
         for name, us in sorted(medians.items(), key=lambda item: -item[1]):
             print(f"{us / 1000:7.2f} ms  {name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="What `import pybus` costs on top of the standard library.")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--modules", action="store_true", help="print each module's self time")
+    parser.add_argument(
+        "--source",
+        action="append",
+        help="the directory holding the pybus package to measure; repeat it to compare trees, "
+        "measured in turn within each round",
+    )
+    args = parser.parse_args()
+    sources: list[str | None] = [os.path.abspath(path) for path in args.source] if args.source else [None]
+    with tempfile.TemporaryDirectory() as cwd:
+        for source in sources:
+            one_round(cwd, source)  # writes the bytecode caches
+        rounds: dict[str | None, list[dict[str, tuple[int, int]]]] = {source: [] for source in sources}
+        for _ in range(args.rounds):
+            for source in sources:
+                rounds[source].append(one_round(cwd, source))
+    print(f"python -X importtime -c {STATEMENT!r}: median of {args.rounds} rounds, bytecode cached")
+    for source in sources:
+        if len(sources) > 1:
+            print(f"\n{source}:")
+        summary(rounds[source], args.modules)
 
 
 if __name__ == "__main__":
