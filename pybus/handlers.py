@@ -15,13 +15,14 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError
 from types import MappingProxyType
 from typing import (
     TYPE_CHECKING,
     Annotated,
     Any,
     Final,
+    NoReturn,
     Protocol,
     TypeGuard,
     get_args,
@@ -66,9 +67,9 @@ class HandlerProtocol(Protocol):
         """Return the events added so far (an iterable, or an awaitable of one)."""
 
 
-@dataclass(frozen=True, slots=True, eq=False)
 class Handler:
-    """A registration, as inspected by `bind`.
+    """A registration, as inspected by `bind`: frozen (assigning to it raises
+    `dataclasses.FrozenInstanceError`), equal only to itself.
 
     `target` is what was registered (function, class or instance); `bound` are
     the keyword values given at registration, which go to the class's `__init__`
@@ -76,6 +77,28 @@ class Handler:
     receives the message (`None`: the handler takes no message), passed by
     keyword when `message_by_keyword` is true.
     """
+
+    # A plain class rather than a dataclass: `@dataclass` compiles each method it makes
+    # when the module is imported, a cost every `import pybus` paid (docs/benchmarks.md).
+    __slots__ = (  # noqa: RUF023 - in the order of the fields, which __repr__ prints them in
+        "kind",
+        "key",
+        "target",
+        "name",
+        "location",
+        "message_param",
+        "message_by_keyword",
+        "bound",
+        "is_class",
+        "method",
+        "is_async",
+        "collects_events",
+        "timeout",
+        "emits",
+        "middleware",
+        "retry",
+        "context_params",
+    )
 
     kind: Kind
     key: object
@@ -89,14 +112,68 @@ class Handler:
     method: str | None
     is_async: bool
     collects_events: bool
-    timeout: float | None = None
-    emits: tuple[object, ...] = ()
+    timeout: float | None
+    emits: tuple[object, ...]
     #: The registration's own middleware (checked by the router), outermost first.
-    middleware: tuple[Middleware, ...] = ()
+    middleware: tuple[Middleware, ...]
     #: The registration's own retry policy (None: the router's or the dispatcher's).
-    retry: Retry | None = None
+    retry: Retry | None
     #: Parameters annotated `HandlingContext`: each call receives the current one.
-    context_params: tuple[str, ...] = ()
+    context_params: tuple[str, ...]
+
+    def __init__(
+        self,
+        kind: Kind,
+        key: object,
+        target: object,
+        name: str,
+        location: str,
+        message_param: str | None,
+        message_by_keyword: bool,
+        bound: Mapping[str, object],
+        is_class: bool,
+        method: str | None,
+        is_async: bool,
+        collects_events: bool,
+        timeout: float | None = None,
+        emits: tuple[object, ...] = (),
+        middleware: tuple[Middleware, ...] = (),
+        retry: Retry | None = None,
+        context_params: tuple[str, ...] = (),
+    ) -> None:
+        # Through object.__setattr__, since the class's own refuses (as a frozen dataclass's does).
+        set_field = object.__setattr__
+        set_field(self, "kind", kind)
+        set_field(self, "key", key)
+        set_field(self, "target", target)
+        set_field(self, "name", name)
+        set_field(self, "location", location)
+        set_field(self, "message_param", message_param)
+        set_field(self, "message_by_keyword", message_by_keyword)
+        set_field(self, "bound", bound)
+        set_field(self, "is_class", is_class)
+        set_field(self, "method", method)
+        set_field(self, "is_async", is_async)
+        set_field(self, "collects_events", collects_events)
+        set_field(self, "timeout", timeout)
+        set_field(self, "emits", emits)
+        set_field(self, "middleware", middleware)
+        set_field(self, "retry", retry)
+        set_field(self, "context_params", context_params)
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{field}={getattr(self, field)!r}" for field in self.__slots__)
+        return f"{type(self).__qualname__}({fields})"
+
+    def __reduce__(self) -> tuple[type[Handler], tuple[object, ...]]:
+        # copy would restore the fields with setattr, which refuses.
+        return type(self), tuple(getattr(self, field) for field in self.__slots__)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.location})"
@@ -128,7 +205,6 @@ def route_record(kind: Kind, target: Callable[..., Any], description: str, key: 
     )
 
 
-@dataclass(frozen=True, slots=True, eq=False)
 class CallPlan:
     """How the engines call one handler.
 
@@ -140,14 +216,40 @@ class CallPlan:
     `direct` says that what `invoke(message)` returns is an awaitable whose result is
     always None (proven at start, `pybus.returns`): `execute` may then hand it to its
     caller as it is (or, when the call raised, a coroutine that raises the same).
+
+    A plan never changes once made (its attributes are `Final` to the type checkers):
+    `with_retry` makes another. Equal only to itself.
     """
 
-    handler: Handler
-    invoke: Callable[[Any], Any]
-    is_async: bool
-    collect: Callable[[Any, list[Any]], Awaitable[Any]] | None
-    retry: Retry | None = None
-    direct: bool = False
+    # A plain class rather than a dataclass, for the cost of `import pybus` (see `Handler`).
+    __slots__ = ("collect", "direct", "handler", "invoke", "is_async", "retry")
+
+    handler: Final[Handler]
+    invoke: Final[Callable[[Any], Any]]
+    is_async: Final[bool]
+    collect: Final[Callable[[Any, list[Any]], Awaitable[Any]] | None]
+    retry: Final[Retry | None]
+    direct: Final[bool]
+
+    def __init__(
+        self,
+        handler: Handler,
+        invoke: Callable[[Any], Any],
+        is_async: bool,
+        collect: Callable[[Any, list[Any]], Awaitable[Any]] | None,
+        retry: Retry | None = None,
+        direct: bool = False,
+    ) -> None:
+        self.handler = handler
+        self.invoke = invoke
+        self.is_async = is_async
+        self.collect = collect
+        self.retry = retry
+        self.direct = direct
+
+    def with_retry(self, retry: Retry | None) -> CallPlan:
+        """This plan with `retry` as its retry policy."""
+        return CallPlan(self.handler, self.invoke, self.is_async, self.collect, retry, self.direct)
 
 
 def callable_name(target: object) -> str:

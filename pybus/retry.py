@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pybus.errors import ImproperlyConfigured
 
@@ -37,7 +37,7 @@ def _exception_types(
     return types  # type: ignore[return-value]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False, repr=False, eq=False)
 class Retry:
     """Call a failing handler again, up to `attempts` calls in all.
 
@@ -55,26 +55,68 @@ class Retry:
     cancelled, and a cancellation is not retried.
     """
 
+    # A frozen dataclass (`dataclasses.replace`, `fields` and `asdict` work on a policy),
+    # whose __init__, __repr__, __eq__ and __hash__ are written out below: `@dataclass`
+    # compiles each method it makes, a cost every `import pybus` paid (docs/benchmarks.md).
+    # They do what the generated ones did (tests/test_import_cost.py compares them).
+
     attempts: int = 3
     delay: float = 0.1
     multiplier: float = 2.0
     max_delay: float = 30.0
     jitter: float = 0.0
-    on: tuple[type[Exception], ...] = field(default=(Exception,))
+    on: tuple[type[Exception], ...] = (Exception,)
     never: tuple[type[Exception], ...] = ()
 
-    def __post_init__(self) -> None:
-        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+    def __init__(
+        self,
+        attempts: int = 3,
+        delay: float = 0.1,
+        multiplier: float = 2.0,
+        max_delay: float = 30.0,
+        jitter: float = 0.0,
+        on: tuple[type[Exception], ...] = (Exception,),
+        never: tuple[type[Exception], ...] = (),
+    ) -> None:
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise ImproperlyConfigured(
-                f"Retry(attempts={self.attempts!r}): attempts counts every call, the first included: "
+                f"Retry(attempts={attempts!r}): attempts counts every call, the first included: "
                 "a whole number >= 1 (1: never retry)"
             )
-        for name, minimum in (("delay", 0.0), ("multiplier", 1.0), ("max_delay", 0.0), ("jitter", 0.0)):
-            value = getattr(self, name)
+        for name, value, minimum in (
+            ("delay", delay, 0.0),
+            ("multiplier", multiplier, 1.0),
+            ("max_delay", max_delay, 0.0),
+            ("jitter", jitter, 0.0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
                 raise ImproperlyConfigured(f"Retry({name}={value!r}): a number >= {minimum:g}")
-        object.__setattr__(self, "on", _exception_types("on", self.on))
-        object.__setattr__(self, "never", _exception_types("never", self.never))
+        set_field = object.__setattr__  # the frozen class's own __setattr__ refuses
+        set_field(self, "attempts", attempts)
+        set_field(self, "delay", delay)
+        set_field(self, "multiplier", multiplier)
+        set_field(self, "max_delay", max_delay)
+        set_field(self, "jitter", jitter)
+        set_field(self, "on", _exception_types("on", on))
+        set_field(self, "never", _exception_types("never", never))
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self.attempts, self.delay, self.multiplier, self.max_delay, self.jitter, self.on, self.never)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__qualname__}(attempts={self.attempts!r}, delay={self.delay!r}, "
+            f"multiplier={self.multiplier!r}, max_delay={self.max_delay!r}, jitter={self.jitter!r}, "
+            f"on={self.on!r}, never={self.never!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Retry) and other.__class__ is self.__class__:
+            return self._fields() == other._fields()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
 
     def delay_for(self, attempt: int) -> float:
         """Seconds to wait after failed attempt `attempt` (from 1), before the next; no sleeping."""

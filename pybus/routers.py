@@ -9,7 +9,6 @@ overriding `bind` is enough.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
@@ -391,7 +390,7 @@ class _Router(Generic[E]):
         )
         plan = with_middleware(plan, self.middleware_for(handler))
         policy = self.retry_for(handler)
-        return plan if policy is None else dataclasses.replace(plan, retry=policy)
+        return plan if policy is None else plan.with_retry(policy)
 
     def retry_for(self, handler: Handler) -> Retry | None:
         """The retry policy of a registration: its own, else this router's, else the dispatcher's."""

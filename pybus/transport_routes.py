@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pybus.context import child_ids, current_record, ident
 from pybus.errors import ImproperlyConfigured, Kind
@@ -31,14 +30,29 @@ if TYPE_CHECKING:
     from pybus.transport import NO_HEADERS, Envelope, Transport
 
 
-@dataclass(frozen=True, slots=True)
 class Forwarder:
-    """The routed keys of one kind, and the function that writes such a message to the transport."""
+    """The routed keys of one kind, and the function that writes such a message to the transport.
 
-    keys: frozenset[object]
-    forward: Callable[[object], Awaitable[None]]
+    Nothing changes a forwarder once made (its attributes are `Final` to the type checkers).
+    """
+
+    # A plain class rather than a dataclass, for the cost of `import pybus` (see `pybus.settings`).
+    __slots__ = ("forward", "handlers", "keys")
+
+    keys: Final[frozenset[object]]
+    forward: Final[Callable[[object], Awaitable[None]]]
     #: Per routed key, the registration-like record the engines name the transport by.
-    handlers: Mapping[object, Handler]
+    handlers: Final[Mapping[object, Handler]]
+
+    def __init__(
+        self,
+        keys: frozenset[object],
+        forward: Callable[[object], Awaitable[None]],
+        handlers: Mapping[object, Handler],
+    ) -> None:
+        self.keys = keys
+        self.forward = forward
+        self.handlers = handlers
 
 
 def route_kind(key: object, kinds: Mapping[object, Kind]) -> Kind:

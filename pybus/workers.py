@@ -24,9 +24,9 @@ import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
 from contextvars import copy_context
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError
 from threading import get_ident
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pybus.context import _current, failure_record
 from pybus.errors import (
@@ -53,8 +53,42 @@ logger = logging.getLogger("pybus")
 ErrorHook = Callable[[BaseException, object], object]
 
 
-@dataclass(frozen=True, slots=True)
-class EngineStatistics:
+class _Snapshot:
+    """What the statistics classes share: frozen (assigning raises
+    `dataclasses.FrozenInstanceError`), equal when their fields are, hashable, and
+    printed as `Class(field=value, ...)`, the behaviour of the frozen dataclasses they
+    were. Plain classes because `@dataclass` compiles each method it makes at import,
+    a cost every `import pybus` paid (docs/benchmarks.md)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _Snapshot) and other.__class__ is self.__class__:
+            return self._fields() == other._fields()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__qualname__}({fields})"
+
+    def __reduce__(self) -> tuple[type[_Snapshot], tuple[object, ...]]:
+        # copy and pickle would restore the fields with setattr, which refuses.
+        return type(self), self._fields()
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+
+class EngineStatistics(_Snapshot):
     """A snapshot of one engine's background work.
 
     `queued`: sent and not yet started (ordering-key backlogs included);
@@ -66,21 +100,50 @@ class EngineStatistics:
     and unhandled.
     """
 
+    __slots__ = (  # noqa: RUF023 - the order __repr__ prints them in
+        "queued",
+        "in_flight",
+        "handled",
+        "failed",
+        "active_keys",
+        "unhandled",
+    )
+
     queued: int
     in_flight: int
     handled: int
     failed: int
-    active_keys: int = 0
-    unhandled: int = 0
+    active_keys: int
+    unhandled: int
+
+    def __init__(
+        self, queued: int, in_flight: int, handled: int, failed: int, active_keys: int = 0, unhandled: int = 0
+    ) -> None:
+        set_field = object.__setattr__  # the class's own __setattr__ refuses
+        set_field(self, "queued", queued)
+        set_field(self, "in_flight", in_flight)
+        set_field(self, "handled", handled)
+        set_field(self, "failed", failed)
+        set_field(self, "active_keys", active_keys)
+        set_field(self, "unhandled", unhandled)
 
 
-@dataclass(frozen=True, slots=True)
-class Statistics:
+class Statistics(_Snapshot):
     """`dp.statistics()`: one `EngineStatistics` per engine."""
+
+    __slots__ = ("events", "commands", "queries")  # noqa: RUF023 - the order __repr__ prints them in
 
     events: EngineStatistics
     commands: EngineStatistics
     queries: EngineStatistics
+
+    def __init__(
+        self, events: EngineStatistics, commands: EngineStatistics, queries: EngineStatistics
+    ) -> None:
+        set_field = object.__setattr__  # the class's own __setattr__ refuses
+        set_field(self, "events", events)
+        set_field(self, "commands", commands)
+        set_field(self, "queries", queries)
 
 
 def log_error(error: BaseException, message: object) -> None:
