@@ -52,28 +52,17 @@ from typing import Any, Final, NoReturn, cast
 running_in: contextvars.ContextVar[object | None] = contextvars.ContextVar("pybus_running_in", default=None)
 
 
-def start_in(
-    context: contextvars.Context, coroutine: Coroutine[Any, Any, Any], owner: object = None
-) -> InContext | None:
-    """Run the first step of `coroutine` inside `context`, in the calling task; with
-    `owner`, set `running_in` to it in `context` first.
+def start_in(context: contextvars.Context, coroutine: Coroutine[Any, Any, Any]) -> InContext | None:
+    """Run the first step of `coroutine` inside `context`, in the calling task.
 
     Returns None when that step finished it, else an `InContext` that the same
     task must await to run the rest. An exception of the first step propagates.
     """
     try:
-        if owner is None:
-            step = context.run(coroutine.send, None)
-        else:
-            step = context.run(_first_step, coroutine, owner)
+        step = context.run(coroutine.send, None)
     except StopIteration:
         return None
     return InContext(coroutine, context, step)
-
-
-def _first_step(coroutine: Coroutine[Any, Any, Any], owner: object) -> Any:
-    running_in.set(owner)  # one context.run for both: this is on every background handling's path
-    return coroutine.send(None)
 
 
 class InContext:
@@ -121,15 +110,8 @@ class Failed:
         self.error = error
 
 
-class _Done:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "pybus.lanes.DONE"
-
-
 #: What a `handlings` stepper hands back for a handling that returned.
-DONE: Final = _Done()
+DONE: Final = object()
 
 #: A lane's stepper (see `handlings`); what it yields: DONE, a `Failed`, or what the
 #: handling waits on (a future, or None for a bare yield).

@@ -481,6 +481,42 @@ async def test_the_observer_hears_each_message_queued_and_dequeued_in_its_contex
     ]
 
 
+async def test_stop_tells_the_observer_of_each_message_it_drops_in_that_messages_context() -> None:
+    """Messages still queued when stop() cancels, ready ones and ones waiting for their
+    key's turn, are each dequeued once, in their own context, and counted."""
+
+    async def scenario(waits: bool) -> Any:
+        blocked = asyncio.Event()
+        dp = Dispatcher(workers=1)
+
+        @dp.commands.register(Job)
+        async def job(cmd: Job) -> None:
+            await step(waits)
+            blocked.set()
+            await asyncio.Event().wait()  # never set: stop() cancels it
+
+        recorder = Recorder()
+        dp.start()
+        dp.attach_observer(recorder)
+        for n, key in enumerate(["a", "a", None, "b", "a", "b", None]):
+            token = request_id.set(f"request {n}")
+            await dp.commands.send(Job(n, key or ""), key=key)
+            request_id.reset(token)
+        await blocked.wait()
+        unhandled = await dp.stop(timeout=0)
+        dequeued = sorted(
+            (message.n, value)
+            for event, _, message, value in recorder.log
+            if event == "dequeued" and isinstance(message, Job)
+        )
+        return unhandled, dequeued, totals(dp)
+
+    unhandled, dequeued, counts = await agree(scenario)
+    assert unhandled == 7  # the one in flight, cancelled, and the six queued, dropped
+    assert dequeued == [(n, f"request {n}") for n in range(7)]
+    assert counts == (0, 0, 0, 0, 7)
+
+
 async def test_a_thousand_messages_from_two_senders_are_each_handled_once() -> None:
     """Senders that wait for room (a small queue) and lanes that alternate between
     handlings done in their first step and handlings that wait."""
