@@ -27,7 +27,8 @@ The rule, page by page:
     Each project (the names after `in`; a file without `in` belongs to every project
     of the page) is written to a folder of its own, where the `pytest` command runs
     (as a user types it, so the folder is not on `sys.path` unless the project says
-    so); its tests must pass, none skipped.
+    so, and with `-W error`, as a project with `filterwarnings = ["error"]` runs it);
+    its tests must pass, none skipped, nothing warned.
 
 Nothing else is skipped: a block without a marker runs.
 """
@@ -182,8 +183,17 @@ def test_the_example_project_passes_its_tests(project: str, tmp_path: Path) -> N
     for path, code in files.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(code)
-    result = subprocess.run(
-        [Path(sys.executable).with_name("pytest"), "-q", "-p", "no:cacheprovider", "-p", "no:randomly"],
+    result = subprocess.run(  # warnings are errors, as in a project with filterwarnings = ["error"]
+        [
+            Path(sys.executable).with_name("pytest"),
+            "-q",
+            "-W",
+            "error",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -194,6 +204,7 @@ def test_the_example_project_passes_its_tests(project: str, tmp_path: Path) -> N
     assert result.returncode == 0, f"{project}: the project's tests failed:\n{output}"
     assert re.search(r"\b\d+ passed\b", output), output
     assert "skipped" not in output, output
+    assert "warning" not in output.lower(), f"{project}: the project's run warned:\n{output}"
 
 
 @pytest.mark.parametrize(("page", "path"), INCLUDES)
