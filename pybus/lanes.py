@@ -21,8 +21,8 @@ through a worker pool and through a consumer):
 
 This is the one place where pybus steps coroutines by hand. The standard way, a
 task per message (`asyncio.create_task(coro, context=ctx)`), makes a background
-send three times as slow on CPython 3.11: 0.22x of a bare asyncio.Queue, against
-0.7x (see docs/benchmarks.md). Since a handling never leaves its lane,
+send more than three times as slow on CPython 3.11: 0.2x of a bare asyncio.Queue,
+against 0.75x (see docs/benchmarks.md). Since a handling never leaves its lane,
 `asyncio.current_task()`, `asyncio.timeout()` and `cancel()` inside a handler act
 on the task that runs it, as they would in a task of its own.
 
