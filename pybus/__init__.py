@@ -40,6 +40,9 @@ _IAMBUS_NAMES = {
     "class with a handle() method",
     "EventHandlerMap": "pybus has no handler maps to build: register handlers with "
     "@dp.events.register(Key) or dp.events.bind(Key, handler); dp.events.handlers shows them",
+    "RequestHandlerMap": "pybus has no handler maps to build: register command and query handlers "
+    "with @dp.commands.register(Key) / @dp.queries.register(Key) or dp.commands.bind(Key, handler); "
+    "dp.commands.handlers shows them",
 }
 
 

@@ -9,6 +9,7 @@ import functools
 import inspect
 import logging
 import signal
+import typing
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Never, NoReturn, Protocol, Self, TypeVar, overload
@@ -156,7 +157,7 @@ class Dispatcher:
         self._context = context
         self._instrumentation: Instrumentation | None = None
         self._services: list[Service] = []
-        self._provided: dict[type, object] = {}
+        self._provided: dict[object, object] = {}
         self._service_tasks: list[asyncio.Task[None]] = []
         self._services_deadline: float | None = None
         self._lifecycle = Lifecycle(self._supervisor, self.resolver, transport)
@@ -297,30 +298,45 @@ class Dispatcher:
         """The routed keys and the names they travel under (read-only)."""
         return MappingProxyType({key: name for key, (name, _) in self._routing.routes.items()})
 
-    def provide(self, type_: type, value: object, /) -> None:
+    def provide(self, type_: object, value: object, /) -> None:
         """Inject `value` (a `Singleton`, a `Factory` or a ready value) into every handler
-        parameter annotated `type_` that is not given a value by name: injection by type.
-        Call it before registering the handlers that use it (registration checks each
-        parameter as strictly as a value bound by name). Raises `DispatcherFrozen` after
-        `start()`, `ImproperlyConfigured` for a `type_` that is not a class or one already
-        provided."""
+        parameter annotated `type_` (or `type_ | None`) that is not given a value by name:
+        injection by type. `type_` is a class or a generic one (`Repo[User]`); a provided
+        class also serves its generic forms that are not provided themselves. Call it
+        before registering the handlers that use it (registration checks each parameter as
+        strictly as a value bound by name). Raises `DispatcherFrozen` after `start()`,
+        `ImproperlyConfigured` for a `type_` that is not a class, one already provided, or
+        a ready value that is not a `type_` (a function that makes one goes in a
+        `Singleton` or a `Factory`)."""
+        name = getattr(type_, "__qualname__", None) or repr(type_)
         if self.state is not State.NEW:
-            raise DispatcherFrozen(
-                "event", None, f"a provider for {callable_name(type_)}", target="every handler"
-            )
-        if not isinstance(type_, type):
+            raise DispatcherFrozen("event", None, f"a provider for {name}", target="every handler")
+        origin = typing.get_origin(type_)
+        if not isinstance(type_, type) and not isinstance(origin, type):
             raise ImproperlyConfigured(
                 f"dp.provide() takes a class first (the annotation to match), not {type_!r}"
             )
         if type_ in self._provided:
             raise ImproperlyConfigured(
-                f"{type_.__qualname__} is provided already ({self._provided[type_]!r}); provide a type once, "
+                f"{name} is provided already ({self._provided[type_]!r}); provide a type once, "
                 "and bind a different value by name where one handler needs it"
+            )
+        if not isinstance(value, Provider) and not _is_instance(value, origin or type_):
+            made = inspect.isroutine(value) or isinstance(value, type)
+            raise ImproperlyConfigured(
+                f"dp.provide({name}, {value!r:.80}): the value is not a {name}. "
+                + (
+                    f"To have {callable_name(value)} called to make one, wrap it: "
+                    f"dp.provide({name}, Singleton({callable_name(value)})) for one per dispatcher, "
+                    f"or Factory({callable_name(value)}) for one per handling"
+                    if made
+                    else f"Provide a {name} (a ready value), a Singleton or a Factory"
+                )
             )
         self._provided[type_] = value
 
     @property
-    def provided(self) -> Mapping[type, object]:
+    def provided(self) -> Mapping[object, object]:
         """The values injected by type (see `provide`), read-only."""
         return MappingProxyType(self._provided)
 
@@ -847,3 +863,12 @@ def _renamed(name: str, known: Mapping[str, str]) -> Exception:
 
 def _except(kinds: Mapping[object, Kind], kind: Kind) -> dict[object, Kind]:
     return {key: found for key, found in kinds.items() if found != kind}
+
+
+def _is_instance(value: object, cls: object) -> bool:
+    """Is `value` a `cls`? For a class that cannot tell (a Protocol that is not runtime
+    checkable), anything but a function or a class, which would be a maker of one."""
+    try:
+        return isinstance(value, cls)  # type: ignore[arg-type]
+    except TypeError:
+        return not (inspect.isroutine(value) or isinstance(value, type))

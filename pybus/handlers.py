@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import FrozenInstanceError
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace, UnionType
 from typing import (
     TYPE_CHECKING,
     Annotated,
@@ -25,6 +25,7 @@ from typing import (
     NoReturn,
     Protocol,
     TypeGuard,
+    Union,
     get_args,
     get_origin,
     get_type_hints,
@@ -349,11 +350,14 @@ def inspect_handler(
     try:
         _check_rest(kind, key, where, rest, message_param, call_bound, is_class)
     except HandlerSignatureError as exc:
-        if unresolved:
+        unresolved_params = {name: why for name, why in unresolved.items() if name != "return"}
+        if unresolved_params:
             exc.add_note(
-                f"its annotations could not be resolved ({unresolved}): a parameter annotated "
-                "HandlingContext is recognised by its annotation, so import HandlingContext where "
-                "the handler is defined, at module level, under that name"
+                "the annotations of "
+                + ", ".join(f"{name!r} ({why})" for name, why in unresolved_params.items())
+                + " could not be resolved: a parameter annotated with a provided type (or "
+                "HandlingContext) is recognised by its annotation, so import that type where the "
+                "handler is defined, at module level (not under `if TYPE_CHECKING:`)"
             )
         raise
     if cls is not None and check_init:
@@ -394,9 +398,9 @@ def _context_params(
     params: list[inspect.Parameter],
     argname: str | None,
     bound: Mapping[str, object],
-) -> tuple[tuple[str, ...], str]:
+) -> tuple[tuple[str, ...], dict[str, str]]:
     """The parameters annotated `HandlingContext` (string annotations resolved when they
-    can be), and why the annotations could not be resolved ("" when they could)."""
+    can be), and why the annotations that could not be resolved could not, by name."""
     hints, unresolved = _hints(func)
     found: list[str] = []
     for param in params:
@@ -422,14 +426,28 @@ def _context_params(
 _CONTEXT_NAMES = frozenset({"HandlingContext", "pybus.HandlingContext", "pybus.context.HandlingContext"})
 
 
-def _hints(func: Callable[..., Any], *, extras: bool = False) -> tuple[dict[str, Any], str]:
-    """`func`'s resolved annotations, and why they could not be resolved ("" when they could):
-    then the annotations are read as they are written."""
+def _hints(func: Callable[..., Any], *, extras: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    """`func`'s resolved annotations, and for those that do not resolve (say, a return type
+    imported under `if TYPE_CHECKING:`), why; each annotation is resolved on its own, so one
+    that does not resolve leaves the others' as they are."""
+    plain = func.func if isinstance(func, functools.partial) else func
     try:
-        plain = func.func if isinstance(func, functools.partial) else func
-        return get_type_hints(plain, include_extras=extras), ""
-    except Exception as exc:  # an annotation that does not resolve
-        return {}, f"{type(exc).__name__}: {exc}"
+        return get_type_hints(plain, include_extras=extras), {}
+    except Exception:  # one of them does not resolve: each on its own below
+        pass
+    annotations = getattr(plain, "__annotations__", None)
+    if not isinstance(annotations, Mapping):
+        return {}, {}
+    namespace = getattr(inspect.unwrap(getattr(plain, "__func__", plain)), "__globals__", {})
+    hints: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    for name, annotation in annotations.items():
+        holder = SimpleNamespace(__annotations__={name: annotation})
+        try:
+            hints[name] = get_type_hints(holder, globalns=namespace, include_extras=extras)[name]
+        except Exception as exc:
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    return hints, failed
 
 
 def _is_context(annotation: object) -> bool:
@@ -444,7 +462,7 @@ def _is_context(annotation: object) -> bool:
 
 
 def by_type(
-    target: object, argname: str | None, provided: Mapping[type, object], bound: Mapping[str, object]
+    target: object, argname: str | None, provided: Mapping[object, object], bound: Mapping[str, object]
 ) -> dict[str, object]:
     """The values to bind, by name, to the parameters of `target` that are annotated with a
     type in `provided` (injection by type) or `Annotated[T, provider]`, and not already
@@ -478,9 +496,31 @@ def by_type(
                 found[name] = providers[-1]
                 continue
             hint = get_args(hint)[0]
-        if isinstance(hint, type) and hint in provided:
-            found[name] = provided[hint]
+        value = provided_for(hint, provided)
+        if value is not _MISSING:
+            found[name] = value
     return found
+
+
+def provided_for(hint: object, provided: Mapping[object, object]) -> object:
+    """What `provided` gives a parameter annotated `hint` (`_MISSING`: nothing): the type
+    itself (`Repo`, or a generic one such as `Repo[User]`), else the generic's class
+    (`Repo` serves `Repo[User]`), and the same for `T | None` (`Optional[T]`)."""
+    args = get_args(hint)
+    if type(None) in args and get_origin(hint) in (Union, UnionType):
+        others = [arg for arg in args if arg is not type(None)]
+        if len(others) != 1:
+            return _MISSING
+        hint = others[0]
+    try:
+        if hint in provided:
+            return provided[hint]
+    except TypeError:  # an annotation that cannot be a dict key
+        return _MISSING
+    origin = get_origin(hint)
+    if isinstance(origin, type) and origin in provided:
+        return provided[origin]
+    return _MISSING
 
 
 def _refuse_generator(kind: Kind, key: object, name: str, func: Callable[..., Any]) -> None:
@@ -958,9 +998,10 @@ def _scoped_plan(
                 await send(sent, key=key)
         return result
 
-    collect = run if collects or per_handling else None
+    invoke: Collect = _one_at_a_time(handler, target, run) if collects and not is_class else run
+    collect = invoke if collects or per_handling else None
     # `run` returns the handler's result (None when an idempotent unit skipped it).
-    return CallPlan(handler, run, True, collect, direct=none and collect is None)
+    return CallPlan(handler, invoke, True, collect, direct=none and collect is None)
 
 
 def _collecting_plan(handler: Handler, call: Caller, bound: dict[str, object]) -> CallPlan:
@@ -1003,7 +1044,42 @@ def _collecting_plan(handler: Handler, call: Caller, bound: dict[str, object]) -
             followups.extend(events)
         return result
 
-    return CallPlan(handler, collect, True, collect)
+    invoke: Collect = collect if is_class else _one_at_a_time(handler, target, collect)
+    return CallPlan(handler, invoke, True, invoke)
+
+
+class Collect(Protocol):
+    """A collecting plan's call: the message, and the list its follow-ups go to."""
+
+    def __call__(self, message: Any, followups: list[Any] | None = None, /) -> Coroutine[Any, Any, Any]: ...
+
+
+#: The ready instances that collect events and are handling a message now (by id).
+_HANDLING: set[int] = set()
+
+
+def _one_at_a_time(handler: Handler, instance: object, run: Collect) -> Collect:
+    """`run` for a ready instance that collects events: its events live in the instance, so a
+    second handling while one is in progress (concurrent calls, or the handler calling
+    itself) would mix them, publishing one handling's events with the other's or losing
+    them. It is refused, before it runs, with the fix."""
+    busy = id(instance)
+
+    async def one_at_a_time(message: Any, followups: list[Any] | None = None) -> Any:
+        if busy in _HANDLING:
+            raise ImproperlyConfigured(
+                f"{handler} is a ready instance that collects events, and it is handling another "
+                "message now: the events of the two handlings would mix in it. Register its class "
+                "instead (bind(Key, TheClass)), so that each handling gets an instance of its own, "
+                "or do not handle its messages concurrently"
+            )
+        _HANDLING.add(busy)
+        try:
+            return await run(message, followups)
+        finally:
+            _HANDLING.discard(busy)
+
+    return one_at_a_time
 
 
 def _attach(units: list[UnitOfWork], handler: Handler, followups: list[Any] | None) -> None:

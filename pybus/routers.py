@@ -11,7 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Concatenate,
+    Generic,
+    NoReturn,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    overload,
+)
 
 from pybus.engines import EventEngine, RequestEngine
 from pybus.errors import (
@@ -204,6 +215,15 @@ class _Router(Generic[E]):
             f"{router}.register({name}) made a decorator that was never applied to a handler, so "
             f"nothing was registered for {name}; write @{router}.register({name}) right above the "
             f"handler, or call {router}.bind({name}, handler)"
+        )
+
+    def handle(self, message: object, /, *args: object, **kwargs: object) -> NoReturn:
+        """Not a pybus call: iambus's `dp.events.handle(...)` is `dp.publish(...)` here."""
+        call = {"event": "publish", "command": "execute", "query": "query"}[self.kind]
+        raise ComingFromIambus(
+            f"pybus routers do not handle messages: the dispatcher does, and the call says the kind. "
+            f"Use await dp.{call}({self.kind}) (dp.send(message, key=...) for the background "
+            "workers); see docs/coming-from-iambus.md"
         )
 
     @overload

@@ -47,7 +47,12 @@ def test_response_event_says_returned_values_are_published() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "answer"), [("AbstractHandler", "EventCollector"), ("EventHandlerMap", "register")]
+    ("name", "answer"),
+    [
+        ("AbstractHandler", "EventCollector"),
+        ("EventHandlerMap", "register"),
+        ("RequestHandlerMap", "commands.register"),
+    ],
 )
 def test_iambus_classes_name_the_pybus_way(name: str, answer: str) -> None:
     with pytest.raises(ImportError, match=f"pybus.{name} is iambus's; in pybus: .*{answer}"):
@@ -55,3 +60,11 @@ def test_iambus_classes_name_the_pybus_way(name: str, answer: str) -> None:
     import pybus
 
     assert not hasattr(pybus, "NoSuchName")
+
+
+@pytest.mark.parametrize(
+    ("router", "call"), [("events", "publish"), ("commands", "execute"), ("queries", "query")]
+)
+def test_router_handle_names_the_dispatcher_call(router: str, call: str) -> None:
+    with pytest.raises(ComingFromIambus, match=rf"Use await dp\.{call}\("):
+        getattr(Dispatcher(), router).handle("on startup")

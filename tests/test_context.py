@@ -683,7 +683,7 @@ def test_an_annotation_that_cannot_be_resolved_is_named_in_the_error() -> None:
     with pytest.raises(HandlerSignatureError) as raised:
         Dispatcher().commands.bind(Open, handler)
     (note,) = raised.value.__notes__
-    assert "could not be resolved (NameError: name 'Ctx' is not defined)" in note
+    assert "'context' (NameError: name 'Ctx' is not defined) could not be resolved" in note
 
 
 async def test_an_instrumentation_hears_a_follow_ups_handler_failures_as_its_outcome() -> None:

@@ -3,6 +3,7 @@ for a class that would lose its events."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -93,3 +94,54 @@ async def test_dump_events_returning_one_event_is_an_error_naming_the_handler(du
             ImproperlyConfigured, match=r"OneEvent .*dump_events\(\) returned .*not a list of events"
         ):
             await dp.execute(Place(1))
+
+
+class SlowCharge(EventCollector):
+    """A ready instance (one for every handling) that collects, then waits."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def handle(self, cmd: Place) -> None:
+        self.add_event(Placed(cmd.n))
+        await self.release.wait()
+        if cmd.fail:
+            raise RuntimeError(f"order {cmd.n} failed")
+
+
+class SlowChargeWithClock(SlowCharge):
+    """The same, with a Factory-injected value (the general per-handling scope)."""
+
+    async def handle(self, cmd: Place, clock: int = 0) -> None:
+        await super().handle(cmd)
+
+
+@pytest.mark.parametrize("cls", [SlowCharge, SlowChargeWithClock])
+async def test_a_ready_collector_refuses_a_second_handling_while_one_runs(cls: type[SlowCharge]) -> None:
+    """Its events live in the instance: a concurrent handling would publish the first one's
+    events as its own, or lose them. The second is refused before it runs; nothing is lost."""
+    from pybus import Factory
+
+    heard: list[int] = []
+    handler = cls()
+    dp = Dispatcher()
+    if cls is SlowCharge:
+        dp.commands.bind(Place, handler)
+    else:
+        dp.commands.bind(Place, handler, clock=Factory(lambda: 1))
+
+    async def on_placed(event: Placed) -> None:
+        heard.append(event.n)
+
+    dp.events.bind(Placed, on_placed)
+    async with dp:
+        first = asyncio.ensure_future(dp.execute(Place(1, fail=True)))
+        await asyncio.sleep(0.01)
+        with pytest.raises(ImproperlyConfigured, match="handling another message now"):
+            await dp.execute(Place(2))
+        handler.release.set()
+        with pytest.raises(RuntimeError, match="order 1 failed"):
+            await first
+        assert heard == []  # the failed handling's event is not published, by anyone
+        await dp.execute(Place(3))  # one at a time is fine
+        assert heard == [3]
