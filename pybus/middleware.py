@@ -154,7 +154,8 @@ def _layer(mw: Middleware, call_next: CallNext) -> Callable[[Any], Awaitable[Any
     return layer
 
 
-_DEFAULT: Any = object()
+#: The default of `before` and `after`: the record is logged at `level`.
+SAME_AS_LEVEL: Any = object()
 
 
 class LoggingMiddleware:
@@ -181,8 +182,8 @@ class LoggingMiddleware:
         *,
         level: int = logging.INFO,
         logger: logging.Logger | str | None = None,
-        before: int | None = _DEFAULT,
-        after: int = _DEFAULT,
+        before: int | None = SAME_AS_LEVEL,
+        after: int = SAME_AS_LEVEL,
         failure_level: int = logging.ERROR,
         describe: Callable[[Any], object] = repr,
         on_timing: Callable[[HandlingContext, float, BaseException | None], None] | None = None,
@@ -193,7 +194,9 @@ class LoggingMiddleware:
             ("after", after),
             ("failure_level", failure_level),
         ):
-            if value is not _DEFAULT and not (value is None and name == "before") and not _is_level(value):
+            if value is SAME_AS_LEVEL or (value is None and name == "before"):
+                continue
+            if not _is_level(value):
                 raise ImproperlyConfigured(
                     f"LoggingMiddleware({name}={value!r}): a logging level is an int such as logging.INFO"
                     + (" (or None: no first record)" if name == "before" else "")
@@ -207,8 +210,8 @@ class LoggingMiddleware:
             if isinstance(logger, logging.Logger)
             else logging.getLogger("pybus" if logger is None else logger)
         )
-        self.before = level if before is _DEFAULT else before
-        self.after = level if after is _DEFAULT else after
+        self.before = level if before is SAME_AS_LEVEL else before
+        self.after = level if after is SAME_AS_LEVEL else after
         self.failure_level = failure_level
         for name, hook in (("describe", describe), ("on_timing", on_timing)):
             if hook is not None and not callable(hook):
