@@ -52,10 +52,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pybus_dispatcher_factory(pytestconfig: pytest.Config) -> Callable[[], Dispatcher]:
     """Builds the dispatcher each test gets: the `pybus_app` ini option's function, else an
     empty Dispatcher; override this fixture to build it another way."""
-    path = str(pytestconfig.getini("pybus_app") or "")
+    return _factory_for(pytestconfig)
+
+
+def _factory_for(config: pytest.Config) -> Callable[[], Dispatcher]:
+    path = str(config.getini("pybus_app") or "")
     if not path:
         return Dispatcher
-    return _app_factory(path, str(pytestconfig.rootpath))
+    return _app_factory(path, str(config.rootpath))
 
 
 def _app_factory(path: str, rootdir: str | None = None) -> Callable[[], Dispatcher]:
