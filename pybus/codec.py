@@ -54,7 +54,8 @@ class JsonCodec:
             import msgspec
         except ImportError as exc:  # pragma: no cover - the extra is installed in CI
             raise ImproperlyConfigured(
-                "Routing messages to a transport needs msgspec: install pybus-cqrs[transport] (or pybus-cqrs[redis])"
+                "Routing messages to a transport needs msgspec: install pybus-cqrs[transport] "
+                "(or pybus-cqrs[redis])"
             ) from exc
         self._msgspec = msgspec
         self._encoder = msgspec.json.Encoder()
