@@ -6,18 +6,24 @@ Shared by the command line (`pybus routes app.bus:dp`) and the pytest plugin's
 - `module:attribute`, where `attribute` names a Dispatcher or a callable that
   returns one (`app.bus:dp`, `app.bus:create_dispatcher`; dots reach further:
   `app.bus:Container.dp`);
-- the module as a file path below the base folder (`app/bus.py:dp`), the base
-  folder being the working directory for the command line and pytest's rootdir
-  for the plugin;
-- the module alone (`app.bus`, `app/bus.py`) when it holds exactly one Dispatcher.
+- the module as a file path below the base folder (`app/bus.py:dp`, or `app/bus:dp`
+  for the file app/bus.py or the package app/bus/), the base folder being the
+  working directory for the command line and pytest's rootdir for the plugin;
+- the module alone (`app.bus`, `app/bus.py`) when it holds exactly one Dispatcher
+  (one object, under any number of names), or, holding none, exactly one function
+  annotated to return a Dispatcher that takes no arguments (`def create_app() ->
+  Dispatcher`). Otherwise the error names the candidates and the `module:attribute`
+  to write.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 import traceback
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +33,12 @@ from pybus.dispatcher import Dispatcher
 class UsageError(Exception):
     """A mistake in naming the application or on the command line: the command line
     reports it on stderr with exit code 2, the pytest plugin as a usage error."""
+
+
+#: Names applications commonly give the function that builds their dispatcher. When a module
+#: holds no Dispatcher and no function annotated to return one, the error suggests those of
+#: these it defines (taking no arguments); they are never called unless named.
+FACTORY_NAMES = ("create_app", "create_dispatcher", "create_worker", "create", "build", "make_app")
 
 
 @dataclass(frozen=True)
@@ -50,7 +62,7 @@ def find_app(path: str, base: str | None = None) -> App:
     if not module_name or (sep and not attribute):
         raise UsageError(f"{path!r} is not an import path; write module:attribute, as in app.bus:dp")
     folder = base or os.getcwd()
-    module_name = _module_of(module_name, folder, base)
+    module_name = _module_of(module_name, folder, base, attribute)
     if folder not in sys.path:
         sys.path.insert(0, folder)
     module = _import(module_name, base)
@@ -102,40 +114,191 @@ def builders_in(module_name: str) -> list[str]:
     return sorted(found)
 
 
-def _module_of(name: str, folder: str, base: str | None) -> str:
+def _module_of(name: str, folder: str, base: str | None, attribute: str) -> str:
     """The module name of `name`, which may be a file path below `folder`."""
     if not name.endswith(".py") and os.sep not in name and "/" not in name:
         return name
     path = os.path.abspath(os.path.join(folder, name))
-    inside = path.startswith(folder + os.sep) and path.endswith(".py")
-    dotted = os.path.relpath(path, folder).removesuffix(".py").replace(os.sep, ".") if inside else ""
-    if not inside or not all(part.isidentifier() for part in dotted.split(".")):
-        if base is None:
+    if not path.endswith(".py"):  # app/bus: the module app/bus.py, or the package app/bus/
+        if os.path.isfile(path + ".py"):
+            path += ".py"
+        elif os.path.isfile(os.path.join(path, "__init__.py")):
+            path = os.path.join(path, "__init__.py")
+        else:
+            written = name.rstrip("/" + os.sep)
             raise UsageError(
-                f"{name!r} is a file path that is not a module below this folder; run the command from "
-                "your project's folder and write module:attribute, as in app.bus:dp"
+                f"{name!r} names no module: there is neither {written}.py nor a package "
+                f"{written}/__init__.py in {folder}; write the module's file (app/bus.py) or its name "
+                "(app.bus)"
             )
-        raise UsageError(
-            f"{name!r} is a file path that is not a module below {base}; write a path relative to "
-            "that folder, as in app/bus.py:dp, or module:attribute, as in app.bus:dp"
+    dotted = _dotted(os.path.relpath(path, folder)) if path.startswith(folder + os.sep) else None
+    if dotted is None:
+        if base is not None:
+            raise UsageError(
+                f"{name!r} is a file path that is not a module below {base}; write a path relative to "
+                "that folder, as in app/bus.py:dp, or module:attribute, as in app.bus:dp"
+            )
+        raise UsageError(_elsewhere(name, path, attribute))
+    return dotted
+
+
+def _dotted(relative: str) -> str | None:
+    """`relative` (a .py file's path) as a module name, or None when it cannot be one."""
+    parts = relative.removesuffix(".py").split(os.sep)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts) if all(part.isidentifier() for part in parts) else None
+
+
+def _elsewhere(name: str, path: str, attribute: str) -> str:
+    """Why the file `path` cannot be imported from the working directory, and where it can be."""
+    here = os.getcwd()
+    if path.startswith(here + os.sep):
+        why = f"{name!r} cannot be imported from this folder ({here}): its path is not a module name"
+    else:
+        why = f"{name!r} is not below this folder ({here})"
+    why += "; pybus imports the app as a module, from the folder it runs in"
+    found = _import_root(path)
+    if found is None:
+        return (
+            f"{why}: run the command from your project's folder and pass the module's name, as in app.bus:dp"
         )
-    return dotted.removesuffix(".__init__")
+    root, dotted = found
+    target = f"{dotted}:{attribute}" if attribute else dotted
+    return (
+        f"{why}: run the command from {root} and pass {target} (or set PYTHONPATH={root} and pass {target})"
+    )
+
+
+#: Files that mark a project's folder.
+_PROJECT_MARKS = ("pyproject.toml", "setup.py", "setup.cfg", ".git")
+
+
+def _import_root(path: str) -> tuple[str, str] | None:
+    """The folder to import the file `path` from, and its module name there: the project's
+    folder (the nearest one above it holding a file of `_PROJECT_MARKS`; its `src` folder in
+    a src layout), else the folder above the file's outermost package."""
+    folder = os.path.dirname(path)
+    while True:
+        if any(os.path.exists(os.path.join(folder, mark)) for mark in _PROJECT_MARKS):
+            source = os.path.join(folder, "src")
+            root = source if path.startswith(source + os.sep) else folder
+            dotted = _dotted(os.path.relpath(path, root))
+            if dotted is not None:
+                return root, dotted
+            break
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    root = os.path.dirname(path)
+    while os.path.isfile(os.path.join(root, "__init__.py")) and os.path.dirname(root) != root:
+        root = os.path.dirname(root)
+    dotted = _dotted(os.path.relpath(path, root))
+    return None if dotted is None else (root, dotted)
 
 
 def _the_dispatcher(module: Any, module_name: str) -> str:
-    """The name of the one Dispatcher defined in `module` (when `:attribute` is left out)."""
-    found: list[str] = sorted(name for name, value in vars(module).items() if isinstance(value, Dispatcher))
+    """The name to use when `:attribute` is left out: of the one Dispatcher in `module` (its
+    names sorted, the first), else of the one function annotated to return one."""
+    names_of: dict[int, list[str]] = {}  # one Dispatcher may have several names (bus = dp)
+    for name, value in vars(module).items():
+        if isinstance(value, Dispatcher):
+            names_of.setdefault(id(value), []).append(name)
+    found = sorted(sorted(names) for names in names_of.values())
     if len(found) == 1:
-        return found[0]
-    if not found:
+        return found[0][0]
+    if found:
+        shown = ", ".join(" = ".join(names) for names in found)
         raise UsageError(
-            f"{module_name!r} holds no Dispatcher; name the one to use (or a function that builds it) "
-            f"as {module_name}:attribute"
+            f"{module_name!r} holds {len(found)} Dispatchers ({shown}); name one, as in "
+            f"{module_name}:{found[0][0]}"
         )
-    raise UsageError(
-        f"{module_name!r} holds {len(found)} Dispatchers ({', '.join(found)}); name one, as in "
-        f"{module_name}:{found[0]}"
-    )
+    return _the_factory(module, module_name)
+
+
+def _the_factory(module: Any, module_name: str) -> str:
+    """The name of the one function in `module` annotated to return a Dispatcher that can be
+    called without arguments; else `UsageError` naming the candidates."""
+    ready: list[str] = []
+    needing: list[str] = []  # annotated, but with parameters pybus cannot fill
+    for name, value in sorted(vars(module).items()):
+        # pybus calls a plain function (a class is not a factory here).
+        if (
+            inspect.isfunction(value)
+            and not inspect.iscoroutinefunction(value)
+            and _returns_dispatcher(value)
+        ):
+            required = _required_parameters(value)
+            if required:
+                needing.append(f"{name}({', '.join(required)})")
+            else:
+                ready.append(name)
+    if len(ready) == 1:
+        return ready[0]
+    if ready:
+        raise UsageError(
+            f"{module_name!r} holds no Dispatcher but {len(ready)} functions that return one "
+            f"({', '.join(ready)}); name one, as in {module_name}:{ready[0]}"
+        )
+    text = f"{module_name!r} holds no Dispatcher, nor a function annotated to return one (-> Dispatcher)"
+    guesses = [name for name in FACTORY_NAMES if _may_build(getattr(module, name, None))]
+    if needing:
+        text = (
+            f"{module_name!r} holds no Dispatcher; {', '.join(needing)} "
+            f"{'returns' if len(needing) == 1 else 'return'} one, but pybus calls a factory without "
+            "arguments"
+        )
+    if guesses:
+        which = guesses[0] if len(guesses) == 1 else f"one of {', '.join(guesses)}"
+        raise UsageError(f"{text}; if {which} builds it, name it, as in {module_name}:{guesses[0]}")
+    if needing:
+        raise UsageError(
+            f"{text}: add a function that takes none and builds it, and name it, as in "
+            f"{module_name}:create_app"
+        )
+    raise UsageError(f"{text}; name the one to use (or a function that builds it) as {module_name}:attribute")
+
+
+def _may_build(value: object) -> bool:
+    """Whether `value` is a plain function pybus can call (not async, without
+    arguments) whose return is not annotated: one of FACTORY_NAMES may build the dispatcher."""
+    if not inspect.isfunction(value) or inspect.iscoroutinefunction(value) or _required_parameters(value):
+        return False
+    try:
+        return "return" not in value.__annotations__
+    except Exception:  # an annotation Python cannot evaluate: it is annotated
+        return False
+
+
+def _returns_dispatcher(function: Any) -> bool:
+    """Whether `function`'s return annotation is Dispatcher (or a subclass). Annotations that do
+    not resolve (a name imported only for type checkers) are read as written: `Dispatcher`,
+    `pybus.Dispatcher`."""
+    try:
+        hint = typing.get_type_hints(function).get("return")
+    except Exception:
+        try:
+            hint = function.__annotations__.get("return")
+        except Exception:  # an annotation Python cannot even evaluate lazily
+            return False
+        if isinstance(hint, str):
+            return hint.strip().strip("'\"").rpartition(".")[2] == "Dispatcher"
+    return isinstance(hint, type) and issubclass(hint, Dispatcher)
+
+
+def _required_parameters(function: Any) -> list[str]:
+    """The parameters of `function` that have no default (and are not *args, **kwargs)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [
+        parameter.name
+        for parameter in parameters
+        if parameter.default is inspect.Parameter.empty
+        and parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
 
 
 def _import(module_name: str, base: str | None) -> Any:

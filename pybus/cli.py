@@ -19,21 +19,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import importlib
 import inspect
 import json
 import logging
-import os
 import re
 import sys
-import traceback
 import types
 import typing
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pybus import __version__
-from pybus.consumer import check_sizes
+from pybus.apps import UsageError as UsageError  # raised by the commands: exit code 2
+from pybus.apps import build_dispatcher, find_app, relative
+from pybus.apps import load_dispatcher as load_dispatcher
 from pybus.dispatcher import Dispatcher
 from pybus.errors import ImproperlyConfigured, Kind, PyBusError, TransportError, key_name
 from pybus.routes import Route, message_flow, registrations, routes
@@ -43,119 +42,13 @@ if TYPE_CHECKING:
     from pybus.redis_streams import RedisTransport
 
 
-class UsageError(Exception):
-    """A mistake on the command line: reported on stderr, exit code 2."""
-
-
-def load_dispatcher(path: str) -> Dispatcher:
-    """Import `module:attribute` and return the Dispatcher it names (calling a factory).
-
-    `module` may also be a file path below the working directory (`app/bus.py`), and
-    `:attribute` may be left out when the module holds exactly one Dispatcher.
-    """
-    module_name, sep, attribute = path.partition(":")
-    if not module_name or (sep and not attribute):
-        raise UsageError(f"{path!r} is not an import path; write module:attribute, as in app.bus:dp")
-    module_name = _module_of(module_name)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` would: the app is usually beside us
-    module = _import(module_name)
-    if not attribute:
-        attribute = _the_dispatcher(module, module_name)
-    target: Any = module
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise UsageError(f"{module_name!r} has no attribute {attribute!r}") from None
-    if callable(target) and not isinstance(target, Dispatcher):
-        try:
-            target = target()
-        except (Exception, SystemExit) as exc:
-            raise UsageError(f"Calling {path} to build the dispatcher failed: {_cause(exc)}") from exc
-    if not isinstance(target, Dispatcher):
-        raise UsageError(
-            f"{path} is a {type(target).__name__}, not a pybus Dispatcher (or a callable returning one)"
-        )
-    return target
-
-
-def _module_of(name: str) -> str:
-    """The module name of `name`, which may be a file path below the working directory."""
-    if not name.endswith(".py") and os.sep not in name and "/" not in name:
-        return name
-    path = os.path.abspath(name)
-    here = os.getcwd()
-    inside = path.startswith(here + os.sep) and path.endswith(".py")
-    dotted = os.path.relpath(path, here).removesuffix(".py").replace(os.sep, ".") if inside else ""
-    if not inside or not all(part.isidentifier() for part in dotted.split(".")):
-        raise UsageError(
-            f"{name!r} is a file path that is not a module below this folder; run the command from "
-            "your project's folder and write module:attribute, as in app.bus:dp"
-        )
-    return dotted.removesuffix(".__init__")
-
-
-def _the_dispatcher(module: Any, module_name: str) -> str:
-    """The name of the one Dispatcher defined in `module` (when `:attribute` is left out)."""
-    found: list[str] = sorted(name for name, value in vars(module).items() if isinstance(value, Dispatcher))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise UsageError(
-            f"{module_name!r} holds no Dispatcher; name the one to use (or a function that builds it) "
-            f"as {module_name}:attribute"
-        )
-    raise UsageError(
-        f"{module_name!r} holds {len(found)} Dispatchers ({', '.join(found)}); name one, as in "
-        f"{module_name}:{found[0]}"
-    )
-
-
-def _import(module_name: str) -> Any:
-    """Import the application's module; any failure becomes one line naming the real cause."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        if missing and (module_name == missing or module_name.startswith(f"{missing}.")):
-            raise UsageError(
-                f"Cannot import {module_name!r}: there is no module {missing!r}; check the module path "
-                "(run the command from your project's folder) and sys.path"
-            ) from exc
-        raise UsageError(
-            f"Importing {module_name!r} failed: it imports {missing!r}, which is not installed "
-            f"({_where(exc)}); install it, or check the import"
-        ) from exc
-    except SyntaxError as exc:
-        raise UsageError(
-            f"Importing {module_name!r} failed: {_relative(f'{exc.filename}:{exc.lineno}')}: "
-            f"SyntaxError: {exc.msg}"
-        ) from exc
-    except SystemExit as exc:
-        raise UsageError(
-            f"Importing {module_name!r} failed: it called sys.exit({exc.code!r}) ({_where(exc)})"
-        ) from exc
-    except Exception as exc:
-        raise UsageError(f"Importing {module_name!r} failed: {_cause(exc)}") from exc
-
-
-def _cause(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())  # one line, whatever the message holds
-    return f"{type(exc).__name__}: {text} ({_where(exc)})"
-
-
-def _where(exc: BaseException) -> str:
-    """Where `exc` was raised: file:line of the innermost frame of the application's own
-    code (not importlib's, nor a frozen stdlib module's)."""
-    frames = [
-        frame
-        for frame in traceback.extract_tb(exc.__traceback__)
-        if "importlib" not in frame.filename and not frame.filename.startswith("<")
-    ]
-    if not frames:
-        return "location unknown"
-    return f"at {_relative(f'{frames[-1].filename}:{frames[-1].lineno}')}"
+def load_app(path: str) -> tuple[str, Dispatcher]:
+    """Import `module:attribute` (see `pybus.apps`); return it as `module:attribute` (the
+    module's name, and the attribute found when it was left out) and the Dispatcher it names,
+    calling a factory. Raises `UsageError` naming what to type instead."""
+    app = find_app(path)
+    found = f"{app.module}:{app.attribute}"
+    return found, build_dispatcher(found, app.target)
 
 
 # -- routes ---------------------------------------------------------------------
@@ -175,7 +68,7 @@ def format_routes(found: list[Route]) -> str:
                 route.kind,
                 route.key,
                 route.handler,
-                _relative(route.location),
+                relative(route.location),
                 ", ".join(f"{name}={value}" for name, value in route.injected.items()) or "-",
                 "-" if route.timeout is None else f"{route.timeout:g} s",
                 "-" if route.retry is None else route.retry.removeprefix("Retry(")[:-1].replace(", ", ","),
@@ -193,13 +86,6 @@ def format_routes(found: list[Route]) -> str:
             "?: output not fully known (no return annotation, or collected events not declared with emits=)"
         )
     return "\n".join(lines)
-
-
-def _relative(location: str) -> str:
-    path, _, line = location.rpartition(":")
-    if path and os.path.isabs(path) and path.startswith(os.getcwd() + os.sep):
-        return f"{os.path.relpath(path)}:{line}"
-    return location
 
 
 def _routes(args: argparse.Namespace) -> int:
@@ -595,20 +481,22 @@ def _exec(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    dp = load_dispatcher(args.app)
+    _check_worker_options(args)  # before anything is imported, started or printed
+    app, dp = load_app(args.app)
     if dp.transport is None:
-        raise UsageError(
-            f"{args.app} has no transport: build it with Dispatcher(transport=...) and dp.route(...)"
-        )
-    try:
-        check_sizes(args.concurrency, args.prefetch, args.max_deliveries, args.wait)
-    except ImproperlyConfigured as exc:
-        raise UsageError(str(exc)) from exc
+        raise UsageError(f"{app} has no transport: build it with Dispatcher(transport=...) and dp.route(...)")
+    services = [type(service).__name__ for service in dp._services]  # pybus's own CLI: it may look
+    consumed = sorted(name for key, name in dp.routes.items() if _handled_here(dp, key))
+    if not consumed and not services:
+        raise UsageError(_nothing_to_consume(app, dp))
     if args.log_level is not None:
-        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        handler = logging.StreamHandler()
+        handler.setFormatter(_LogFormatter())
+        logging.basicConfig(level=args.log_level, handlers=[handler])
     names = ", ".join(sorted(dp.routes.values())) or "none"
+    also = f", services {', '.join(services)}" if services else ""
     print(
-        f"pybus {__version__} worker: {args.app} on {type(dp.transport).__name__}, routes {names}; "
+        f"pybus {__version__} worker: {app} on {type(dp.transport).__name__}, routes {names}{also}; "
         f"concurrency {args.concurrency}, prefetch {args.prefetch}, max deliveries {args.max_deliveries}",
         file=sys.stderr,
         flush=True,
@@ -623,7 +511,7 @@ def _worker(args: argparse.Namespace) -> int:
                 wait=args.wait,
             )
         )
-    except ImproperlyConfigured as exc:  # e.g. --prefetch 0
+    except ImproperlyConfigured as exc:  # found at start(), e.g. two routes with one name
         raise UsageError(str(exc)) from exc
     except TransportError as exc:  # the consumer stopped on its own
         print(f"pybus: worker stopped: {exc}", file=sys.stderr)
@@ -631,6 +519,62 @@ def _worker(args: argparse.Namespace) -> int:
     if unhandled:
         print(f"pybus: stopped; {unhandled} message(s) left for other workers", file=sys.stderr)
     return 0
+
+
+def _check_worker_options(args: argparse.Namespace) -> None:
+    """Refuse worker options that cannot work, naming the option as it is typed."""
+    for option, value in (
+        ("--concurrency", args.concurrency),
+        ("--prefetch", args.prefetch),
+        ("--max-deliveries", args.max_deliveries),
+    ):
+        if value < 1:
+            raise UsageError(f"{option} must be a whole number >= 1, not {value}")
+    if not args.wait > 0:  # NaN too
+        raise UsageError(f"--wait must be a number of seconds > 0, not {args.wait:g}")
+    if not args.drain_timeout >= 0:
+        raise UsageError(
+            f"--drain-timeout must be a number of seconds >= 0 (inf: no limit), not {args.drain_timeout:g}"
+        )
+
+
+def _handled_here(dp: Dispatcher, key: object) -> bool:
+    """Whether a routed `key` has a handler in `dp` (for a class, one of its bases may have it)."""
+    if dp.registered_kind(key) is not None:
+        return True
+    return isinstance(key, type) and any(base in dp.events for base in key.__mro__)
+
+
+def _nothing_to_consume(app: str, dp: Dispatcher) -> str:
+    """Why a worker of `dp` would wait forever doing nothing, and what to do."""
+    if not dp.routes:
+        return (
+            f"{app} routes no messages, so a worker would read nothing: route each message the "
+            "worker handles with dp.route(Key) (its handlers registered in this dispatcher as usual), "
+            "or run a service beside it with dp.add_service(...); see the transports guide "
+            "(docs/transports.md)"
+        )
+    names = ", ".join(sorted(dp.routes.values()))
+    return (
+        f"{app} routes {names}, but has no handler for any of them, so a worker would read nothing: "
+        "register the handlers of the messages it should consume in this dispatcher (a process that "
+        "only sends them needs no worker)"
+    )
+
+
+class _LogFormatter(logging.Formatter):
+    """`time LEVEL logger: message`, without the logger's name when the message starts with it
+    (pybus's own records read "pybus: ..." by themselves)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._named = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        if message.startswith(record.name) and message[len(record.name) : len(record.name) + 1] in (":", " "):
+            return self._named.formatMessage(record)
+        return super().formatMessage(record)
 
 
 # -- dead letters -----------------------------------------------------------------

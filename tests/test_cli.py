@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,7 +21,17 @@ import pytest
 
 import pybus as pybus_package
 from pybus import Dispatcher, Event, Singleton
-from pybus.cli import UsageError, build_message, find_message, format_routes, load_dispatcher, main, to_json
+from pybus.cli import (
+    UsageError,
+    _LogFormatter,
+    build_message,
+    find_message,
+    format_routes,
+    load_app,
+    load_dispatcher,
+    main,
+    to_json,
+)
 from pybus.routes import message_flow, routes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +141,12 @@ def test_exec_a_command_and_a_query() -> None:
 @pytest.mark.parametrize(
     ("args", "code", "error"),
     [
-        (("routes", "examples.orders"), 2, "'examples.orders' holds no Dispatcher; name the one to use"),
+        (
+            ("routes", "examples.outbox_worker"),
+            2,
+            "'examples.outbox_worker' holds no Dispatcher but 2 functions that return one (create_producer, "
+            "create_worker); name one, as in examples.outbox_worker:create_producer",
+        ),
         (("routes", "examples.nowhere:app"), 2, "Cannot import 'examples.nowhere'"),
         (("routes", "examples.orders:nothing"), 2, "'examples.orders' has no attribute 'nothing'"),
         (
@@ -351,7 +369,7 @@ def test_routes_show_transport_routes_also_without_a_local_handler() -> None:
 def test_worker_sizes_that_cannot_work_are_a_command_line_error() -> None:
     result = pybus("worker", "examples.redis_worker:create_worker", "--concurrency", "2", "--prefetch", "0")
     assert result.returncode == 2
-    assert result.stderr == "pybus: error: prefetch must be a whole number >= 1, not 0\n"
+    assert result.stderr == "pybus: error: --prefetch must be a whole number >= 1, not 0\n"
 
 
 @pytest.mark.parametrize(
@@ -393,10 +411,10 @@ def test_a_dispatcher_factory_that_raises_is_one_clear_line(
 def test_worker_takes_max_deliveries_and_wait() -> None:
     result = pybus("worker", "examples.redis_worker:create_worker", "--max-deliveries", "0")
     assert result.returncode == 2
-    assert result.stderr == "pybus: error: max_deliveries must be a whole number >= 1, not 0\n"
+    assert result.stderr == "pybus: error: --max-deliveries must be a whole number >= 1, not 0\n"
     result = pybus("worker", "examples.redis_worker:create_worker", "--wait", "0")
     assert result.returncode == 2
-    assert result.stderr == "pybus: error: wait must be a number of seconds > 0, not 0.0\n"
+    assert result.stderr == "pybus: error: --wait must be a number of seconds > 0, not 0\n"
 
 
 @pytest.mark.parametrize(
@@ -443,7 +461,7 @@ def test_a_file_path_and_a_module_with_one_dispatcher_need_no_attribute(
         load_dispatcher("shop/two.py")
     with pytest.raises(UsageError, match=r"'shop\.none' holds no Dispatcher"):
         load_dispatcher("shop.none")
-    with pytest.raises(UsageError, match="is a file path that is not a module below this folder"):
+    with pytest.raises(UsageError, match="is not below this folder"):
         load_dispatcher(str(ROOT / "examples" / "orders.py"))
 
 
@@ -466,3 +484,312 @@ def test_worker_prints_its_start_line_and_takes_a_log_level(redis_url: str) -> N
     assert "RedisTransport, routes " in line
     assert "concurrency 4, prefetch 100, max deliveries 5" in line
     assert " DEBUG " in rest  # the level given reached the root logger
+
+
+# -- finding the app: factories, aliases, file paths (issue #16's review) -----------------
+
+
+def write_module(folder: Path, name: str, source: str) -> None:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty project folder, the working directory and first on sys.path; modules written
+    there are forgotten afterwards."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = set(sys.modules)
+    yield tmp_path
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def test_the_issues_own_file_path_example_finds_its_factory() -> None:
+    given = pybus("routes", "examples/orders.py")
+    assert (given.returncode, given.stderr) == (0, "")
+    assert given.stdout == pybus("routes", APP).stdout
+    quickstart = pybus("routes", "examples/quickstart.py")  # build() -> Dispatcher
+    assert (quickstart.returncode, quickstart.stderr) == (0, "")
+    assert "examples.quickstart.get_user_name" in quickstart.stdout
+
+
+def test_load_app_names_the_factory_it_found() -> None:
+    # orders.py also has build(mailer) -> Dispatcher, which the command line cannot call.
+    name, dp = load_app("examples/orders.py")
+    assert name == APP
+    assert isinstance(dp, Dispatcher)
+
+
+def test_a_factory_is_found_by_its_annotation_even_when_the_others_do_not_resolve(project: Path) -> None:
+    write_module(project, "lazyapp.py", """\
+        from __future__ import annotations
+
+        from typing import TYPE_CHECKING
+
+        import pybus
+
+        if TYPE_CHECKING:
+            from shop.settings import Settings  # only for type checkers: does not resolve
+
+
+        def make(settings: Settings | None = None) -> pybus.Dispatcher:
+            return pybus.Dispatcher()
+
+
+        def helper() -> int:
+            return 1
+        """)  # fmt: skip
+    assert load_app("lazyapp") [0] == "lazyapp:make"  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [
+        (
+            "from pybus import Dispatcher\n\ndef create_app() -> Dispatcher: ...\n"
+            "def create_worker() -> Dispatcher: ...\n",
+            "'m' holds no Dispatcher but 2 functions that return one (create_app, create_worker); "
+            "name one, as in m:create_app",
+        ),
+        (
+            "from pybus import Dispatcher\n\ndef build(mailer: object) -> Dispatcher: ...\n",
+            "'m' holds no Dispatcher; build(mailer) returns one, but pybus calls a factory without "
+            "arguments: add a function that takes none and builds it, and name it, as in "
+            "m:create_app",
+        ),
+        (
+            "from pybus import Dispatcher\n\ndef build(mailer: object) -> Dispatcher: ...\n"
+            "def create():\n    return build(None)\n",
+            "'m' holds no Dispatcher; build(mailer) returns one, but pybus calls a factory without "
+            "arguments; if create builds it, name it, as in m:create",
+        ),
+        (
+            "def create():\n    ...\ndef build(*parts):\n    ...\ndef make_app() -> int: ...\n",
+            "'m' holds no Dispatcher, nor a function annotated to return one (-> Dispatcher); if one of "
+            "create, build builds it, name it, as in m:create",
+        ),
+        (
+            "from pybus import Dispatcher\n\nasync def create_app() -> Dispatcher: ...\n",
+            "'m' holds no Dispatcher, nor a function annotated to return one (-> Dispatcher); name the one "
+            "to use (or a function that builds it) as m:attribute",
+        ),
+    ],
+    ids=["two-factories", "factory-with-arguments", "unannotated-guess", "guesses", "async-factory"],
+)
+def test_a_module_without_a_dispatcher_is_refused_with_the_attribute_to_type(
+    project: Path, source: str, error: str
+) -> None:
+    write_module(project, "m.py", source)
+    with pytest.raises(UsageError) as info:
+        load_dispatcher("m")
+    assert str(info.value) == error
+
+
+def test_a_dispatcher_made_at_import_wins_over_a_factory(project: Path) -> None:
+    write_module(project, "both.py", """\
+        from pybus import Dispatcher
+
+        dp = Dispatcher()
+
+
+        def create_app() -> Dispatcher:
+            return Dispatcher()
+        """)  # fmt: skip
+    import both  # type: ignore[import-not-found]
+
+    assert load_app("both") == ("both:dp", both.dp)
+
+
+def test_one_dispatcher_under_two_names_is_one_dispatcher(project: Path) -> None:
+    write_module(project, "two/alias.py", "from pybus import Dispatcher\ndp = Dispatcher()\nbus = dp\n")
+    write_module(
+        project, "two/three.py", "from pybus import Dispatcher\na = Dispatcher()\nc = b = Dispatcher()\n"
+    )
+    name, dp = load_app("two/alias.py")
+    assert (name, dp) == ("two.alias:bus", sys.modules["two.alias"].dp)
+    with pytest.raises(UsageError) as info:
+        load_dispatcher("two/three.py")
+    assert str(info.value) == "'two.three' holds 2 Dispatchers (a, b = c); name one, as in two.three:a"
+
+
+def test_a_file_path_without_py_names_the_module_or_the_package(project: Path) -> None:
+    write_module(project, "store/__init__.py", "from pybus import Dispatcher\nroot = Dispatcher()\n")
+    write_module(project, "store/bus.py", "from pybus import Dispatcher\nbus = Dispatcher()\n")
+    assert load_app("store/bus")[0] == "store.bus:bus"
+    assert load_app("store/bus:bus")[0] == "store.bus:bus"
+    assert load_app("store/")[0] == "store:root"
+    with pytest.raises(UsageError) as info:
+        load_dispatcher("store/nothere")
+    assert str(info.value) == (
+        f"'store/nothere' names no module: there is neither store/nothere.py nor a package "
+        f"store/nothere/__init__.py in {project}; write the module's file (app/bus.py) or its name (app.bus)"
+    )
+
+
+def test_a_file_outside_the_folder_is_refused_with_where_to_run_from(project: Path) -> None:
+    elsewhere = str(ROOT / "examples" / "orders.py")
+    with pytest.raises(UsageError) as info:
+        load_dispatcher(f"{elsewhere}:create_app")
+    assert str(info.value) == (
+        f"'{elsewhere}' is not below this folder ({project}); pybus imports the app as a "
+        f"module, from the folder it runs in: run the command from {ROOT} and pass "
+        f"examples.orders:create_app (or set PYTHONPATH={ROOT} and pass examples.orders:create_app)"
+    )
+    # Without a project file: the folder above the file's outermost package.
+    write_module(project, "other/src/shop/__init__.py", "")
+    write_module(project, "other/src/shop/bus.py", "")
+    (project / "here").mkdir()
+    os.chdir(project / "here")
+    with pytest.raises(UsageError, match=rf"run the command from {project}/other/src and pass shop\.bus \("):
+        load_dispatcher("../other/src/shop/bus.py")
+    # A src layout below a project file: its src folder.
+    (project / "other" / "pyproject.toml").write_text("")
+    with pytest.raises(UsageError, match=rf"run the command from {project}/other/src and pass shop\.bus \("):
+        load_dispatcher("../other/src/shop/bus.py")
+
+
+def test_a_file_whose_path_is_no_module_name_is_refused_with_where_to_run_from(project: Path) -> None:
+    write_module(project, "my-service/pyproject.toml", "")
+    write_module(project, "my-service/bus.py", "")
+    with pytest.raises(UsageError) as info:
+        load_dispatcher("my-service/bus.py")
+    assert str(info.value) == (
+        f"'my-service/bus.py' cannot be imported from this folder ({project}): its path is not a module "
+        f"name; pybus imports the app as a module, from the folder it runs in: run the command from "
+        f"{project}/my-service and pass bus (or set PYTHONPATH={project}/my-service and pass bus)"
+    )
+
+
+# -- worker: what it refuses before it starts ---------------------------------------------
+
+
+NO_ROUTES = """\
+    from dataclasses import dataclass
+
+    from pybus import Dispatcher, Event
+    from pybus.transport import InMemoryTransport
+
+
+    @dataclass
+    class Shipped(Event):
+        order_id: int
+
+
+    def create() -> Dispatcher:
+        return Dispatcher(transport=InMemoryTransport())
+
+
+    def sender() -> Dispatcher:
+        dp = Dispatcher(transport=InMemoryTransport())
+        dp.route(Shipped, name="orders.shipped")
+        return dp
+    """
+
+
+def test_a_worker_with_nothing_to_consume_is_refused(tmp_path: Path) -> None:
+    write_module(tmp_path, "noroutes.py", NO_ROUTES)
+
+    def worker(app: str) -> subprocess.CompletedProcess[str]:  # a worker that starts runs until killed
+        return subprocess.run(
+            [str(SCRIPT), "worker", app], capture_output=True, text=True, cwd=tmp_path, timeout=60
+        )
+
+    assert worker("noroutes:create").stderr == (
+        "pybus: error: noroutes:create routes no messages, so a worker would read nothing: route each "
+        "message the worker handles with dp.route(Key) (its handlers registered in this dispatcher as "
+        "usual), or run a service beside it with dp.add_service(...); see the transports guide "
+        "(docs/transports.md)\n"
+    )
+    refused = worker("noroutes:sender")
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        "pybus: error: noroutes:sender routes orders.shipped, but has no handler for any of them, so a "
+        "worker would read nothing: register the handlers of the messages it should consume in this "
+        "dispatcher (a process that only sends them needs no worker)\n"
+    )
+
+
+def test_a_worker_runs_a_service_without_routes_and_logs_without_a_doubled_prefix(tmp_path: Path) -> None:
+    write_module(tmp_path, "relayapp.py", """\
+        import asyncio
+        import logging
+
+        from pybus import Dispatcher
+        from pybus.transport import InMemoryTransport
+
+
+        class Relay:  # an outbox relay's shape: sends what others committed, consumes nothing
+            def __init__(self) -> None:
+                self.stopped = asyncio.Event()
+
+            async def run(self) -> None:
+                logging.getLogger("pybus").warning("pybus: the relay runs")
+                logging.getLogger("shop.relay").warning("relay ready")
+                await self.stopped.wait()
+
+            async def stop(self) -> None:
+                self.stopped.set()
+
+
+        def create() -> Dispatcher:
+            dp = Dispatcher(transport=InMemoryTransport())
+            dp.add_service(Relay())
+            return dp
+        """)  # fmt: skip
+    worker = subprocess.Popen(
+        [str(SCRIPT), "worker", "relayapp:create", "--log-level", "warning"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stderr is not None
+        lines = [worker.stderr.readline() for _ in range(3)]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=30)
+    assert worker.returncode == 0
+    assert lines[0] == (
+        f"pybus {pybus_package.__version__} worker: relayapp:create on InMemoryTransport, routes none, "
+        "services Relay; concurrency 4, prefetch 100, max deliveries 5\n"
+    )
+    assert re.fullmatch(r"\S+ \S+ WARNING pybus: the relay runs\n", lines[1]), lines[1]
+    assert re.fullmatch(r"\S+ \S+ WARNING shop.relay: relay ready\n", lines[2]), lines[2]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("--concurrency", "0", "--concurrency must be a whole number >= 1, not 0"),
+        ("--prefetch", "-3", "--prefetch must be a whole number >= 1, not -3"),
+        ("--max-deliveries", "0", "--max-deliveries must be a whole number >= 1, not 0"),
+        ("--wait", "nan", "--wait must be a number of seconds > 0, not nan"),
+        ("--drain-timeout", "-1", "--drain-timeout must be a number of seconds >= 0 (inf: no limit), not -1"),
+    ],
+)
+def test_worker_options_are_refused_by_their_flag_before_the_start_line(
+    project: Path, option: str, value: str, error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_module(project, "noroutes.py", NO_ROUTES)
+    with pytest.raises(SystemExit) as info:
+        main(["worker", "noroutes:create", option, value])  # the app would be refused too: later
+    assert info.value.code == 2
+    assert capsys.readouterr() == ("", f"pybus: error: {error}\n")
+    assert "noroutes" not in sys.modules  # refused before the app was imported
+
+
+def test_the_log_format_drops_a_logger_name_the_message_repeats() -> None:
+    formatter = _LogFormatter()
+
+    def line(name: str, message: str) -> str:
+        record = logging.LogRecord(name, logging.WARNING, __file__, 1, message, None, None)
+        return formatter.format(record).split(" ", 2)[2]  # after the date and time
+
+    assert (
+        line("pybus", "pybus: Redis runs with appendonly no")
+        == "WARNING pybus: Redis runs with appendonly no"
+    )
+    assert line("pybus.otel", "pybus.otel could not end a span") == "WARNING pybus.otel could not end a span"
+    assert line("shop", "order placed") == "WARNING shop: order placed"
+    assert line("pybus", "pybusy: not the name") == "WARNING pybus: pybusy: not the name"

@@ -203,8 +203,11 @@ def test_without_an_asyncio_runner_the_fixture_says_what_to_install(tmp_path: Pa
 def test_pybus_app_errors_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pybus.pytest_plugin import _app_factory
 
-    with pytest.raises(pytest.UsageError, match=re.escape("'examples.orders' holds no Dispatcher")):
-        _app_factory("examples.orders")
+    with pytest.raises(
+        pytest.UsageError, match=re.escape("'examples.outbox_worker' holds no Dispatcher but 2")
+    ):
+        _app_factory("examples.outbox_worker")
+    assert _app_factory("examples.orders")() is not None  # its one factory, create_app
     with pytest.raises(pytest.UsageError, match=re.escape("Cannot import 'examples.nowhere'")):
         _app_factory("examples.nowhere:create_app")
     with pytest.raises(pytest.UsageError, match=re.escape("'examples.orders' has no attribute 'nothing'")):
