@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import enum
 import inspect
 import json
 import logging
@@ -251,9 +252,11 @@ def _dataclass_arguments(
     default is required. Types come from the resolved annotations and are checked for the types
     JSON can carry: bool, int, float (an int is accepted and made a float), str, None, list and
     list[X], dict and dict[str, X], unions (Optional), Literal, Any and nested dataclasses (built
-    from their JSON object, checked the same way). Any other annotation (tuple, set, enum,
-    datetime, a class) is not checked: the value is passed as JSON decoded it. When the
-    annotations do not resolve, no type is checked.
+    from their JSON object, checked the same way); and built from JSON: tuple, set and frozenset
+    (from an array, items checked), an Enum (from a member's value), datetime, date and time
+    (from ISO 8601 text), UUID and Decimal (see `_from_json_scalar`). Any other annotation
+    (timedelta, Sequence[X], a class) is not checked: the value is passed as JSON decoded it.
+    When the annotations do not resolve, no type is checked.
     """
     fields = _constructor_fields(cls)
     if fields is None:  # **kwargs, or no signature: the constructor judges
@@ -315,6 +318,10 @@ def _fitted(value: Any, annotation: Any, where: str, problems: list[tuple[str, s
         fits = isinstance(value, dict)
         if fits and len(args) == 2:
             value = {key: _fitted(item, args[1], f"{where}.{key}", problems) for key, item in value.items()}
+    elif annotation in (tuple, set, frozenset) or origin in (tuple, set, frozenset):
+        fits = isinstance(value, list)
+        if fits:
+            return _collection(value, annotation, where, problems)
     elif origin is typing.Union or origin is types.UnionType:
         members = [member for member in args if member is not type(None)] if value is not None else args
         for member in members:
@@ -338,11 +345,107 @@ def _fitted(value: Any, annotation: Any, where: str, problems: list[tuple[str, s
                     return annotation(**nested)
                 except Exception as exc:
                     problems.append((where, f"cannot build {key_name(annotation)}: {exc}"))
-    else:  # not checked (Any, or a type JSON does not carry): passed as decoded
-        return value
+    else:
+        built = _from_json_scalar(value, annotation)
+        if built is None:  # not checked (Any, or a class pybus does not build): passed as decoded
+            return value
+        fits, value = built
     if not fits:
-        problems.append((where, f"expected {_type_text(annotation)}, got {_shown(value)}"))
+        problems.append((where, f"expected {_type_text(annotation)}{_hint(annotation)}, got {_shown(value)}"))
     return value
+
+
+def _collection(value: list[Any], annotation: Any, where: str, problems: list[tuple[str, str]]) -> Any:
+    """A tuple, set or frozenset (of the annotated items) from a JSON array."""
+    built, args = typing.get_origin(annotation) or annotation, typing.get_args(annotation)
+    before = len(problems)
+    if built is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):  # tuple[int, str]
+        if len(value) != len(args):
+            problems.append(
+                (where, f"expected {_type_text(annotation)} ({len(args)} items), got {_shown(value)}")
+            )
+            return value
+        items = [
+            _fitted(item, arg, f"{where}[{at}]", problems)
+            for at, (item, arg) in enumerate(zip(value, args, strict=True))
+        ]
+    else:  # tuple[int, ...], set[int], frozenset[int], or bare
+        inner = args[0] if args else Any
+        items = [_fitted(item, inner, f"{where}[{at}]", problems) for at, item in enumerate(value)]
+    if len(problems) > before:  # an item does not fit: that is the problem to report
+        return value
+    try:
+        return built(items)
+    except TypeError as exc:  # items a set cannot hold: set[list[int]], or a bare set of arrays
+        problems.append((where, f"cannot build {_type_text(annotation)}: {exc}"))
+        return value
+
+
+def _from_json_scalar(value: Any, annotation: Any) -> tuple[bool, Any] | None:
+    """(whether `value` fits, the value built) for the classes pybus builds from a JSON string or
+    number: an Enum (from a member's value), datetime, date and time (from ISO 8601 text), UUID
+    and Decimal; None for any other annotation. The standard classes are recognised without
+    importing their modules (a class of a module never imported cannot be the annotation)."""
+    if not isinstance(annotation, type):
+        return None
+    if issubclass(annotation, enum.Enum):
+        if isinstance(value, bool) and not any(isinstance(member.value, bool) for member in annotation):
+            return False, value  # true is not 1 here, as for an int field
+        try:
+            return True, annotation(value)
+        except Exception:  # ValueError, or TypeError for an array
+            return False, value
+    built: Any = annotation  # one of the classes below, called as itself
+    named = (annotation.__module__, annotation.__qualname__)
+    if named in (("datetime", "datetime"), ("datetime", "date"), ("datetime", "time")):
+        if not isinstance(value, str):
+            return False, value
+        try:
+            return True, built.fromisoformat(value)
+        except ValueError:
+            return False, value
+    if named == ("uuid", "UUID"):
+        if not isinstance(value, str):
+            return False, value
+        try:
+            return True, built(value)
+        except ValueError:
+            return False, value
+    if named == ("decimal", "Decimal"):
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            return False, value
+        try:
+            # A JSON number as Python prints it (12.50 -> "12.5"), not the binary float's digits.
+            number = built(repr(value) if isinstance(value, float) else value)
+        except (ArithmeticError, ValueError):  # decimal.InvalidOperation is an ArithmeticError
+            return False, value
+        return (True, number) if number.is_finite() else (False, value)
+    return None
+
+
+#: What a value of these classes is written as, in a field error.
+_WRITTEN_AS = {
+    ("datetime", "datetime"): ' (ISO 8601, as in "2024-05-17T09:30:00+00:00")',
+    ("datetime", "date"): ' (ISO 8601, as in "2024-05-17")',
+    ("datetime", "time"): ' (ISO 8601, as in "09:30:00")',
+    ("uuid", "UUID"): ' (as in "1b4e28ba-2fa1-11d2-883f-0016d3cca427")',
+    ("decimal", "Decimal"): ' (a number, or a string as in "12.50")',
+}
+
+
+def _hint(annotation: Any) -> str:
+    """How a value of `annotation` is written, when its name does not say it: an Enum's values,
+    an ISO 8601 example; "" for the others. `X | None` gets the hint of X."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [member for member in typing.get_args(annotation) if member is not type(None)]
+        return _hint(members[0]) if len(members) == 1 else ""
+    if not isinstance(annotation, type):
+        return ""
+    if issubclass(annotation, enum.Enum):
+        values = [json.dumps(member.value, default=repr) for member in annotation]
+        shown = ", ".join(values[:8]) + (f", ... ({len(values)} values)" if len(values) > 8 else "")
+        return f" (one of {shown})"
+    return _WRITTEN_AS.get((annotation.__module__, annotation.__qualname__), "")
 
 
 def _misfit(key: type, problems: list[tuple[str, str]]) -> UsageError:

@@ -7,11 +7,15 @@ expects, and the handler is never called. Good input still reaches the handler.
 
 from __future__ import annotations
 
+import datetime
+import enum
 import html.parser
 import subprocess
 import sys
 import types
+import uuid
 from dataclasses import InitVar, dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -246,11 +250,10 @@ def test_a_dataclass_is_built_with_its_nested_dataclasses_and_numbers() -> None:
     shipment = build_message(
         Shipment,
         {"order_id": 1, "weight": 2, "rush": True, "carrier": "courier", "label": None, "tags": {"a": 1},
-         "address": {"sku": "b"}, "parts": [1, "x"], "extra": {"any": ["thing"]}, "scale": 3},
+         "address": {"sku": "b"}, "parts": [1, 2], "extra": {"any": ["thing"]}, "scale": 3},
     )  # fmt: skip
-    parts: Any = [1, "x"]  # a tuple field is not checked: the list arrives as it is
     assert shipment == Shipment(
-        1, 6.0, True, "courier", None, {"a": 1}, DcLine("b"), parts, {"any": ["thing"]}
+        1, 6.0, True, "courier", None, {"a": 1}, DcLine("b"), (1, 2), {"any": ["thing"]}
     )
     assert isinstance(shipment, Shipment)
     assert isinstance(shipment.weight, float)
@@ -271,6 +274,8 @@ def test_a_dataclass_is_built_with_its_nested_dataclasses_and_numbers() -> None:
         ({"order_id": 1, "address": {"qty": 2}}, "address.sku: required field missing (expected str)"),
         ({"order_id": 1, "address": "b"}, 'address: expected DcLine | None, got "b"'),
         ({"order_id": 1, "scale": "2"}, 'scale: expected int, got "2"'),
+        ({"order_id": 1, "parts": [1, "x"]}, 'parts[1]: expected int, got "x"'),
+        ({"order_id": 1, "parts": "12"}, 'parts: expected tuple[int, ...], got "12"'),
     ],
 )
 def test_what_a_dataclass_field_is_checked_for(arguments: dict[str, object], problem: str) -> None:
@@ -465,3 +470,145 @@ def test_the_cli_page_tables_render_without_stray_backslashes() -> None:
     parser.feed(page)
     assert any("pybus graph APP" in cell for cell in parser.cells)
     assert [cell for cell in parser.cells if "\\" in cell] == []
+
+
+# -- enums, dates and times, UUID, Decimal, tuples and sets ---------------------------------
+
+
+class Color(enum.Enum):
+    RED = "red"
+    GREEN = "green"
+
+
+class Size(enum.IntEnum):
+    SMALL = 1
+    LARGE = 2
+
+
+@dataclass(frozen=True)
+class Paint:
+    color: Color
+    when: datetime.date
+
+
+@dataclass
+class Everything:
+    color: Color
+    size: Size
+    at: datetime.datetime
+    opens: datetime.time
+    ref: uuid.UUID
+    price: Decimal
+    pair: tuple[int, str]
+    tags: set[str]
+    codes: frozenset[int]
+    shade: Optional[Color] = None  # noqa: UP045  # the typing spelling is read too
+    days: list[datetime.date] | None = None
+
+
+GOOD = {
+    "color": "red", "size": 2, "at": "2024-05-17T09:30:00+02:00", "opens": "09:30", "price": 12.50,
+    "ref": "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "pair": [1, "a"], "tags": ["x", "y", "x"],
+    "codes": [3], "shade": "green", "days": ["2024-05-17", "2024-05-18"],
+}  # fmt: skip
+AS_IN = '(ISO 8601, as in "2024-05-17T09:30:00+00:00")'
+
+
+def test_enums_dates_uuids_decimals_and_collections_are_built_from_json() -> None:
+    built = build_message(Everything, GOOD)
+    assert built == Everything(
+        Color.RED,
+        Size.LARGE,
+        datetime.datetime(2024, 5, 17, 9, 30, tzinfo=datetime.timezone(datetime.timedelta(hours=2))),
+        datetime.time(9, 30),
+        uuid.UUID("1b4e28ba-2fa1-11d2-883f-0016d3cca427"),
+        Decimal("12.5"),
+        (1, "a"),
+        {"x", "y"},
+        frozenset({3}),
+        Color.GREEN,
+        [datetime.date(2024, 5, 17), datetime.date(2024, 5, 18)],
+    )
+    assert isinstance(built, Everything)
+    written = build_message(Everything, {**GOOD, "price": "12.50", "shade": None, "days": None})
+    assert isinstance(written, Everything)
+    assert str(written.price) == "12.50"  # a string keeps its digits
+    assert (written.shade, written.days) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("changed", "problem"),
+    [
+        ({"color": "blue"}, 'color: expected Color (one of "red", "green"), got "blue"'),
+        ({"color": "RED"}, 'color: expected Color (one of "red", "green"), got "RED"'),  # values, not names
+        ({"size": True}, "size: expected Size (one of 1, 2), got true"),
+        ({"size": "1"}, 'size: expected Size (one of 1, 2), got "1"'),
+        ({"at": "tomorrow"}, f'at: expected datetime {AS_IN}, got "tomorrow"'),
+        ({"at": 1715930000}, f"at: expected datetime {AS_IN}, got 1715930000"),
+        ({"opens": "25:00"}, 'opens: expected time (ISO 8601, as in "09:30:00"), got "25:00"'),
+        ({"ref": "1234"}, 'ref: expected UUID (as in "1b4e28ba-2fa1-11d2-883f-0016d3cca427"), got "1234"'),
+        ({"price": "12,50"}, 'price: expected Decimal (a number, or a string as in "12.50"), got "12,50"'),
+        ({"price": "NaN"}, 'price: expected Decimal (a number, or a string as in "12.50"), got "NaN"'),
+        ({"price": True}, 'price: expected Decimal (a number, or a string as in "12.50"), got true'),
+        ({"pair": [1]}, "pair: expected tuple[int, str] (2 items), got [1]"),
+        ({"pair": ["1", "a"]}, 'pair[0]: expected int, got "1"'),
+        ({"tags": "x"}, 'tags: expected set[str], got "x"'),
+        ({"tags": [["x"]]}, 'tags[0]: expected str, got ["x"]'),
+        ({"codes": [1, "2"]}, 'codes[1]: expected int, got "2"'),
+        ({"shade": "blue"}, 'shade: expected Color | None (one of "red", "green"), got "blue"'),
+        ({"days": ["2024-05-17", "17/05/2024"]},
+         'days[1]: expected date (ISO 8601, as in "2024-05-17"), got "17/05/2024"'),
+    ],
+)  # fmt: skip
+def test_what_a_field_of_these_types_is_checked_for(changed: dict[str, object], problem: str) -> None:
+    with pytest.raises(UsageError) as info:
+        build_message(Everything, {**GOOD, **changed})
+    assert str(info.value).splitlines()[:3] == ["The arguments do not fit Everything:", f"  {problem}", (
+        "Everything takes a JSON object with color: Color, size: Size, at: datetime, opens: time, "
+        "ref: UUID, price: Decimal, pair: tuple[int, str], tags: set[str], codes: frozenset[int], "
+        "shade: Color | None (optional), days: list[date] | None (optional); fix the JSON and run again"
+    )]  # fmt: skip
+
+
+def test_a_set_of_unhashable_items_is_refused() -> None:
+    @dataclass
+    class Loose:
+        seen: set  # type: ignore[type-arg]  # bare: any items
+
+    assert build_message(Loose, {"seen": [1, "a"]}) == Loose({1, "a"})
+    with pytest.raises(UsageError) as info:
+        build_message(Loose, {"seen": [[1]]})
+    assert str(info.value).splitlines()[1] == "  seen: cannot build set: unhashable type: 'list'"
+
+
+def test_an_enum_and_a_date_that_do_not_fit_dispatch_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    painted: list[Paint] = []
+
+    def create() -> Dispatcher:
+        dp = Dispatcher()
+
+        async def paint(cmd: Paint) -> str:
+            painted.append(cmd)
+            return f"{cmd.color.value} on {cmd.when.isoformat()}"
+
+        dp.commands.bind(Paint, paint)
+        return dp
+
+    module = types.ModuleType("paint_app")
+    module.create = create  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "paint_app", module)
+    with pytest.raises(SystemExit) as info:
+        main(["exec", "paint_app:create", "Paint", '{"color": "blue", "when": 5}'])
+    assert info.value.code == 2
+    assert capsys.readouterr() == ("", (
+        "pybus: error: The arguments do not fit Paint:\n"
+        '  color: expected Color (one of "red", "green"), got "blue"\n'
+        '  when: expected date (ISO 8601, as in "2024-05-17"), got 5\n'
+        "Paint takes a JSON object with color: Color, when: date; fix the JSON and run again\n"
+    ))  # fmt: skip
+    assert painted == []
+    assert main(["exec", "paint_app:create", "Paint", '{"color": "red", "when": "2024-05-17"}']) == 0
+    assert capsys.readouterr().out == '"red on 2024-05-17"\n'
+    assert painted == [Paint(Color.RED, datetime.date(2024, 5, 17))]
