@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Callable, Coroutine, Mapping
 from inspect import isawaitable
 from itertools import chain
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from pybus.context import (
     Delivery,
@@ -131,6 +131,9 @@ class EventEngine(_Engine):
         self.closed = False
         # Resolved along the MRO once; classes first seen later are added by _resolve.
         self._plans: dict[object, tuple[CallPlan, ...]] = {}
+        # Every plan ever in a fast table, by its invoke: the failures of the fast loops are
+        # noted from it (it only grows: override_handler adds the overrides' plans).
+        self._plan_by_invoke: dict[Callable[[Any], Any], CallPlan] = {}
         # Keys whose handlers are all plain async callables, run by publish's fast loop.
         # `_fast` is what publish reads: the same table, or empty while observed.
         # The entry is the handler's invoke when there is one handler, else a tuple of them.
@@ -177,6 +180,8 @@ class EventEngine(_Engine):
 
     def _remember(self, key: object, plans: tuple[CallPlan, ...]) -> tuple[CallPlan, ...]:
         self._plans[key] = plans
+        for plan in plans:
+            self._plan_by_invoke[plan.invoke] = plan
         if (
             plans
             and not self._concurrent
@@ -446,9 +451,11 @@ class EventEngine(_Engine):
         return _annotate(exc, self._plan_of(event, invoke), event)
 
     def _plan_of(self, event: object, invoke: Callable[[Any], Any]) -> CallPlan:
-        """The plan whose invoke the fast table holds (the same function registered for a
-        class and its base appears twice; either plan names the same handler)."""
-        return next(plan for plan in self._plans[event.__class__] if plan.invoke is invoke)
+        """The plan whose invoke the fast table held when the handling began (the same
+        function registered for a class and its base appears twice; either plan names the
+        same handler). Kept apart from `_plans`, which `override_handler` rebuilds while
+        handlings it began may still be running."""
+        return self._plan_by_invoke[invoke]
 
     async def _fan_out_instrumented(
         self,
@@ -716,18 +723,15 @@ class RequestEngine(_Engine):
 
         Past `timeout` seconds (follow-ups included) the handling is cancelled
         and `TimeoutError` raised. Nothing runs, and nothing is raised, until the
-        returned coroutine is awaited.
+        returned coroutine is awaited; for a handler handed over (`CallPlan.direct`),
+        the coroutine is the handler's own, taken from the table as it is now.
         """
         if timeout is None:
             invoke = self._direct.get(message.__class__)
             if invoke is not None:
                 # The handler's own coroutine: it returns None, so there is no follow-up
-                # to publish and nothing to wrap (`CallPlan.direct`). What the call raises
-                # (a Factory's failure) is raised when awaited, as on every other path.
-                try:
-                    return invoke(message)
-                except Exception as exc:
-                    return _raising(exc)
+                # to publish and nothing to wrap (`CallPlan.direct`).
+                return invoke(message)
         return self._handle_async(message, timeout)
 
     async def _handle_async(self, message: object, timeout: float | None = None) -> Any:
@@ -905,10 +909,6 @@ class RequestEngine(_Engine):
             f"{len(failures)} follow-up event handler(s) failed",
             failures,
         )
-
-
-async def _raising(exc: Exception) -> NoReturn:
-    raise exc
 
 
 def _late(kind: Kind, message: object, seconds: float) -> str:

@@ -48,9 +48,11 @@ Made = tuple[str, Factory, Callable[[], Any]]
 
 def in_order(func: Callable[..., Any], names: list[str]) -> bool:
     """Does `func` take exactly (message, *names), every one by position or keyword?
-    Then the values can be passed by position, which costs less than by keyword."""
+    Then the values can be passed by position, which costs less than by keyword. The
+    signature read is the one of what is called: a decorator's wrapper, not the function
+    its `__wrapped__` names (a `wrapper(*args, **kwargs)` may read its values by name)."""
     try:
-        params = list(inspect.signature(func).parameters.values())
+        params = list(inspect.signature(func, follow_wrapped=False).parameters.values())
     except (TypeError, ValueError):
         return False
     return [param.name for param in params[1:]] == names and all(
@@ -88,6 +90,7 @@ def factory_invoke(
     if any(isinstance(value, UnitOfWork) for value in ready.values()):
         return None  # refused by the general scope
     singletons = [(name, value.identity) for name, value in bound.items() if isinstance(value, Singleton)]
+    template = {name: None if isinstance(value, Provider) else value for name, value in bound.items()}
     made: list[Made] = [
         (name, factory, _maker(factory)) for name, factory in factories if factory.shape == "sync"
     ]
@@ -99,7 +102,7 @@ def factory_invoke(
         """The ready values and Singletons, or None when the general scope must make them."""
         if overrides:
             return None
-        kwargs = dict(ready)
+        kwargs = dict(template)  # every name, in the order bound (as the general scope passes them)
         for name, identity in singletons:
             value = instances.get(identity, _MISSING)
             if value is _MISSING or isinstance(value, UnitOfWork):

@@ -214,9 +214,9 @@ class CallPlan:
     call `await collect(message, followups)` instead, which appends the
     collected events to `followups` and returns the handler's result. `retry`
     is the policy the engines apply when the call fails (tracked dispatchers only).
-    `direct` says that what `invoke(message)` returns is an awaitable whose result is
-    always None (proven at start, `pybus.returns`): `execute` may then hand it to its
-    caller as it is (or, when the call raised, a coroutine that raises the same).
+    `direct` says that `invoke(message)` does nothing but return a coroutine, and that
+    the coroutine's result is always None (proven at start, `pybus.returns`): `execute`
+    may then hand it to its caller as it is.
 
     A plan never changes once made (its attributes are `Final` to the type checkers):
     `with_retry` makes another. Equal only to itself.
@@ -768,11 +768,19 @@ def _compile(
     bound = dict(handler.bound)
     call = _caller(handler.message_param, handler.message_by_keyword, handler.context_params)
     has_providers = any(isinstance(value, Provider) for value in bound.values())
-    # Every invoke below returns an awaitable of the async handler's result: when the
-    # handler provably returns None, execute may return it to its caller (CallPlan.direct).
+    # A plan is `direct` (CallPlan) when its handler provably returns None and its invoke
+    # does nothing before the coroutine it returns is awaited: the handler itself, or it
+    # with values fixed at registration, or a coroutine function of pybus's. Not a class
+    # handler: the method a handling calls is looked up on an instance made then, which
+    # may not be the method proven at start (set in __init__, patched on the class).
     from pybus.returns import returns_none  # at start only: it imports ast
 
-    none = WRITTEN_OUT and handler.is_async and returns_none(getattr(target, method) if method else target)
+    none = (
+        WRITTEN_OUT
+        and handler.is_async
+        and not handler.is_class
+        and returns_none(getattr(target, method) if method else target)
+    )
     if WRITTEN_OUT and handler.collects_events and not has_providers and handler_factory is None:
         return _collecting_plan(handler, call, bound)
     if handler.collects_events or (handler.is_class and (has_providers or handler_factory is not None)):
@@ -784,15 +792,14 @@ def _compile(
         def invoke(message: Any) -> Any:
             return call(getattr(target(**bound), method), message, {})  # type: ignore[arg-type]
 
-        return CallPlan(handler, invoke, handler.is_async, None, direct=none)
+        return CallPlan(handler, invoke, handler.is_async, None)
     func = getattr(target, method) if method else target
     positional = (
         handler.message_param is not None and not handler.message_by_keyword and not handler.context_params
     )
     if not has_providers and handler.context_params:
-        return CallPlan(
-            handler, _context_invoke(handler, func, call, bound), handler.is_async, None, direct=none
-        )
+        # Not direct: it reads the handling context when called.
+        return CallPlan(handler, _context_invoke(handler, func, call, bound), handler.is_async, None)
     if not has_providers:
         if positional:
             # The common case costs nothing: the function itself, a call passing the bound
@@ -819,12 +826,16 @@ def _compile(
             return scoped
         made, returns_handlers = written
         is_async = handler.is_async if returns_handlers else True
-        return CallPlan(handler, made, is_async, None, direct=none)
+        # A plain call makes the Factories' values when called: not for execute to hand over.
+        return CallPlan(handler, made, is_async, None, direct=none and not returns_handlers)
     # For an async handler both paths return a coroutine, so the plan stays async
     # (and eligible for the engines' fast paths); a sync handler's result is
     # awaited only when it is the coroutine of the first, resolving handling.
     with_singletons = _singleton_invoke(func, positional, call, bound, singletons, resolver, scoped.invoke)
-    return CallPlan(handler, with_singletons, handler.is_async, None, direct=none)
+    # Direct only as a coroutine function: a plain call reads the Singletons (or an
+    # override of them) when called, not when awaited.
+    handed = none and inspect.iscoroutinefunction(with_singletons)
+    return CallPlan(handler, with_singletons, handler.is_async, None, direct=handed)
 
 
 def _bound_invoke(func: Callable[..., Any], bound: dict[str, object]) -> Callable[[Any], Any]:
@@ -896,7 +907,17 @@ def _singleton_invoke(
                 return resolve_first(message)
             return func(message, value)
 
-        return invoke_second if in_order(func, [name]) else invoke_only
+        async def invoke_second_when_awaited(message: Any) -> Any:
+            """`invoke_second` for an async handler, reading the Singleton when awaited: a
+            coroutine that does nothing until then, which execute may hand over."""
+            value = values.get(identity, _MISSING)
+            if value is _MISSING:
+                return await resolve_first(message)
+            return await func(message, value)
+
+        if not in_order(func, [name]):
+            return invoke_only
+        return invoke_second_when_awaited if inspect.iscoroutinefunction(func) else invoke_second
 
     if len(singletons) == 1:
         ((name, identity),) = singletons.items()
@@ -976,6 +997,8 @@ def _scoped_plan(
                         events = await events
                     _check_dumped(handler, events)
         except AlreadyHandled:
+            if not per_handling:
+                raise  # no Factory here makes a unit of work: not an inbox's to skip for
             return None  # an idempotent unit's inbox: this handler already handled this message
         except BaseException as exc:
             if collects and not is_class and not dumped:

@@ -7,12 +7,13 @@ dispatch cost). The proof reads the function's source with `ast`: every `return`
 in its body (nested functions and classes aside) is bare or `return None`.
 
 The proof is only trusted when the source is the code that runs: the function's
-file is compiled again and the function's code found in it must equal the
-running code (instructions, names and constants). A file edited since import, a
-function made by `exec` or in the REPL, a wrapper with `__wrapped__`, another
-interpreter's compiler that differs: each fails the check, and the handler takes
-the general path, which looks at what it returns. The check can only fail safe:
-no handler is taken to return None that might not.
+file is compiled again and the function's code found in it must equal the running
+code (instructions, exception table, names, flags and constants, nested code
+alike). A file edited since import, a function made by `exec` or in the REPL, a
+wrapper with `__wrapped__`, another interpreter's compiler that differs: each fails
+the check, and the handler takes the general path, which looks at what it returns.
+What the check cannot see is a function whose `__code__` is replaced after
+`start()` (some hot reloaders do): that is not supported, as the docs say.
 """
 
 from __future__ import annotations
@@ -102,9 +103,23 @@ def _bare(node: ast.Return) -> bool:
     return node.value is None or (isinstance(node.value, ast.Constant) and node.value.value is None)
 
 
+_COMPARED = (
+    "co_code",
+    "co_names",
+    "co_varnames",
+    "co_freevars",
+    "co_cellvars",
+    "co_flags",
+    "co_argcount",
+    "co_posonlyargcount",
+    "co_kwonlyargcount",
+    "co_exceptiontable",  # CPython 3.11+: where a raised exception goes on
+)
+
+
 def _same(compiled: types.CodeType, running: types.CodeType) -> bool:
-    """The same instructions, names and constants, nested code alike."""
-    if compiled.co_code != running.co_code or compiled.co_names != running.co_names:
+    """The same instructions, exception table, names, flags and constants, nested code alike."""
+    if any(getattr(compiled, name, None) != getattr(running, name, None) for name in _COMPARED):
         return False
     if len(compiled.co_consts) != len(running.co_consts):
         return False

@@ -13,6 +13,7 @@ the ids each handling saw.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -65,9 +66,7 @@ def outcome(error: BaseException) -> object:
     """An exception as comparable data: its type, text, notes, cause and context and, for a
     group, its members."""
     inner = [outcome(e) for e in error.exceptions] if isinstance(error, BaseExceptionGroup) else None
-    chained = [
-        None if e is None else (type(e).__name__, str(e)) for e in (error.__cause__, error.__context__)
-    ]
+    chained = [None if e is None else outcome(e) for e in (error.__cause__, error.__context__)]
     return (type(error).__name__, str(error), getattr(error, "__notes__", []), chained, inner)
 
 
@@ -345,14 +344,15 @@ def ready_collector(dp: Dispatcher, seen: list[object]) -> None:
 
 def with_factory(make: Callable[..., Any], *, singleton: bool = False, ready: bool = False) -> Build:
     def build(dp: Dispatcher, seen: list[object]) -> None:
-        bound: dict[str, object] = {"value": Factory(make)}
-        if singleton:
-            bound["single"] = Singleton(lambda: "single")
+        bound: dict[str, object] = {}
         if ready:
             bound["ready"] = "ready"
+        bound["value"] = Factory(make)
+        if singleton:
+            bound["single"] = Singleton(lambda: "single")
 
         async def handle(cmd: Cmd, value: object, **rest: object) -> None:
-            seen.append(("handled", cmd, value, sorted(rest.items())))
+            seen.append(("handled", cmd, value, list(rest.items())))  # in the order passed
 
         dp.commands.bind(Cmd, handle, **bound)  # type: ignore[call-overload]
 
@@ -457,7 +457,69 @@ def factory_then_entered(dp: Dispatcher, seen: list[object]) -> None:
     dp.events.bind(Evt, events_seen_by(seen))
 
 
+def transactional(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A common decorator: its wrapper reads the injected session by name."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs["session"].append("begin")
+        return await func(*args, **kwargs)
+
+    return wrapper
+
+
+def decorated(provider: Callable[[], Any], name: str) -> Build:
+    def build(dp: Dispatcher, seen: list[object]) -> None:
+        @transactional
+        async def handle(cmd: Cmd, session: list[str]) -> None:
+            seen.append(("decorated", list(session)))
+
+        dp.commands.bind(Cmd, handle, session=provider())
+
+    build.__name__ = f"decorated_{name}"
+    return build
+
+
+def make_session() -> list[str]:
+    return []
+
+
+class Strategy:
+    """A class handler whose handle is chosen per instance, in __init__."""
+
+    def __init__(self) -> None:
+        self.handle = self.returning  # type: ignore[assignment,method-assign]
+
+    async def handle(self, cmd: Cmd) -> None:
+        return None
+
+    async def returning(self, cmd: Cmd) -> Evt:
+        return Evt(cmd.n)
+
+
+def class_with_instance_handle(dp: Dispatcher, seen: list[object]) -> None:
+    dp.commands.bind(Cmd, Strategy)
+    dp.events.bind(Evt, events_seen_by(seen))
+
+
+def factory_raising_already_handled(dp: Dispatcher, seen: list[object]) -> None:
+    from pybus.unit_of_work import AlreadyHandled
+
+    def refuse() -> str:
+        raise AlreadyHandled("not from a unit")
+
+    async def handle(cmd: Cmd, value: str) -> None:
+        seen.append(("ran", value))
+
+    dp.commands.bind(Cmd, handle, value=Factory(refuse))
+
+
 APPLICATIONS: list[Build] = [
+    decorated(lambda: Factory(make_session), "factory"),
+    decorated(lambda: Singleton(make_session), "singleton"),
+    decorated(make_session, "value"),
+    class_with_instance_handle,
+    factory_raising_already_handled,
     returns_none,
     raises,
     returns_an_event,
@@ -665,3 +727,127 @@ async def test_the_tracked_paths_give_each_handling_the_same_ids(build: Build) -
     assert fast == general
     assert contexts(fast_seen) == contexts(general_seen)
     assert contexts(fast_seen)  # the handlers ran and saw their contexts
+
+
+class Patched:
+    async def handle(self, cmd: Cmd) -> None:
+        return None
+
+
+async def test_a_class_handler_patched_after_start_publishes_what_the_patch_returns() -> None:
+    """The method a class handling calls is looked up on an instance made then: a class
+    handler is never handed over on the strength of a proof made at start."""
+    heard: list[object] = []
+    dp = Dispatcher()
+    dp.commands.bind(Cmd, Patched)
+    dp.events.bind(Evt, events_seen_by(heard))
+    dp.start()
+
+    async def returning(self: Patched, cmd: Cmd) -> Evt:
+        return Evt(cmd.n)
+
+    original = Patched.handle
+    Patched.handle = returning  # type: ignore[assignment,method-assign]
+    try:
+        assert await dp.execute(Cmd(3)) == Evt(3)
+    finally:
+        setattr(Patched, "handle", original)  # noqa: B010 - restore the class as it was
+        await dp.stop()
+    assert heard == [("evt", Evt(3))]
+
+
+class Counted:
+    made = 0
+
+    def __init__(self) -> None:
+        Counted.made += 1
+
+    async def handle(self, cmd: Cmd) -> None:
+        return None
+
+
+def counted_class(dp: Dispatcher, seen: list[object]) -> None:
+    dp.commands.bind(Cmd, Counted)
+
+
+def counted_factory(dp: Dispatcher, seen: list[object]) -> None:
+    def make() -> str:
+        seen.append("made")
+        return "made"
+
+    async def handle(cmd: Cmd, value: str) -> None:
+        return None
+
+    dp.commands.bind(Cmd, handle, value=Factory(make))
+
+
+async def test_nothing_runs_when_execute_is_called_only_when_it_is_awaited() -> None:
+    """Factories and class instances are made when the call is awaited: a call that is
+    never awaited makes nothing."""
+    for build in (counted_class, counted_factory):
+        seen: list[object] = []
+        Counted.made = 0
+        dp = Dispatcher()
+        build(dp, seen)
+        dp.start()
+        call = dp.execute(Cmd(1))
+        call.close()  # never awaited
+        assert seen == [], build.__name__
+        assert Counted.made == 0, build.__name__
+        await dp.execute(Cmd(1))
+        assert seen == ["made"] or Counted.made == 1, build.__name__
+        await dp.stop()
+
+
+async def test_an_override_entered_between_the_call_and_its_await_applies_to_an_injected_handler() -> None:
+    real = Singleton(lambda: "real")
+    got: list[str] = []
+    dp = Dispatcher()
+
+    async def handle(cmd: Cmd, value: str) -> None:
+        got.append(value)
+
+    dp.commands.bind(Cmd, handle, value=real)
+    async with dp:
+        await dp.execute(Cmd(0))  # the Singleton is made
+        call = dp.execute(Cmd(1))
+        with dp.override(real, "fake"):
+            await call
+    assert got == ["real", "fake"]
+
+
+@pytest.mark.parametrize("call", ["publish", "execute"])
+async def test_a_handler_that_fails_after_its_override_ended_is_still_named(call: str) -> None:
+    """The fast loops name a failing handler from the plan it began with, not from the
+    event's current handlers, which override_handler may have changed meanwhile."""
+    outcomes = []
+    for general in (False, True):
+        dp = Dispatcher()
+
+        async def real(event: Evt) -> None:
+            pass
+
+        async def handle(cmd: Cmd) -> Evt:
+            return Evt(cmd.n)
+
+        dp.events.bind(Evt, real)
+        dp.commands.bind(Cmd, handle)
+        dp.start()
+        if general:
+            dp.attach_observer(Observer())
+        gate = asyncio.Event()
+
+        async def fake(event: Evt, gate: asyncio.Event = gate) -> None:
+            await gate.wait()
+            raise Boom("fake failed")
+
+        with dp.override_handler(Evt, fake):
+            running = asyncio.ensure_future(dp.publish(Evt(1)) if call == "publish" else dp.execute(Cmd(1)))
+            await asyncio.sleep(0)
+        gate.set()
+        with pytest.raises(BaseExceptionGroup) as raised:
+            await running
+        outcomes.append(outcome(raised.value))
+        await dp.stop()
+    assert outcomes[0] == outcomes[1]
+    assert "raised by fake" in repr(outcomes[0])
