@@ -101,17 +101,21 @@ def load_dispatcher(path: str) -> Dispatcher:
 
 
 def builders_in(module_name: str) -> list[str]:
-    """Names of the functions defined in the (imported) module whose return annotation
-    is Dispatcher: what to name instead of a dispatcher made at import."""
+    """Names of the functions defined in the (imported) module that build a Dispatcher as a
+    factory found without `:attribute` does (annotated to return one, not async, taking no
+    arguments): what to name instead of a dispatcher made at import."""
     module = sys.modules.get(module_name)
     if module is None:
         return []
-    found = []
-    for name, value in vars(module).items():
-        returns = getattr(value, "__annotations__", {}).get("return") if callable(value) else None
-        if getattr(value, "__module__", None) == module_name and returns in (Dispatcher, "Dispatcher"):
-            found.append(name)
-    return sorted(found)
+    return sorted(
+        name
+        for name, value in vars(module).items()
+        if inspect.isfunction(value)
+        and value.__module__ == module_name
+        and not inspect.iscoroutinefunction(value)
+        and _returns_dispatcher(value)
+        and not _required_parameters(value)
+    )
 
 
 def _module_of(name: str, folder: str, base: str | None, attribute: str) -> str:

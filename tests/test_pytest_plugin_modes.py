@@ -246,3 +246,25 @@ def test_pybus_app_whose_function_fails_is_a_usage_error(
     build = _app_factory("broken_app:create")
     with pytest.raises(pytest.UsageError, match="RuntimeError: no config"):
         build()
+
+
+def test_a_refused_dispatcher_names_the_function_of_its_module_that_builds_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pybus.pytest_plugin import _app_factory
+
+    (tmp_path / "built_app.py").write_text(
+        "from __future__ import annotations\n"
+        "import pybus\n"
+        "def configured(settings: dict) -> pybus.Dispatcher:\n"  # needs an argument: not suggested
+        "    return pybus.Dispatcher()\n"
+        "async def later() -> pybus.Dispatcher:\n"  # async: not suggested
+        "    return pybus.Dispatcher()\n"
+        "def build() -> pybus.Dispatcher:\n"
+        "    return pybus.Dispatcher()\n"
+        "dp = build()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(pytest.UsageError) as info:
+        _app_factory("built_app:dp")
+    assert 'name that function instead: pybus_app = "built_app:build"' in str(info.value)
