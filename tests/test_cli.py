@@ -661,6 +661,42 @@ def test_a_file_whose_path_is_no_module_name_is_refused_with_where_to_run_from(p
         f"name; pybus imports the app as a module, from the folder it runs in: run the command from "
         f"{project}/my-service and pass bus (or set PYTHONPATH={project}/my-service and pass bus)"
     )
+    # The project's folder is above a folder whose name is no module name: the file's own folder.
+    write_module(project, "other/pyproject.toml", "")
+    write_module(project, "other/my-tools/bus.py", "")
+    with pytest.raises(UsageError, match=rf"run the command from {project}/other/my-tools and pass bus \("):
+        load_dispatcher("other/my-tools/bus.py")
+    # A file whose own name is no module name: nowhere to import it from.
+    write_module(project, "scripts/run-bus.py", "")
+    with pytest.raises(UsageError) as info:
+        load_dispatcher("scripts/run-bus.py:dp")
+    assert str(info.value).endswith(
+        "from the folder it runs in: run the command from your project's folder and pass the module's name, "
+        "as in app.bus:dp"
+    )
+
+
+def test_which_routed_keys_a_worker_consumes_and_why_it_would_consume_none() -> None:
+    from pybus.cli import _handled_here, _nothing_to_consume
+    from pybus.transport import InMemoryTransport
+
+    dp = Dispatcher(transport=InMemoryTransport())
+    dp.events.bind(Event, lambda event: None)  # every event class, through its bases
+    dp.route(Shipped)
+    dp.route("audit")
+    assert _handled_here(dp, Shipped)
+    assert not _handled_here(dp, "audit")
+    dp.events.bind("audit", lambda: None)
+    assert _handled_here(dp, "audit")
+    assert _nothing_to_consume("app:dp", Dispatcher(transport=InMemoryTransport())).startswith(
+        "app:dp routes no messages, so a worker would read nothing: route each message"
+    )
+    unhandled = Dispatcher(transport=InMemoryTransport())
+    unhandled.route(Shipped, name="orders.shipped")
+    unhandled.route(Lost, name="orders.lost")
+    assert _nothing_to_consume("app:dp", unhandled).startswith(
+        "app:dp routes orders.lost, orders.shipped, but has no handler for any of them"
+    )
 
 
 # -- worker: what it refuses before it starts ---------------------------------------------

@@ -547,6 +547,7 @@ def test_enums_dates_uuids_decimals_and_collections_are_built_from_json() -> Non
         ({"at": 1715930000}, f"at: expected datetime {AS_IN}, got 1715930000"),
         ({"opens": "25:00"}, 'opens: expected time (ISO 8601, as in "09:30:00"), got "25:00"'),
         ({"ref": "1234"}, 'ref: expected UUID (as in "1b4e28ba-2fa1-11d2-883f-0016d3cca427"), got "1234"'),
+        ({"ref": 1234}, 'ref: expected UUID (as in "1b4e28ba-2fa1-11d2-883f-0016d3cca427"), got 1234'),
         ({"price": "12,50"}, 'price: expected Decimal (a number, or a string as in "12.50"), got "12,50"'),
         ({"price": "NaN"}, 'price: expected Decimal (a number, or a string as in "12.50"), got "NaN"'),
         ({"price": True}, 'price: expected Decimal (a number, or a string as in "12.50"), got true'),
