@@ -820,13 +820,17 @@ class RedisTransport(Transport):
             raise
         finally:
             self._acks_sent -= len(acks)
+        self._acked(acks)
+        return replies[len(replies) - len(then) :]
+
+    def _acked(self, acks: list[tuple[Envelope, bool]]) -> None:
+        """`_forget` each acked entry, inline: this runs once per message."""
         held, handling = self._held, self._handling
-        for envelope, _ in acks:  # _forget, inline: once per message
+        for envelope, _ in acks:
             receipt = cast("Receipt", envelope.receipt)
             held.discard(receipt)
             if handling.get(envelope.message_id) == receipt:
                 del handling[envelope.message_id]
-        return replies[len(replies) - len(then) :]
 
     def _ack_commands(self, acks: list[tuple[Envelope, bool]]) -> list[tuple[Any, ...]]:
         """The commands that ack `acks`: one `redis_wire.ACK` script per stream."""
