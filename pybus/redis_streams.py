@@ -42,7 +42,7 @@ entry format and the scripts are in `pybus.redis_wire`. How each rule of
 - retention: with `max_len`, `XTRIM MINID` below the oldest entry any group still has
   pending or has not read, in the background every 100 sends (a failure is logged).
 
-redis-py is imported by the `pybus.redis_*` modules only; install `pybus[redis]`.
+redis-py is imported by the `pybus.redis_*` modules only; install `pybus-cqrs[redis]`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,14 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, cast
 
-from redis.exceptions import RedisError, ResponseError
+try:
+    from redis.exceptions import RedisError, ResponseError
+except ModuleNotFoundError as missing:
+    raise ModuleNotFoundError(
+        f"The Redis transport needs redis-py, which is not installed ({missing}): "
+        "pip install 'pybus-cqrs[redis]'",
+        name=missing.name,
+    ) from missing
 
 from pybus import redis_wire as wire
 from pybus.errors import ImproperlyConfigured, TransportError

@@ -262,3 +262,18 @@ def test_retry_is_the_frozen_dataclass_it_was() -> None:
         policy.attempts = 1  # type: ignore[misc]
     assert pickle.loads(pickle.dumps(policy)) == policy
     assert copy.copy(policy) == policy
+
+
+def test_the_redis_transport_without_redis_py_names_the_extra_to_install() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["redis"] = None  # as if redis-py were not installed
+        try:
+            import pybus.redis_streams
+        except ModuleNotFoundError as error:
+            print(error)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "pip install 'pybus-cqrs[redis]'" in done.stdout
