@@ -141,9 +141,9 @@ class EventEngine(_Engine):
         self._fast = self._fast_all
         self.observer: Observer | None = None
         #: Per class, filled on first sight: what a handler's return value of that class
-        #: asks for. False: nothing (no handler, and no error to raise); its handlers,
-        #: all plain async ones (`_fast_all`'s entry: one, a tuple or a Quiet tuple), which `execute` runs
-        #: itself as the cascade's first level; True: the general `cascade`.
+        #: asks for. False: nothing (no handler, and no error to raise); its one handler,
+        #: a plain async one (`_fast_all`'s entry), which `execute` runs itself as the
+        #: cascade's first level; True: the general `cascade`.
         self.wanted: dict[type, Any] = {}
         self._resolve_registered()
         #: The background queue and worker lanes of events.
@@ -393,7 +393,8 @@ class EventEngine(_Engine):
                 wanted = False
             else:
                 fast = self._fast_all.get(event.__class__) if self._max_depth >= 1 else None
-                wanted = True if fast is None else fast
+                one = fast is not None and fast.__class__ is not tuple and fast.__class__ is not Quiet
+                wanted = fast if one else True
             if not isinstance(event, str):
                 self.wanted[event.__class__] = wanted
         return wanted
@@ -447,15 +448,10 @@ class EventEngine(_Engine):
             depth += 1
 
     def annotate(self, exc: Exception, invoke: Callable[[Any], Any], event: object) -> Exception:
-        """`exc`, raised by the handler whose fast-table entry is `invoke`, with its note."""
-        return _annotate(exc, self._plan_of(event, invoke), event)
-
-    def _plan_of(self, event: object, invoke: Callable[[Any], Any]) -> CallPlan:
-        """The plan whose invoke the fast table held when the handling began (the same
-        function registered for a class and its base appears twice; either plan names the
-        same handler). Kept apart from `_plans`, which `override_handler` rebuilds while
-        handlings it began may still be running."""
-        return self._plan_by_invoke[invoke]
+        """`exc`, raised by the handler whose fast-table entry is `invoke`, with its note. The
+        plan is the one the fast table held when the handling began (`_plan_by_invoke`:
+        `override_handler` may have rebuilt `_plans` since)."""
+        return _annotate(exc, self._plan_by_invoke[invoke], event)
 
     async def _fan_out_instrumented(
         self,
@@ -768,47 +764,21 @@ class RequestEngine(_Engine):
         if invokes is True:
             await self._follow_up([event], message)
             return result
-        # One follow-up event whose handlers are all plain async ones: the first level of
-        # the cascade, written out (`EventEngine.cascade` runs the general case and the
-        # levels below; tests/test_fast_paths.py holds the two to the same outcome).
-        if invokes.__class__ is not tuple and invokes.__class__ is not Quiet:  # one handler: no loop
-            try:
-                produced = await invokes(event)
-            except Exception as exc:
-                failed = [self._events.annotate(exc, invokes, event)]
-            else:
-                if produced is None:
-                    return result
-                failed = []
-                await self._events.cascade([produced], failed, depth=2)
-                if not failed:
-                    return result
-            raise self._followups_failed(message, failed)
-        failures: list[Exception] | None = None
-        followups: list[Any] | None = None
-        for run in invokes:
-            try:
-                produced = await run(event)
-            except Exception as exc:
-                if failures is None:
-                    failures = []
-                failures.append(self._events.annotate(exc, run, event))
-            except BaseException as exc:  # a cancellation: it propagates at once
-                if failures is not None:
-                    _failed_before(exc, failures)
-                raise
-            else:
-                if produced is not None:
-                    if followups is None:
-                        followups = []
-                    followups.append(produced)
-        if followups is not None:
-            if failures is None:
-                failures = []
-            await self._events.cascade(followups, failures, depth=2)
-        if failures:
-            raise self._followups_failed(message, failures)
-        return result
+        # One follow-up event with one plain async handler: the first level of the cascade,
+        # written out (`EventEngine.cascade` runs every other case and the levels below;
+        # tests/test_fast_paths.py holds the two to the same outcome).
+        try:
+            produced = await invokes(event)
+        except Exception as exc:
+            failed = [self._events.annotate(exc, invokes, event)]
+        else:
+            if produced is None:
+                return result
+            failed = []
+            await self._events.cascade([produced], failed, depth=2)
+            if not failed:
+                return result
+        raise self._followups_failed(message, failed)
 
     async def _handle_tracked(self, message: object, timeout: float | None = None) -> Any:
         """`handle`, for a tracked dispatcher: the handler runs inside its handling context.
