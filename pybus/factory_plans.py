@@ -157,8 +157,11 @@ def factory_invoke(
     if not entered and len(made) == 1 and not ready and not singletons:
         ((name, provider, factory),) = made
 
+        second = in_order(func, [name])
+
         def invoke_one(message: Any) -> Any:
-            """One Factory, nothing else: the common case, written out."""
+            """One Factory, nothing else: the common case, written out (its value passed by
+            position when the handler takes it second, which costs less)."""
             if overrides:
                 return general(message)
             try:
@@ -168,22 +171,9 @@ def factory_invoke(
                 raise
             if value.__class__ not in plain_types and not plain(value):
                 return awaiting(message, {name: value}, 0)
-            return func(message, **{name: value})
+            return func(message, value) if second else func(message, **{name: value})
 
-        def invoke_second(message: Any) -> Any:
-            """`invoke_one` for a handler whose value is its second positional parameter."""
-            if overrides:
-                return general(message)
-            try:
-                value = factory()
-            except Exception as exc:
-                noted(exc, provider)
-                raise
-            if value.__class__ not in plain_types and not plain(value):
-                return awaiting(message, {name: value}, 0)
-            return func(message, value)
-
-        return (invoke_second if in_order(func, [name]) else invoke_one), True
+        return invoke_one, True
 
     if not entered:
 
