@@ -36,6 +36,7 @@ from pybus.apps import build_dispatcher, find_app, relative
 from pybus.apps import load_dispatcher as load_dispatcher
 from pybus.dispatcher import Dispatcher
 from pybus.errors import ImproperlyConfigured, Kind, PyBusError, TransportError, key_name
+from pybus.handlers import _hints
 from pybus.routes import Route, message_flow, registrations, routes
 
 if TYPE_CHECKING:
@@ -256,7 +257,8 @@ def _dataclass_arguments(
     (from an array, items checked), an Enum (from a member's value), datetime, date and time
     (from ISO 8601 text), UUID and Decimal (see `_from_json_scalar`). Any other annotation
     (timedelta, Sequence[X], a class) is not checked: the value is passed as JSON decoded it.
-    When the annotations do not resolve, no type is checked.
+    An annotation that does not resolve (a name not importable where the class is defined) is not
+    checked; the others still are.
     """
     fields = _constructor_fields(cls)
     if fields is None:  # **kwargs, or no signature: the constructor judges
@@ -279,10 +281,8 @@ def _constructor_fields(cls: type) -> dict[str, tuple[object, bool]] | None:
         parameters = inspect.signature(cls).parameters.values()
     except (TypeError, ValueError):
         return None
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # an annotation that does not resolve: names are still checked
-        hints = {}
+    # Each annotation resolved on its own: one that does not resolve leaves the others checked.
+    hints, _ = _hints(getattr(cls, "__init__"))  # noqa: B009 - mypy refuses cls.__init__
     fields: dict[str, tuple[object, bool]] = {}
     for parameter in parameters:
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:

@@ -295,6 +295,22 @@ def test_annotations_that_do_not_resolve_leave_the_names_checked() -> None:
         build_message(Unresolved, {"whenever": 1})
 
 
+@dataclass
+class PartlyResolved:
+    when: NotDefinedAnywhere  # type: ignore[name-defined]  # noqa: F821
+    count: int
+
+
+def test_an_annotation_that_does_not_resolve_leaves_the_others_checked() -> None:
+    assert build_message(PartlyResolved, {"when": "any value", "count": 3}) == PartlyResolved("any value", 3)
+    with pytest.raises(UsageError) as info:
+        build_message(PartlyResolved, {"when": "any value", "count": "3"})
+    assert str(info.value).splitlines()[:2] == [
+        "The arguments do not fit PartlyResolved:",
+        '  count: expected int, got "3"',
+    ]
+
+
 def test_a_pydantic_model_that_chose_its_extra_keeps_it() -> None:
     class Open(pydantic.BaseModel):
         model_config = pydantic.ConfigDict(extra="allow")
