@@ -993,9 +993,8 @@ def _scoped_plan(
                 if collects:
                     dumped = True
                     events = instance.dump_events()
-                    if inspect.isawaitable(events):
-                        events = await events
-                    _check_dumped(handler, events)
+                    if events.__class__ is not list:
+                        events = await _dumped(handler, events)
         except AlreadyHandled:
             if not per_handling:
                 raise  # no Factory here makes a unit of work: not an inbox's to skip for
@@ -1053,9 +1052,7 @@ def _collecting_plan(handler: Handler, call: Caller, bound: dict[str, object]) -
             dumped = True
             events = instance.dump_events()
             if events.__class__ is not list:
-                if inspect.isawaitable(events):
-                    events = await events
-                _check_dumped(handler, events)
+                events = await _dumped(handler, events)
         except BaseException as exc:
             if not is_class and not dumped:
                 # A ready instance serves every handling: what this failed one collected must
@@ -1116,6 +1113,14 @@ def _attach(units: list[UnitOfWork], handler: Handler, followups: list[Any] | No
     handling = object()
     for unit in units:
         unit.attach(handling, str(handler))
+
+
+async def _dumped(handler: Handler, events: object) -> Any:
+    """What `dump_events()` gave when it is not a list: awaited if awaitable, then checked."""
+    if inspect.isawaitable(events):
+        events = await events
+    _check_dumped(handler, events)
+    return events
 
 
 def _check_dumped(handler: Handler, events: object) -> None:
