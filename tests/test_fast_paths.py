@@ -853,3 +853,72 @@ async def test_a_handler_that_fails_after_its_override_ended_is_still_named(call
         await dp.stop()
     assert outcomes[0] == outcomes[1]
     assert "raised by fake" in repr(outcomes[0])
+
+
+async def make_async_scoped_finally() -> AsyncIterator[str]:
+    TEARDOWNS.append("async entered")
+    try:
+        yield "async scoped"
+    finally:
+        TEARDOWNS.append("async torn down")
+
+
+@pytest.mark.parametrize("make", [make_scoped, make_async_scoped_finally], ids=lambda make: make.__name__)
+async def test_a_handling_cancelled_inside_a_factory_scope_tears_it_down_once_on_both_paths(
+    make: Callable[[], Any],
+) -> None:
+    """Cancel the handler while it holds a Factory's value: the written-out scope and the
+    general one both run the teardown once and let the cancellation through."""
+    outcomes = []
+    for general in (False, True):
+        TEARDOWNS.clear()
+        started = asyncio.Event()
+        dp = Dispatcher()
+
+        async def handle(cmd: Cmd, value: str, started: asyncio.Event = started) -> None:
+            started.set()
+            await asyncio.Event().wait()
+
+        dp.commands.bind(Cmd, handle, value=Factory(make))
+        handlers.WRITTEN_OUT = not general
+        try:
+            dp.start()
+        finally:
+            handlers.WRITTEN_OUT = True
+        running = asyncio.ensure_future(dp.execute(Cmd(1)))
+        await started.wait()
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        outcomes.append(list(TEARDOWNS))
+        await dp.stop()
+    assert outcomes[0] == outcomes[1]
+    assert len(outcomes[0]) == 2  # entered once, torn down once
+
+
+async def test_a_ready_collector_takes_the_next_message_after_a_handling_was_cancelled() -> None:
+    """Its one-at-a-time mark is cleared however the handling ends, cancellation included."""
+
+    class Slow(EventCollector):
+        def __init__(self) -> None:
+            self.block = True
+
+        async def handle(self, cmd: Cmd) -> None:
+            self.add_event(Evt(cmd.n))
+            if self.block:
+                await asyncio.Event().wait()
+
+    heard: list[object] = []
+    instance = Slow()
+    dp = Dispatcher()
+    dp.commands.bind(Cmd, instance)
+    dp.events.bind(Evt, events_seen_by(heard))
+    async with dp:
+        running = asyncio.ensure_future(dp.execute(Cmd(1)))
+        await asyncio.sleep(0)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        instance.block = False
+        await dp.execute(Cmd(2))
+    assert heard == [("evt", Evt(2))]  # the cancelled handling's event was dropped, not published
