@@ -318,11 +318,12 @@ class Relay:
     """Sends an outbox's committed rows through a dispatcher's transport.
 
     `await relay.run()` until `await relay.stop()`; or `await relay.send_pending()` for
-    one pass (tests, scripts). Each pass, in one transaction: take up to `batch` unsent
-    rows, the oldest first, locking them on PostgreSQL (`FOR UPDATE SKIP LOCKED`, so
-    that relays share the work), leaving out the keys whose oldest unsent row another
-    relay holds (so order per key holds however many relays run); send them, the rows
-    of one key one after the other and the rest at once; mark them sent; commit.
+    one pass (tests, scripts; the passes of one relay never overlap). Each pass, in one
+    transaction: take up to `batch` unsent rows, the oldest first, locking them on
+    PostgreSQL (`FOR UPDATE SKIP LOCKED`, so that relays share the work), leaving out
+    the keys whose oldest unsent row another relay holds (so order per key holds however
+    many relays run); send them, the rows of one key one after the other and the rest at
+    once; mark them sent; commit.
     A crash between the send and the commit sends those rows again (at least once:
     the consumer's de-duplication and idempotent units absorb it).
     """
@@ -362,6 +363,9 @@ class Relay:
         self.sent = 0
         self.failed = 0
         self._wakeup = asyncio.Event()
+        # Held by the pass in progress: a pass called meanwhile (`send_pending()` beside
+        # `run()`) waits for it, or, without row locks (SQLite), it would send the same rows.
+        self._passing = asyncio.Lock()
         self._stopping = False
         self._last_cleanup = 0.0
 
@@ -399,7 +403,12 @@ class Relay:
         self._wakeup.set()
 
     async def send_pending(self) -> int:
-        """One pass: send up to `batch` rows; return how many were sent."""
+        """One pass: send up to `batch` rows; return how many were sent. The passes of
+        one relay never overlap: called during a pass, it waits for that pass to end."""
+        async with self._passing:
+            return await self._pass()
+
+    async def _pass(self) -> int:
         table = self.outbox.table
         # The oldest unsent rows, skipping those another relay holds (PostgreSQL).
         query = (

@@ -538,3 +538,22 @@ async def test_a_relay_pass_that_fails_goes_to_the_error_hook_and_the_next_pass_
             await running
     assert [str(error) for error in heard] == ["the broker is away"]
     assert relay.failed == 1
+
+
+async def test_two_passes_of_one_relay_at_once_send_each_row_once(db: Database) -> None:
+    # `run()` in a service and a `send_pending()` from a script or a test, say: on SQLite,
+    # which has no row locks, the second pass would read the rows the first is sending.
+    broker = InMemoryBroker()
+    dp, outbox, _, _ = shop(db, broker)
+    transport = Recording(broker, group="shop", pause=0.01)  # a pass is still sending when the other reads
+    dp.transport = transport
+    await db.create_tables()
+    relay = outbox.relay(dp, db.sessions)
+    async with dp:
+        for name in ("ada", "bob", "cy"):
+            await dp.execute(CreateUser(name))
+        counts = await asyncio.gather(relay.send_pending(), relay.send_pending())
+    assert sorted(counts) == [0, 3]
+    assert relay.sent == 3
+    sent = [envelope.body for envelope in transport.sent]
+    assert sent == [b'{"name":"ada"}', b'{"name":"bob"}', b'{"name":"cy"}']
