@@ -282,7 +282,10 @@ def _constructor_fields(cls: type) -> dict[str, tuple[object, bool]] | None:
     except (TypeError, ValueError):
         return None
     # Each annotation resolved on its own: one that does not resolve leaves the others checked.
-    hints, _ = _hints(getattr(cls, "__init__"))  # noqa: B009 - mypy refuses cls.__init__
+    # The constructor's own annotations first, then the class's (a hand-written __init__ that
+    # annotates nothing, below `sku: str` in the class body).
+    init_hints, _ = _hints(getattr(cls, "__init__"))  # noqa: B009 - mypy refuses cls.__init__
+    hints = {**_hints(cls)[0], **init_hints}
     fields: dict[str, tuple[object, bool]] = {}
     for parameter in parameters:
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:

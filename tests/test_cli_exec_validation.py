@@ -311,6 +311,20 @@ def test_an_annotation_that_does_not_resolve_leaves_the_others_checked() -> None
     ]
 
 
+class Hand:
+    sku: str
+
+    def __init__(self, sku):  # type: ignore[no-untyped-def]  # annotated in the class body only
+        self.sku = sku
+
+
+def test_a_plain_class_is_described_by_its_body_when_its_init_annotates_nothing() -> None:
+    with pytest.raises(UsageError) as info:
+        build_message(Hand, {"item": "book-1"})
+    takes = str(info.value).splitlines()[-1]
+    assert takes == "Hand takes a JSON object with sku: str; fix the JSON and run again"
+
+
 def test_a_pydantic_model_that_chose_its_extra_keeps_it() -> None:
     class Open(pydantic.BaseModel):
         model_config = pydantic.ConfigDict(extra="allow")
