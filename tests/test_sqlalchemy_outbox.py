@@ -557,3 +557,41 @@ async def test_two_passes_of_one_relay_at_once_send_each_row_once(db: Database) 
     assert relay.sent == 3
     sent = [envelope.body for envelope in transport.sent]
     assert sent == [b'{"name":"ada"}', b'{"name":"bob"}', b'{"name":"cy"}']
+
+
+async def test_a_delivery_waiting_on_the_inbox_runs_the_handler_when_the_first_rolls_back(
+    db: Database,
+) -> None:
+    charges = Table("charges", db.metadata, Column("n", Integer, primary_key=True))
+    outbox = Outbox(db.metadata)
+    dp = Dispatcher(context=True)
+    runs: list[int] = []
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    @dp.commands.register(Charge, uow=outbox.units(dp, db.sessions, idempotent=True))
+    async def bill(cmd: Charge, uow: SqlAlchemyUnitOfWork) -> None:
+        runs.append(len(runs) + 1)
+        async with uow:
+            await uow.session.execute(charges.insert().values(n=cmd.n))
+            if len(runs) == 1:
+                inside.set()
+                await release.wait()
+                raise ConnectionError("the first delivery fails: its inbox row is rolled back")
+
+    await db.create_tables()
+    async with dp:
+        delivery = Envelope("command", "Charge", b"{}", message_id="m1", correlation_id="m1")
+        engine = dp.commands.engine
+        assert engine is not None
+        first = asyncio.create_task(engine.deliver(Charge(1), delivery))
+        await inside.wait()
+        second = asyncio.create_task(engine.deliver(Charge(1), delivery))
+        await asyncio.sleep(0.2)  # the second waits on the first's row lock (or the database lock)
+        release.set()
+        with pytest.raises(ConnectionError, match="the first delivery fails"):
+            await first
+        await second  # not AlreadyHandled: the pair was never committed
+    assert runs == [1, 2]
+    assert await count(db, charges) == 1
+    assert await count(db, outbox.inbox) == 1
