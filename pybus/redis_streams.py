@@ -190,6 +190,8 @@ class RedisTransport(Transport):
         self._acks: list[tuple[Envelope, bool]] = []  # (envelope, whether it was handled)
         self._acks_due = 0.0  # loop time by which the oldest buffered ack goes out
         self._acks_sent = 0  # acks in a round trip in flight
+        # Done when the acks a read's round trip carries (with its check) have landed or failed.
+        self._carried: asyncio.Future[None] | None = None
         self._acks_now = False  # flush() or aclose(): the buffered acks go without waiting
         self._ack_wakeup: asyncio.Future[None] | None = None  # the ack task waits for the acks to be due
         self._acking: asyncio.Task[None] | None = None  # sends the acks in the background
@@ -202,7 +204,7 @@ class RedisTransport(Transport):
         self._read_state: _Read | None = None  # and its state
         self._steps: set[asyncio.Task[None]] = set()  # outcomes (retry, release, dead letter) in flight
         self._releasing: tuple[list[Envelope], asyncio.Task[None]] | None = None  # this turn's give-backs
-        self._unheard: set[asyncio.Task[None]] = set()  # tasks whose failure is logged, nobody waiting
+        self._unheard: set[asyncio.Future[None]] = set()  # tasks whose failure is logged, nobody waiting
         self._sends = 0
         self._checked = False
         self._outbox: list[tuple[str, dict[str, Any], asyncio.Future[str]]] = []
@@ -796,11 +798,18 @@ class RedisTransport(Transport):
 
     async def flush(self) -> None:
         """Send the acks buffered so far, waiting at most `timeout`; raise the failure of an
-        ack round trip since the last ack() (the acks are kept and sent again)."""
-        acking = self._acks_at_once()
+        ack round trip since the last ack() (the acks are kept and sent again). Acks that a
+        read's check took along are waited for, and sent again here if that round trip
+        failed (the read's caller hears of its failure)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        carried = self._carried
         try:
+            if carried is not None and not carried.done():
+                await self._bounded(carried, "the acks a read's check carries")
+            acking = self._acks_at_once()
             if acking is not None:
-                await self._bounded(acking, f"{len(self._acks)} ack(s)")
+                await self._bounded(acking, f"{len(self._acks)} ack(s)", deadline - loop.time())
         except TransportError as cut:
             failure, self._ack_failure = self._ack_failure, None
             raise failure or cut from None
@@ -814,6 +823,9 @@ class RedisTransport(Transport):
         acks, self._acks = self._acks, []
         if not acks and not then:
             return []
+        carried = None
+        if acks and then:  # a read's round trip: flush() waits for the acks it takes along
+            carried = self._carried = asyncio.get_running_loop().create_future()
         self._acks_sent += len(acks)
         try:
             replies = await self._execute([*self._ack_commands(acks), *then])
@@ -827,6 +839,8 @@ class RedisTransport(Transport):
             raise
         finally:
             self._acks_sent -= len(acks)
+            if carried is not None:
+                carried.set_result(None)  # those that failed are back in the buffer
         self._acked(acks)
         return replies[len(replies) - len(then) :]
 
@@ -877,7 +891,7 @@ class RedisTransport(Transport):
         again, the entries no longer held) must be recorded here. `aclose()` waits for it."""
         await self._bounded(self._step(step), what)
 
-    def _log_unheard(self, task: asyncio.Task[None]) -> None:
+    def _log_unheard(self, task: asyncio.Future[None]) -> None:
         if task not in self._unheard:
             self._unheard.add(task)
             task.add_done_callback(_log_failure)
@@ -889,13 +903,14 @@ class RedisTransport(Transport):
         task.add_done_callback(self._steps.discard)
         return task
 
-    async def _bounded(self, task: asyncio.Task[None], what: str) -> None:
-        """Wait for `task`, at most `timeout`, and raise what it raised. Neither the caller's
-        cancellation nor the timeout interrupts the task: the caller stops waiting, which
-        no cancellation swallowed inside redis-py can delay (it waits on `asyncio.wait`),
-        and the task's failure is logged (once) when nobody else hears of it."""
+    async def _bounded(self, task: asyncio.Future[None], what: str, timeout: float | None = None) -> None:
+        """Wait for `task`, at most `timeout` (what is left of the transport's), and raise
+        what it raised. Neither the caller's cancellation nor the timeout interrupts the
+        task: the caller stops waiting, which no cancellation swallowed inside redis-py can
+        delay (it waits on `asyncio.wait`), and the task's failure is logged (once) when
+        nobody else hears of it."""
         try:
-            await asyncio.wait([task], timeout=self.timeout)
+            await asyncio.wait([task], timeout=self.timeout if timeout is None else max(timeout, 0.0))
         except asyncio.CancelledError:
             self._log_unheard(task)  # the caller is gone: nobody else would hear of it
             raise
@@ -1076,7 +1091,7 @@ class RedisTransport(Transport):
         return pending
 
 
-def _log_failure(task: asyncio.Task[None]) -> None:
+def _log_failure(task: asyncio.Future[None]) -> None:
     error = None if task.cancelled() else task.exception()
     if error is not None:
         logger.warning("pybus: %s", _describe(error))

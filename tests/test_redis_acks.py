@@ -16,11 +16,13 @@ import sys
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from pybus import redis_streams
+from pybus import TransportError, redis_streams
 from pybus.codec import default_name
 from pybus.consumer import current_envelope
 from pybus.redis_streams import RedisTransport
+from pybus.redis_wire import SHA
 from pybus.transport import Envelope
 from tests.consuming import consuming, until
 from tests.test_redis_streams import KEY, Paid, pending, publish, raw, worker
@@ -111,6 +113,54 @@ async def test_acks_still_waiting_when_a_consumer_stops_are_sent_before_stop_ret
         (left,) = await client.xpending_range(KEY, "billing", min="-", max="+", count=10)
         assert (left["message_id"], left["times_delivered"]) == (first, 0)  # message 1 was acked
     await client.aclose()
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["lands", "fails"])
+async def test_a_flush_waits_for_the_acks_a_reads_check_carries_and_sends_those_it_failed_to(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    """A consumer's stop flushes the acks while its last read, cancelled, still runs: the acks
+    that read's duplicate check took along are sent by the time flush() returns, by the
+    check or, when its round trip fails, by flush() itself."""
+    monkeypatch.setattr(redis_streams, "_ACK_DELAY", 60.0)
+    await publish(redis_url, 3)
+    transport = RedisTransport(redis_url, group="billing", consumer="w1", claim_interval=60)
+    first, second = await transport.receive([default_name(Paid)], max_count=2, wait=1.0)
+    await transport.ack(first)  # buffered: `second` is still in hand
+    gate = asyncio.Event()
+    ended: list[str] = []  # the check's round trip, then flush()
+    execute = transport._execute
+
+    async def gated(commands: Any, connected: Any = None) -> list[Any]:
+        if not any(command[:2] == ("EVALSHA", SHA["check"]) for command in commands):
+            return await execute(commands, connected)
+        assert ("EVALSHA", SHA["ack"]) in {command[:2] for command in commands}  # it carries the ack
+        await gate.wait()
+        try:
+            if fails:
+                raise RedisConnectionError("the connection dropped")
+            return await execute(commands, connected)
+        finally:
+            ended.append("check")
+
+    monkeypatch.setattr(transport, "_execute", gated)
+    reading = asyncio.create_task(transport.receive([default_name(Paid)], max_count=1, wait=1.0))
+    await until(lambda: not transport._acks)  # the read's check took the ack along
+    flushing = asyncio.create_task(transport.flush())
+    flushing.add_done_callback(lambda _: ended.append("flush"))
+    for _ in range(20):  # flush() has had every chance to return
+        await asyncio.sleep(0)
+    gate.set()
+    await flushing
+    assert ended == ["check", "flush"]
+    assert await pending(redis_url) == 2  # first acked; second in hand, third read
+    if fails:
+        with pytest.raises(TransportError, match="the connection dropped"):
+            await reading
+    else:
+        assert [envelope.body for envelope in await reading] == [b'{"n":2}']
+    await transport.release(second)
+    await transport.aclose()
 
 
 #: A worker whose acks wait an hour for a round trip to share: none comes (its read waits
