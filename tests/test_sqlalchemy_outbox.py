@@ -595,3 +595,39 @@ async def test_a_delivery_waiting_on_the_inbox_runs_the_handler_when_the_first_r
     assert runs == [1, 2]
     assert await count(db, charges) == 1
     assert await count(db, outbox.inbox) == 1
+
+
+async def test_stop_during_a_pass_ends_run_after_one_last_pass_that_sends_what_came_meanwhile(
+    db: Database,
+) -> None:
+    class Gated(Recording):
+        def __init__(self, broker: InMemoryBroker) -> None:
+            super().__init__(broker, group="shop")
+            self.sending = asyncio.Event()
+            self.gate = asyncio.Event()
+
+        async def send(self, envelope: Envelope) -> str:
+            self.sending.set()
+            await self.gate.wait()
+            return await super().send(envelope)
+
+    broker = InMemoryBroker()
+    dp, outbox, _, _ = shop(db, broker)
+    transport = Gated(broker)
+    dp.transport = transport
+    await db.create_tables()
+    relay = outbox.relay(dp, db.sessions, poll=10)  # only the wake-ups and the last pass send
+    async with dp:
+        await dp.execute(CreateUser("ada"))
+        running = asyncio.create_task(relay.run())
+        await transport.sending.wait()  # the first pass is sending ada
+        await relay.stop()
+        await relay.stop()  # twice: the same
+        await dp.execute(CreateUser("bob"))  # committed during the pass: for the last one
+        transport.gate.set()
+        await running
+        assert await relay.send_pending() == 0
+    assert [envelope.body for envelope in transport.sent] == [b'{"name":"ada"}', b'{"name":"bob"}']
+    assert relay.sent == 2
+    assert relay.failed == 0
+    assert await count(db, outbox.table, outbox.table.c.sent_at.is_(None)) == 0
