@@ -66,9 +66,9 @@ async def raw(url: str, count: int) -> tuple[float, float]:
     return produced - start, consumed - produced
 
 
-async def pybus_e2e(url: str, count: int, prefetch: int | None) -> tuple[float, float]:
-    producer = Dispatcher(transport=RedisTransport(url, group="producer"))
-    producer.route(Tick, name="bench.tick")
+def counting_worker(url: str, count: int) -> tuple[Dispatcher, asyncio.Event]:
+    """The benchmarks' worker: consumer "c" of group "bench", whose handler counts the ticks;
+    the event is set once it has handled `count` of them."""
     handled = 0
     done = asyncio.Event()
     worker = Dispatcher(transport=RedisTransport(url, group="bench", consumer="c"))
@@ -80,6 +80,14 @@ async def pybus_e2e(url: str, count: int, prefetch: int | None) -> tuple[float, 
         handled += 1
         if handled == count:
             done.set()
+
+    return worker, done
+
+
+async def pybus_e2e(url: str, count: int, prefetch: int | None) -> tuple[float, float]:
+    producer = Dispatcher(transport=RedisTransport(url, group="producer"))
+    producer.route(Tick, name="bench.tick")
+    worker, done = counting_worker(url, count)
 
     async def publisher(first: int, step: int) -> None:
         for n in range(first, count, step):

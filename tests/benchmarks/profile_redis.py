@@ -34,7 +34,7 @@ from pybus import Dispatcher
 from pybus.codec import JsonCodec
 from pybus.redis_streams import RedisTransport
 from pybus.transport import Envelope, Transport
-from tests.benchmarks.bench_redis import Tick, all_acked
+from tests.benchmarks.bench_redis import Tick, all_acked, counting_worker
 from tests.redis_server import redis_server
 
 
@@ -56,18 +56,7 @@ async def commandstats(client: Any) -> dict[str, tuple[int, int]]:
 
 
 async def consume_from_redis(url: str, count: int) -> dict[str, Any]:
-    handled = 0
-    done = asyncio.Event()
-    worker = Dispatcher(transport=RedisTransport(url, group="bench", consumer="c"))
-    worker.route(Tick, name="bench.tick")
-
-    @worker.events.register(Tick)
-    async def count_it(event: Tick) -> None:
-        nonlocal handled
-        handled += 1
-        if handled == count:
-            done.set()
-
+    worker, done = counting_worker(url, count)
     transport = worker.transport
     assert isinstance(transport, RedisTransport)
     trips: Counter[str] = Counter()
