@@ -404,7 +404,9 @@ class Relay:
 
     async def send_pending(self) -> int:
         """One pass: send up to `batch` rows; return how many were sent. The passes of
-        one relay never overlap: called during a pass, it waits for that pass to end."""
+        one relay never overlap: called during a pass, it waits for that pass to end.
+        A send that fails is raised once the rows sent are marked (several: in an
+        `ExceptionGroup`)."""
         async with self._passing:
             return await self._pass()
 
@@ -444,8 +446,14 @@ class Relay:
             if sent:
                 await session.execute(update(table).where(table.c.id.in_(sent)).values(sent_at=_now()))
         self.sent += len(sent)
-        if failures:
+        if len(failures) == 1:
             raise failures[0]
+        if failures:  # each chain stopped at its own failure: every one is raised
+            raise ExceptionGroup(
+                f"{len(failures)} sends of the outbox relay failed (their rows, and the rows of "
+                "their ordering keys after them, stay unsent for the next pass)",
+                failures,
+            )
         return len(sent)
 
     async def _sendable(self, session: AsyncSession, rows: Sequence[Any]) -> list[Any]:

@@ -308,7 +308,7 @@ async def test_a_send_that_fails_mid_batch_marks_what_was_sent_and_keeps_the_res
     class Failing(Recording):
         async def send(self, envelope: Envelope) -> str:
             if len(self.sent) == 2:
-                raise ConnectionError("the broker went away")
+                raise ConnectionError(f"the broker went away before {envelope.body.decode()}")
             return await super().send(envelope)
 
     broker = InMemoryBroker()
@@ -319,8 +319,14 @@ async def test_a_send_that_fails_mid_batch_marks_what_was_sent_and_keeps_the_res
     async with dp:
         for name in ("ada", "bob", "cy", "dee"):
             await dp.execute(CreateUser(name))
-        with pytest.raises(ConnectionError, match="the broker went away"):
+        with pytest.raises(ExceptionGroup, match="2 sends of the outbox relay failed") as raised:
             await relay.send_pending()
+    # Each failed send is raised (rows without a key are sent at once: cy and dee both failed).
+    assert sorted(str(error) for error in raised.value.exceptions) == [
+        'the broker went away before {"name":"cy"}',
+        'the broker went away before {"name":"dee"}',
+    ]
+    assert all(isinstance(error, ConnectionError) for error in raised.value.exceptions)
     assert relay.sent == 2
     assert await count(db, outbox.table, outbox.table.c.sent_at.is_(None)) == 2  # sent again later, once
 
