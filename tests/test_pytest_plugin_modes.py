@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 
 APP = """
+import asyncio
 from dataclasses import dataclass
 from pybus import Dispatcher
+
+remembered = []
 
 @dataclass(frozen=True)
 class Greet:
@@ -34,7 +37,10 @@ def create_dispatcher() -> Dispatcher:
         return f"hello {cmd.name}"
 
     @dp.commands.register(Remember)
-    async def remember(cmd: Remember) -> None: ...
+    async def remember(cmd: Remember) -> None:
+        for _ in range(3):  # still in flight when the test returns: the teardown drains it
+            await asyncio.sleep(0)
+        remembered.append(cmd.name)
 
     return dp
 
@@ -44,20 +50,26 @@ ready = create_dispatcher()  # a dispatcher made at import: refused as pybus_app
 TESTS = """
 import asyncio
 import pytest
-from shop import Greet, Remember
+from pybus.lifecycle import State
+from shop import Greet, Remember, remembered
 
 HEADER
 loops = []
+dispatchers = []
 
 MARK
 async def test_the_apps_dispatcher_is_started(pybus_dispatcher):
     loops.append(asyncio.get_running_loop())
+    dispatchers.append(pybus_dispatcher)
     assert pybus_dispatcher.started
     assert await pybus_dispatcher.execute(Greet("ada")) == "hello ada"
 
 MARK
 async def test_each_test_gets_a_new_one(pybus_dispatcher, pybus_track):
     loops.append(asyncio.get_running_loop())
+    # The first test's dispatcher was drained and stopped after it.
+    assert dispatchers[0].state is State.STOPPED and remembered == ["ada"]
+    assert pybus_dispatcher is not dispatchers[0]
     session = await pybus_track().execute(Greet("bob"))
     assert session.result == "hello bob"
     assert session.handled.of_type(Remember) == [Remember("bob")]
@@ -125,7 +137,7 @@ def write(tmp_path: Path, mode: str, app: str = "shop:create_dispatcher", tests:
     tests = tests.replace("HEADER", chosen.header).replace("MARK", chosen.mark)
     tests = tests.replace("SAME_LOOP", str(chosen.same_loop))
     if "held" in chosen.header:
-        tests = tests.replace("(pybus_dispatcher", "(held, pybus_dispatcher")
+        tests = re.sub(r"(async def test_\w+\()", r"\1held, ", tests)
     (tmp_path / "test_shop.py").write_text(tests)
     (tmp_path / "pytest.ini").write_text(f"[pytest]\npybus_app = {app}\n{chosen.ini}\n")
 
