@@ -13,14 +13,15 @@ import asyncio
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from pybus import Dispatcher
+from pybus import Dispatcher, TransportError
 from pybus.codec import default_name
 from pybus.redis_streams import RedisTransport
-from pybus.redis_wire import entry_fields
+from pybus.redis_wire import SHA, entry_fields
 from pybus.transport import Envelope
 from tests.consuming import consuming, until
-from tests.test_redis_streams import KEY, Paid, raw
+from tests.test_redis_streams import KEY, Paid, publish, raw
 
 NAME = default_name(Paid)
 STREAMS = pytest.mark.parametrize("streams", [1, 2], ids=["one stream", "several streams"])
@@ -125,4 +126,37 @@ async def test_an_entry_requeued_for_another_group_is_acked_without_being_handle
             await consumer.transport.flush()
     assert seen == [2]
     await producer.aclose()
+    await client.aclose()
+
+
+async def test_entries_whose_check_failed_after_the_read_come_with_the_next_read_once(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One stream's read takes its entries (`XREADGROUP`, a delivery counted), then checks
+    them in a second round trip: when that one fails, the read raises and the entries wait
+    here, handed out by the next read as they were (their first delivery), not claimed
+    after `claim_idle` as a second one."""
+    await publish(redis_url, 2)
+    transport = RedisTransport(redis_url, group="billing", consumer="w1", claim_interval=60)
+    execute = transport._execute
+    failing = [1]
+
+    async def failing_check(commands: Any, connected: Any = None) -> list[Any]:
+        if failing and any(command[:2] == ("EVALSHA", SHA["check"]) for command in commands):
+            failing.pop()
+            raise RedisConnectionError("the connection dropped")
+        return await execute(commands, connected)
+
+    monkeypatch.setattr(transport, "_execute", failing_check)
+    with pytest.raises(TransportError, match="the connection dropped"):
+        await transport.receive([NAME], max_count=10, wait=1.0)
+    taken = await transport.receive([NAME], max_count=10, wait=1.0)
+    assert [(envelope.body, envelope.attempt) for envelope in taken] == [(b'{"n":0}', 1), (b'{"n":1}', 1)]
+    client = raw(redis_url)
+    delivered = await client.xpending_range(KEY, "billing", min="-", max="+", count=10)
+    assert [item["times_delivered"] for item in delivered] == [1, 1]
+    for envelope in taken:
+        await transport.ack(envelope)
+    await transport.aclose()
+    assert (await client.xpending(KEY, "billing"))["pending"] == 0
     await client.aclose()
