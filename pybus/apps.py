@@ -23,11 +23,11 @@ import inspect
 import os
 import sys
 import traceback
-import typing
 from dataclasses import dataclass
 from typing import Any
 
 from pybus.dispatcher import Dispatcher
+from pybus.handlers import _hints
 
 
 class UsageError(Exception):
@@ -276,18 +276,17 @@ def _may_build(value: object) -> bool:
 
 
 def _returns_dispatcher(function: Any) -> bool:
-    """Whether `function`'s return annotation is Dispatcher (or a subclass). Annotations that do
-    not resolve (a name imported only for type checkers) are read as written: `Dispatcher`,
-    `pybus.Dispatcher`."""
-    try:
-        hint = typing.get_type_hints(function).get("return")
-    except Exception:
+    """Whether `function`'s return annotation is Dispatcher (or a subclass), resolved on its own
+    (a parameter's annotation that does not resolve does not hide it). One that does not resolve
+    (a name imported only for type checkers) is read as written: `Dispatcher`, `pybus.Dispatcher`."""
+    hints, unresolved = _hints(function)
+    if "return" in unresolved:
         try:
             hint = function.__annotations__.get("return")
         except Exception:  # pragma: no cover - Python 3.14 evaluates them here, and one failed
             return False
-        if isinstance(hint, str):
-            return hint.strip().strip("'\"").rpartition(".")[2] == "Dispatcher"
+        return isinstance(hint, str) and hint.strip().strip("'\"").rpartition(".")[2] == "Dispatcher"
+    hint = hints.get("return")
     return isinstance(hint, type) and issubclass(hint, Dispatcher)
 
 

@@ -545,6 +545,31 @@ def test_a_factory_is_found_by_its_annotation_even_when_the_others_do_not_resolv
     assert load_app("lazyapp") [0] == "lazyapp:make"  # fmt: skip
 
 
+def test_a_factory_returning_a_subclass_is_found_when_a_parameters_annotation_does_not_resolve(
+    project: Path,
+) -> None:
+    write_module(project, "subbus.py", """\
+        from __future__ import annotations
+
+        from typing import TYPE_CHECKING
+
+        import pybus
+
+        if TYPE_CHECKING:
+            from shop.settings import Settings  # only for type checkers: does not resolve
+
+
+        class ShopBus(pybus.Dispatcher):
+            pass
+
+
+        def make(settings: Settings | None = None) -> ShopBus:
+            return ShopBus()
+        """)  # fmt: skip
+    name, dp = load_app("subbus")
+    assert (name, type(dp).__name__) == ("subbus:make", "ShopBus")
+
+
 @pytest.mark.parametrize(
     ("source", "error"),
     [
