@@ -347,14 +347,14 @@ class Relay:
         self.dp = dp
         self.sessions = sessions
         self.batch = whole_number("batch", batch, 1)
-        for name, value, least in (
-            ("poll", poll, 0.0),
-            ("keep_sent", keep_sent, -1.0),
-            ("cleanup_every", cleanup_every, 0.0),
+        for name, value, zero_too in (
+            ("poll", poll, False),
+            ("keep_sent", keep_sent, True),
+            ("cleanup_every", cleanup_every, False),
         ):
-            if not (positive_seconds(value) or (least < 0 and value == 0)):
+            if not (positive_seconds(value) or (zero_too and value == 0 and not isinstance(value, bool))):
                 raise ImproperlyConfigured(
-                    f"relay({name}={value!r}): a number of seconds > 0" + (" (or 0)" if least < 0 else "")
+                    f"relay({name}={value!r}): a number of seconds > 0" + (" (or 0)" if zero_too else "")
                 )
         self.poll = float(poll)
         self.keep_sent = float(keep_sent)
@@ -488,9 +488,12 @@ class Relay:
         return [row for row in rows if row["ordering_key"] is None or row["id"] in allowed]
 
     async def cleanup(self) -> int:
-        """Delete rows sent more than `keep_sent` seconds ago; return how many."""
+        """Delete rows sent more than `keep_sent` seconds ago; return how many (`inf`: none)."""
         table = self.outbox.table
-        before = _now() - dt.timedelta(seconds=self.keep_sent)
+        try:
+            before = _now() - dt.timedelta(seconds=self.keep_sent)
+        except OverflowError:  # before the calendar's first day (inf, say): nothing was sent then
+            return 0
         async with self.sessions() as session, session.begin():
             result = await session.execute(delete(table).where(table.c.sent_at < before))
         return int(getattr(result, "rowcount", 0) or 0)

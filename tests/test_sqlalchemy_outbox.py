@@ -637,3 +637,34 @@ async def test_stop_during_a_pass_ends_run_after_one_last_pass_that_sends_what_c
     assert relay.sent == 2
     assert relay.failed == 0
     assert await count(db, outbox.table, outbox.table.c.sent_at.is_(None)) == 0
+
+
+async def test_the_relays_settings_are_checked_when_it_is_made(db: Database) -> None:
+    broker = InMemoryBroker()
+    dp, outbox, _, _ = shop(db, broker)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"batch": 0}, r"batch must be a whole number >= 1, not 0"),
+        ({"poll": 0}, r"relay\(poll=0\): a number of seconds > 0$"),
+        ({"poll": True}, r"relay\(poll=True\): a number of seconds > 0$"),
+        ({"cleanup_every": -1}, r"relay\(cleanup_every=-1\): a number of seconds > 0$"),
+        ({"keep_sent": -1}, r"relay\(keep_sent=-1\): a number of seconds > 0 \(or 0\)"),
+        ({"keep_sent": False}, r"relay\(keep_sent=False\): a number of seconds > 0 \(or 0\)"),
+        ({"keep_sent": float("nan")}, r"relay\(keep_sent=nan\): a number of seconds > 0 \(or 0\)"),
+    ]
+    for given, refused in cases:
+        with pytest.raises(ImproperlyConfigured, match=refused):
+            outbox.relay(dp, db.sessions, **given)
+
+
+async def test_a_keep_sent_longer_than_the_calendar_keeps_every_sent_row(db: Database) -> None:
+    broker = InMemoryBroker()
+    dp, outbox, _, _ = shop(db, broker)
+    await db.create_tables()
+    forever = outbox.relay(dp, db.sessions, keep_sent=float("inf"))
+    ages = outbox.relay(dp, db.sessions, keep_sent=1e12)  # beyond the year 1
+    async with dp:
+        await dp.execute(CreateUser("ada"))
+        await forever.send_pending()
+        assert await forever.cleanup() == 0  # no cutoff before the first day of the calendar
+        assert await ages.cleanup() == 0
+    assert await count(db, outbox.table) == 1
