@@ -542,3 +542,58 @@ async def test_a_thousand_messages_from_two_senders_are_each_handled_once() -> N
             return sorted(done), totals(dp)
 
     assert await agree(scenario) == (list(range(1000)), (0, 0, 1000, 0, 0))
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])
+async def test_a_worker_cancelled_from_outside_at_any_turn_of_a_handling_counts_its_message_once(
+    fails: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lane is cancelled after 0, 1, 2, ... turns of the event loop: in the handler's
+    waits, as it returns or raises, in the error hook's waits, between two handlings. Each
+    time the message is counted once (handled, failed, or unhandled with a warning), join()
+    returns, and the next message is handled by the lane started in its place."""
+
+    async def cancelled_after(turns: int) -> tuple[int, int, int, int, int]:
+        done: list[int] = []
+        heard: list[object] = []
+
+        async def hook(error: BaseException, message: object) -> None:
+            for _ in range(3):
+                await asyncio.sleep(0)
+            heard.append(message)
+
+        dp = Dispatcher(workers=1, on_error=hook)
+
+        @dp.commands.register(Job)
+        async def job(cmd: Job) -> None:
+            if cmd.n == 0:
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                if fails:
+                    raise Boom(cmd.n)
+            done.append(cmd.n)
+
+        caplog.clear()
+        dp.start()
+        await dp.commands.send(Job(0))
+        (lane,) = [task for task in asyncio.all_tasks() if task.get_name() == "pybus-command-worker-0"]
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        lane.cancel()
+        await asyncio.wait([lane])
+        await dp.commands.send(Job(1))  # starts a worker in its place
+        await asyncio.wait_for(dp.join(), 5)
+        counts = totals(dp)
+        queued, in_flight, handled, failed, unhandled = counts
+        assert await dp.stop() == unhandled
+        assert (queued, in_flight, handled + failed + unhandled) == (0, 0, 2)
+        assert 1 in done
+        assert done.count(0) == handled - 1  # Job(0) is handled at most once
+        assert len(heard) <= failed  # a hook cut by the cancellation counts the failure too
+        assert caplog.text.count("cancelled from outside while handling Job(n=0") == unhandled
+        return counts
+
+    with caplog.at_level(logging.WARNING, logger="pybus"):
+        outcomes = {await cancelled_after(turns) for turns in range(12)}
+    # Every outcome was met: cut in the handling, and left alone.
+    assert outcomes == ({(0, 0, 1, 1, 0), (0, 0, 1, 0, 1)} if fails else {(0, 0, 2, 0, 0), (0, 0, 1, 0, 1)})
