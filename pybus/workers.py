@@ -11,8 +11,9 @@ Each message runs in a copy of the `contextvars` context taken at `send`, from
 its first step to its last in the one lane that took it.
 
 Every message a pool accepts ends in exactly one of its counters: `handled`,
-`failed` (the error hook was called, and returned) or `unhandled` (still queued,
-or cancelled mid-handling, when the pool was stopped).
+`failed` (the error hook was called, and returned or was cut short by a
+cancellation of its worker) or `unhandled` (still queued, or cancelled
+mid-handling, when the pool was stopped).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class EngineStatistics(_Snapshot):
     """A snapshot of one engine's background work.
 
     `queued`: sent and not yet started (ordering-key backlogs included);
-    `in_flight`: being handled (a failing message until its error hook returned);
+    `in_flight`: being handled (a failing message until its error hook ended);
     `handled` and `failed`: finished since start;
     `active_keys`: ordering keys with a message queued or in flight;
     `unhandled`: dropped or cancelled by `stop()` (or by the loop ending).
