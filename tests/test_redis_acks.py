@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -20,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pybus import TransportError, redis_streams
 from pybus.codec import default_name
-from pybus.consumer import current_envelope
+from pybus.consumer import Consumer, current_envelope
 from pybus.redis_streams import RedisTransport
 from pybus.redis_wire import SHA
 from pybus.transport import Envelope
@@ -42,6 +44,25 @@ def one_in_hand() -> tuple[asyncio.Event, asyncio.Event, Any]:
     return started, release, handle
 
 
+@asynccontextmanager
+async def one_handled_while_one_in_hand(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, ack_delay: float
+) -> AsyncIterator[tuple[Consumer, RedisTransport, asyncio.Event]]:
+    """A consumer (acks delayed up to `ack_delay`) that has handled message 1 while message 0
+    stays in hand until the event yielded is set."""
+    monkeypatch.setattr(redis_streams, "_ACK_DELAY", ack_delay)
+    started, release, handle = one_in_hand()
+    dp = worker(redis_url, handle, claim_interval=60)
+    transport = dp.transport
+    assert isinstance(transport, RedisTransport)
+    async with consuming(dp, wait=30) as consumer:
+        await publish(redis_url, 1)
+        await until(started.is_set)
+        await publish(redis_url, 1, start=1)
+        await until(lambda: consumer.handled == 1)
+        yield consumer, transport, release
+
+
 def envelope(n: int) -> Envelope:
     return Envelope("event", default_name(Paid), b'{"n":%d}' % n, f"id{n}", f"id{n}")
 
@@ -53,16 +74,7 @@ async def entry_ids(client: Any) -> list[bytes]:
 async def test_a_busy_consumers_ack_waits_for_a_round_trip_to_share_and_goes_when_it_is_idle(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(redis_streams, "_ACK_DELAY", 60.0)
-    started, release, handle = one_in_hand()
-    dp = worker(redis_url, handle, claim_interval=60)
-    transport = dp.transport
-    assert isinstance(transport, RedisTransport)
-    async with consuming(dp, wait=30) as consumer:
-        await publish(redis_url, 1)
-        await until(started.is_set)
-        await publish(redis_url, 1, start=1)
-        await until(lambda: consumer.handled == 1)
+    async with one_handled_while_one_in_hand(redis_url, monkeypatch, 60.0) as (consumer, transport, release):
         await until(lambda: transport._read_waiting)  # nothing more goes out: the read waits
         assert [envelope.body for envelope, _ in transport._acks] == [b'{"n":1}']
         assert await pending(redis_url) == 2  # message 1's ack waits: message 0 is in hand
@@ -77,14 +89,7 @@ async def test_a_busy_consumers_ack_waits_for_a_round_trip_to_share_and_goes_whe
 async def test_a_busy_consumers_ack_waits_no_longer_than_the_ack_delay(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(redis_streams, "_ACK_DELAY", 0.05)
-    started, release, handle = one_in_hand()
-    dp = worker(redis_url, handle, claim_interval=60)
-    async with consuming(dp, wait=30) as consumer:
-        await publish(redis_url, 1)
-        await until(started.is_set)
-        await publish(redis_url, 1, start=1)
-        await until(lambda: consumer.handled == 1)
+    async with one_handled_while_one_in_hand(redis_url, monkeypatch, 0.05) as (_, _, release):
         async with asyncio.timeout(2):
             while await pending(redis_url) != 1:  # noqa: ASYNC110 - another process's state
                 await asyncio.sleep(0.005)
@@ -95,17 +100,8 @@ async def test_a_busy_consumers_ack_waits_no_longer_than_the_ack_delay(
 async def test_acks_still_waiting_when_a_consumer_stops_are_sent_before_stop_returns(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(redis_streams, "_ACK_DELAY", 60.0)
-    started, _, handle = one_in_hand()
-    dp = worker(redis_url, handle, claim_interval=60)
-    transport = dp.transport
-    assert isinstance(transport, RedisTransport)
     client = raw(redis_url)
-    async with consuming(dp, wait=30) as consumer:
-        await publish(redis_url, 1)
-        await until(started.is_set)
-        await publish(redis_url, 1, start=1)
-        await until(lambda: consumer.handled == 1)
+    async with one_handled_while_one_in_hand(redis_url, monkeypatch, 60.0) as (consumer, transport, _):
         await until(lambda: transport._read_waiting)
         assert await pending(redis_url) == 2
         assert await consumer.stop(0.1) == 1  # message 0 never finished: given back
