@@ -14,12 +14,12 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pybus.dispatcher import Dispatcher
 from pybus.errors import Kind, key_name
-from pybus.handlers import Handler, callable_name
+from pybus.handlers import Handler, _hints, callable_name
 from pybus.messages import Event
 from pybus.providers import Provider
 from pybus.retry import Retry
@@ -126,11 +126,9 @@ def _is_message(dp: Dispatcher, key: object) -> bool:
 def _returned_types(handler: Handler) -> tuple[list[object], bool]:
     target = handler.target
     func = getattr(target, handler.method) if handler.method else target
-    try:
-        hints = typing.get_type_hints(func)
-    except Exception:  # unresolvable forward references: nothing can be said
-        return [], False
-    if "return" not in hints:
+    # Each annotation resolved on its own: a parameter's that does not resolve leaves the return's.
+    hints, _ = _hints(typing.cast("Callable[..., typing.Any]", func))
+    if "return" not in hints:  # none, or one that does not resolve: nothing can be said
         return [], False
     return _flatten(hints["return"])
 

@@ -319,6 +319,19 @@ def test_return_annotations_are_read_as_the_runtime_publishes_them() -> None:
     assert table[-1].startswith("?: output not fully known")  # ... and the legend explains it
 
 
+def test_a_return_annotation_is_read_when_a_parameters_annotation_does_not_resolve() -> None:
+    def ship(
+        event: Shipped,
+        mailer: NotDefinedAnywhere = None,  # type: ignore[name-defined]  # noqa: F821
+    ) -> Lost:
+        raise AssertionError
+
+    dp = Dispatcher()
+    dp.events.bind(Shipped, ship)
+    (route,) = routes(dp)
+    assert (route.emits, route.output_known) == (["Lost"], True)
+
+
 def test_emits_must_name_message_types() -> None:
     from pybus import HandlerSignatureError
 
