@@ -1,7 +1,9 @@
 """The `pybus` command line (also `python -m pybus`).
 
 Each command takes `module:attribute`, naming a Dispatcher or a callable that
-returns one::
+returns one; the module may be written as a file path (`app/bus.py:dp`) and the
+attribute left out when the module holds one Dispatcher or one factory (see
+`pybus.apps`)::
 
     pybus routes app.bus:dp [--json]
     pybus graph app.bus:create_dispatcher --format mermaid|dot
