@@ -105,17 +105,7 @@ def builders_in(module_name: str) -> list[str]:
     factory found without `:attribute` does (annotated to return one, not async, taking no
     arguments): what to name instead of a dispatcher made at import."""
     module = sys.modules.get(module_name)
-    if module is None:
-        return []
-    return sorted(
-        name
-        for name, value in vars(module).items()
-        if inspect.isfunction(value)
-        and value.__module__ == module_name
-        and not inspect.iscoroutinefunction(value)
-        and _returns_dispatcher(value)
-        and not _required_parameters(value)
-    )
+    return [] if module is None else _factories(module, defined_here=True)[0]
 
 
 def _module_of(name: str, folder: str, base: str | None, attribute: str) -> str:
@@ -224,20 +214,7 @@ def _the_dispatcher(module: Any, module_name: str) -> str:
 def _the_factory(module: Any, module_name: str) -> str:
     """The name of the one function in `module` annotated to return a Dispatcher that can be
     called without arguments; else `UsageError` naming the candidates."""
-    ready: list[str] = []
-    needing: list[str] = []  # annotated, but with parameters pybus cannot fill
-    for name, value in sorted(vars(module).items()):
-        # pybus calls a plain function (a class is not a factory here).
-        if (
-            inspect.isfunction(value)
-            and not inspect.iscoroutinefunction(value)
-            and _returns_dispatcher(value)
-        ):
-            required = _required_parameters(value)
-            if required:
-                needing.append(f"{name}({', '.join(required)})")
-            else:
-                ready.append(name)
+    ready, needing = _factories(module)
     if len(ready) == 1:
         return ready[0]
     if ready:
@@ -262,6 +239,26 @@ def _the_factory(module: Any, module_name: str) -> str:
             f"{module_name}:create_app"
         )
     raise UsageError(f"{text}; name the one to use (or a function that builds it) as {module_name}:attribute")
+
+
+def _factories(module: Any, *, defined_here: bool = False) -> tuple[list[str], list[str]]:
+    """The plain functions of `module` annotated to return a Dispatcher, not async (a class is
+    not a factory here), sorted: the names of those pybus can call without arguments, and those
+    with parameters pybus cannot fill, as `name(parameter, ...)`. With `defined_here`, only the
+    functions defined in `module` itself (not imported into it)."""
+    ready: list[str] = []
+    needing: list[str] = []
+    for name, value in sorted(vars(module).items()):
+        if not inspect.isfunction(value) or inspect.iscoroutinefunction(value):
+            continue
+        if (defined_here and value.__module__ != module.__name__) or not _returns_dispatcher(value):
+            continue
+        required = _required_parameters(value)
+        if required:
+            needing.append(f"{name}({', '.join(required)})")
+        else:
+            ready.append(name)
+    return ready, needing
 
 
 def _may_build(value: object) -> bool:
