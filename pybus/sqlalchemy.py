@@ -47,6 +47,7 @@ try:
         Text,
         and_,
         delete,
+        event,
         exists,
         insert,
         select,
@@ -54,6 +55,7 @@ try:
     )
     from sqlalchemy.exc import IntegrityError
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+    from sqlalchemy.orm import ORMExecuteState
 except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
     raise ImportError(
         f"pybus.sqlalchemy needs SQLAlchemy 2.0 with asyncio ({exc}); "
@@ -196,6 +198,9 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         self._outbox = outbox
         self._dp = dp
         self._claimed = False
+        # Whether a statement ran through the session since the claim (whose own began the
+        # transaction): a unit never entered that ran one lost its writes.
+        self._used_since_claim = False
         self._claim: tuple[str, str] | None = None
 
     async def claim(self, name: str | None = None) -> None:
@@ -247,6 +252,10 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
             await self.session.rollback()
             raise AlreadyHandled(f"{handler} already handled message {context.message_id}") from exc
         self._claimed = True
+        event.listen(self.session.sync_session, "do_orm_execute", self._used)
+
+    def _used(self, state: ORMExecuteState) -> None:
+        self._used_since_claim = True
 
     async def begin(self) -> None:
         if not self.session.in_transaction():
@@ -283,9 +292,10 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
         not ignored (`failing`: the handling already failed, and that failure is raised)."""
         if self._claim is not None and self._outbox._claiming.get(self._claim) is asyncio.current_task():
             del self._outbox._claiming[self._claim]
-        unentered = (
-            not failing and self.state == "new" and self.session.in_transaction() and not self._claimed
-        )
+        if self._claimed:
+            event.remove(self.session.sync_session, "do_orm_execute", self._used)
+        used = self._used_since_claim if self._claimed else self.session.in_transaction()
+        unentered = not failing and self.state == "new" and used
         await self.session.close()
         if unentered:
             raise ImproperlyConfigured(

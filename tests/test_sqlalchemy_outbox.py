@@ -212,6 +212,11 @@ async def test_two_relays_never_send_a_row_twice_and_keep_the_order_of_each_key(
 
 
 @dataclass(frozen=True)
+class Open:
+    pass
+
+
+@dataclass(frozen=True)
 class Charge(Event):
     n: int
 
@@ -400,20 +405,30 @@ async def test_an_app_table_named_like_the_inbox_fails_as_itself(db: Database) -
             await dp.execute(Charge(2))  # another message: its own failure, not "already handled"
 
 
-async def test_writes_through_a_unit_never_entered_are_raised_not_lost(db: Database) -> None:
+@pytest.mark.parametrize("idempotent", [False, True])
+async def test_writes_through_a_unit_never_entered_are_raised_not_lost(
+    db: Database, idempotent: bool
+) -> None:
     outbox = Outbox(db.metadata)
     items = Table("items", db.metadata, Column("n", Integer, primary_key=True))
-    dp = Dispatcher()
+    dp = Dispatcher(context=True)
+    units = outbox.units(dp, db.sessions, idempotent=idempotent)
 
-    @dp.commands.register(Charge, uow=outbox.units(dp, db.sessions))
+    @dp.commands.register(Charge, uow=units)
     async def forgetful(cmd: Charge, uow: SqlAlchemyUnitOfWork) -> None:
         await uow.session.execute(items.insert().values(n=cmd.n))  # outside `async with uow:`
+
+    @dp.commands.register(Open, uow=units)
+    async def idle(cmd: Open, uow: SqlAlchemyUnitOfWork) -> None:
+        pass  # nothing to write: the unit is not needed
 
     await db.create_tables()
     async with dp:
         with pytest.raises(ImproperlyConfigured, match="the unit was never entered"):
             await dp.execute(Charge(1))
+        await dp.execute(Open())
     assert await count(db, items) == 0
+    assert await count(db, outbox.inbox) == 0  # an idempotent one's pair too: a redelivery runs it
 
 
 async def test_two_idempotent_units_in_one_handling_are_refused(db: Database) -> None:
