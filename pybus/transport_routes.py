@@ -112,9 +112,7 @@ class Routing:
         self._kinds = {key: given or route_kind(key, kinds) for key, (_, given) in self.routes.items()}
         found: dict[Kind, Forwarder] = {}
         for kind in ("event", "command", "query"):
-            keys = frozenset(
-                key for key, (_, given) in self.routes.items() if (given or route_kind(key, kinds)) == kind
-            )
+            keys = frozenset(key for key, routed_as in self._kinds.items() if routed_as == kind)
             if keys:
                 forward = functools.partial(self.forward, kind)
                 handlers = {key: route_record(kind, forward, "transport", key) for key in keys}
