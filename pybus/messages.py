@@ -37,7 +37,8 @@ class EventCollector:
     """Mixin for class handlers that collect follow-up events (iambus's abstract handler):
     `add_event(event)` remembers one, `dump_events()` returns them in order and forgets
     them. The dispatcher publishes them once `handle` has succeeded (see follow-up events).
-    A class with `__slots__` must list `"_pybus_events"` in them."""
+    The events are kept in the instance's `__dict__` (the mixin declares no `__slots__`, so
+    every subclass has one)."""
 
     _pybus_events: list[object]
 
