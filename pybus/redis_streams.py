@@ -1018,9 +1018,12 @@ class RedisTransport(Transport):
         connections are closed, which ends the round trips still waiting, and it raises
         `TransportError`; what was not acked or given back stays pending in Redis and
         is claimed again after `claim_idle`. It never relies on one cancellation being
-        delivered (redis-py can swallow one): a wait is cancelled again until it ends."""
+        delivered (redis-py can swallow one): a wait is cancelled again until it ends. A
+        second call, after one that was cancelled or timed out, sends and gives back what
+        is left: the connections open again for it, and close at its end."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
+        self._closed = False  # the acks a close cut short left are sent below
         left: set[asyncio.Task[Any]] = set()
         unclean: BaseException | None = None
         failure: BaseException | None = None  # the give-back's, else an ack round trip's

@@ -16,7 +16,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pybus import Dispatcher, State, TransportError
+from pybus import Dispatcher, State, TransportError, redis_streams
 from pybus.codec import default_name
 from pybus.redis_streams import RedisTransport
 from pybus.redis_wire import SHA
@@ -24,7 +24,7 @@ from pybus.transport import Envelope
 from tests.consuming import consuming, until
 from tests.redis_server import redis_server
 from tests.test_redis_recovery import untracked
-from tests.test_redis_streams import Boom, Paid, pending, publish, raw, worker
+from tests.test_redis_streams import KEY, Boom, Paid, pending, publish, raw, worker
 
 #: What a stop may take past its drain timeout with a healthy redis-server: the
 #: give-backs and the last acks, one round trip each, on a machine running the suite.
@@ -254,6 +254,43 @@ async def test_a_send_to_a_stalled_redis_raises_within_its_timeout_though_cancel
             finally:
                 process.send_signal(signal.SIGCONT)
     assert lost_cancellations[0] > 0
+
+
+async def test_a_close_cancelled_while_its_acks_are_in_flight_is_finished_by_the_next_close(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close sends the buffered acks; cancelled meanwhile, it still closes the connections,
+    which cuts that round trip (here before Redis has it). A second aclose() sends them,
+    as the failure it raises says, instead of leaving their messages to be handled again
+    after claim_idle."""
+    monkeypatch.setattr(redis_streams, "_ACK_DELAY", 60.0)
+    await publish(redis_url, 2)
+    transport = RedisTransport(redis_url, group="billing", consumer="w1", claim_interval=60)
+    first, second = await transport.receive([default_name(Paid)], max_count=2, wait=1.0)
+    await transport.ack(first)  # buffered: `second` is still in hand
+    execute, cut = transport._execute, asyncio.Event()
+
+    async def cut_by_the_close(commands: Any, connected: Any = None) -> list[Any]:
+        if cut.is_set() or not all(command[:2] == ("EVALSHA", SHA["ack"]) for command in commands):
+            return await execute(commands, connected)
+        await cut.wait()
+        raise RedisConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(transport, "_execute", cut_by_the_close)
+    closing = asyncio.create_task(transport.aclose())
+    await until(lambda: transport._acks_sent == 1)  # the close sends the ack
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    cut.set()
+    await until(lambda: transport._ack_failure is not None)
+    with pytest.raises(TransportError, match=r"^Could not ack 1 message\(s\): .*sent again"):
+        await transport.aclose()
+    assert not transport._acks
+    client = raw(redis_url)
+    (left,) = await client.xpending_range(KEY, "billing", min="-", max="+", count=10)
+    assert left["message_id"] == second.receipt[1]  # type: ignore[index]
+    await client.aclose()
 
 
 async def test_connections_that_do_not_close_cleanly_are_a_transport_error(redis_url: str) -> None:
