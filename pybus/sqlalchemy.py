@@ -30,6 +30,7 @@ import contextlib
 import contextvars
 import datetime as dt
 import json
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -116,8 +117,10 @@ class Outbox:
             Column("handled_at", DateTime(timezone=True), nullable=False, default=_now),
         )
         self._relays: list[Relay] = []
-        # Inbox names in use, and the registration each belongs to (see `claim`).
-        self._names: dict[str, object] = {}
+        # Per dispatcher, the inbox names in use and the registration each belongs to (see
+        # `claim`): the same handler in two dispatchers (two workers in one process, made by
+        # one factory) shares its name, as it does across processes.
+        self._names: weakref.WeakKeyDictionary[Dispatcher, dict[str, object]] = weakref.WeakKeyDictionary()
         # (message id, inbox name) -> the task claiming it now (two units of one handling).
         self._claiming: dict[tuple[str, str], object] = {}
 
@@ -221,7 +224,7 @@ class SqlAlchemyUnitOfWork(UnitOfWork):
             raise ImproperlyConfigured(
                 f"The inbox name {handler[:60]}... is longer than 255 characters: pass units(name=...)"
             )
-        owner = self._outbox._names.setdefault(handler, registration)
+        owner = self._outbox._names.setdefault(self._dp, {}).setdefault(handler, registration)
         if owner is not registration:
             raise ImproperlyConfigured(
                 f"Two registrations record their handlings in the inbox as {handler!r} ({owner} and "

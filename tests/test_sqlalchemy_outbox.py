@@ -683,3 +683,34 @@ async def test_a_keep_sent_longer_than_the_calendar_keeps_every_sent_row(db: Dat
         assert await forever.cleanup() == 0  # no cutoff before the first day of the calendar
         assert await ages.cleanup() == 0
     assert await count(db, outbox.table) == 1
+
+
+async def test_the_same_handler_in_two_dispatchers_shares_its_inbox_like_two_processes(db: Database) -> None:
+    # One Outbox on the application's metadata, and a factory that makes a dispatcher (as
+    # examples/outbox_worker.py's create_worker): two of them in one process are two
+    # workers of one handler, as two processes would be, not two registrations at odds.
+    charges = Table("charges", db.metadata, Column("n", Integer))
+    outbox = Outbox(db.metadata)
+    runs: list[str] = []
+
+    def create_worker(label: str) -> Dispatcher:
+        dp = Dispatcher(context=True)
+
+        @dp.commands.register(Charge, uow=outbox.units(dp, db.sessions, idempotent=True))
+        async def bill(cmd: Charge, uow: SqlAlchemyUnitOfWork) -> None:
+            runs.append(label)
+            async with uow:
+                await uow.session.execute(charges.insert().values(n=cmd.n))
+
+        return dp
+
+    await db.create_tables()
+    delivery = Envelope("command", "Charge", b"{}", message_id="m1", correlation_id="m1")
+    for label in ("first", "second"):
+        async with create_worker(label) as dp:
+            engine = dp.commands.engine
+            assert engine is not None
+            await engine.deliver(Charge(1), delivery)  # the second finds the first's inbox row
+            await engine.deliver(Charge(2), Envelope("command", "Charge", b"{}", label, label))
+    assert runs == ["first", "first", "second"]
+    assert await count(db, charges) == 3
