@@ -116,7 +116,9 @@ class Outbox:
             Column("handler", String(255), primary_key=True),
             Column("handled_at", DateTime(timezone=True), nullable=False, default=_now),
         )
-        self._relays: list[Relay] = []
+        # The relays to wake, while something else holds them (the dispatcher that serves
+        # one, the task that runs one): a module-level Outbox keeps none of them alive.
+        self._relays: weakref.WeakSet[Relay] = weakref.WeakSet()
         # Per dispatcher, the inbox names in use and the registration each belongs to (see
         # `claim`): the same handler in two dispatchers (two workers in one process, made by
         # one factory) shares its name, as it does across processes.
@@ -172,7 +174,7 @@ class Outbox:
         relay = Relay(
             self, dp, sessions, batch=batch, poll=poll, keep_sent=keep_sent, cleanup_every=cleanup_every
         )
-        self._relays.append(relay)
+        self._relays.add(relay)
         return relay
 
     def wake(self) -> None:

@@ -714,3 +714,23 @@ async def test_the_same_handler_in_two_dispatchers_shares_its_inbox_like_two_pro
             await engine.deliver(Charge(2), Envelope("command", "Charge", b"{}", label, label))
     assert runs == ["first", "first", "second"]
     assert await count(db, charges) == 3
+
+
+async def test_an_outbox_does_not_keep_its_relays_nor_their_dispatchers_alive(db: Database) -> None:
+    # A module-level Outbox outlives the dispatchers and relays a factory makes (per test, say).
+    import gc
+    import weakref
+
+    outbox = Outbox(db.metadata)
+    await db.create_tables()
+    broker = InMemoryBroker()
+    dp = Dispatcher(transport=InMemoryTransport(broker, group="shop"))
+    relay = outbox.relay(dp, db.sessions)
+    async with dp:
+        await relay.send_pending()
+    gone_relay, gone_dp = weakref.ref(relay), weakref.ref(dp)
+    del relay, dp
+    gc.collect()
+    assert gone_relay() is None
+    assert gone_dp() is None
+    outbox.wake()  # no relay left to wake: nothing happens
