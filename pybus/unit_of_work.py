@@ -63,12 +63,15 @@ class UnitOfWork:
         """Publish `event` as a follow-up of this handling once the unit has committed."""
         self._check_open("add_event")
         if getattr(type(event), "pybus_unique", False):
-            if not isinstance(event, Hashable):
+            try:
+                seen = event in self._seen
+            except TypeError as exc:  # no __hash__, or one that fails (a frozen dataclass with a list)
                 raise ImproperlyConfigured(
-                    f"{type(event).__name__} is marked unique but its instances are not hashable; "
-                    "make it a frozen dataclass (or define __hash__) so equal events can be found"
-                )
-            if event in self._seen:
+                    f"{type(event).__name__} is marked unique but its instances are not hashable "
+                    f"({exc}); make it a frozen dataclass of hashable fields (tuples, not lists) or "
+                    "define __hash__, so that equal events can be found"
+                ) from exc
+            if seen:
                 return
             self._seen.add(event)
         self._events.append(event)
