@@ -39,18 +39,16 @@ class Forwarder:
     # A plain class rather than a dataclass, for the cost of `import pybus` (see `pybus.settings`).
     __slots__ = ("forward", "handlers", "keys")
 
+    #: The routed keys: those of `handlers`.
     keys: Final[frozenset[object]]
     forward: Final[Callable[[object], Awaitable[None]]]
     #: Per routed key, the registration-like record the engines name the transport by.
     handlers: Final[Mapping[object, Handler]]
 
     def __init__(
-        self,
-        keys: frozenset[object],
-        forward: Callable[[object], Awaitable[None]],
-        handlers: Mapping[object, Handler],
+        self, forward: Callable[[object], Awaitable[None]], handlers: Mapping[object, Handler]
     ) -> None:
-        self.keys = keys
+        self.keys = frozenset(handlers)
         self.forward = forward
         self.handlers = handlers
 
@@ -112,12 +110,12 @@ class Routing:
         self._kinds = {key: given or route_kind(key, kinds) for key, (_, given) in self.routes.items()}
         found: dict[Kind, Forwarder] = {}
         for kind in ("event", "command", "query"):
-            keys = frozenset(key for key, routed_as in self._kinds.items() if routed_as == kind)
+            keys = [key for key, routed_as in self._kinds.items() if routed_as == kind]
             if keys:
                 forward = functools.partial(self.forward, kind)
                 handlers = {key: route_record(kind, forward, "transport", key) for key in keys}
                 self._handlers.update(handlers.values())
-                found[kind] = Forwarder(keys, forward, handlers)
+                found[kind] = Forwarder(forward, handlers)
         return found
 
     async def forward(self, kind: Kind, message: object) -> None:
