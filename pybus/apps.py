@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pybus.dispatcher import Dispatcher
-from pybus.handlers import _hints
+from pybus.handlers import resolved_hints
 
 
 class UsageError(Exception):
@@ -276,7 +276,7 @@ def _returns_dispatcher(function: Any) -> bool:
     """Whether `function`'s return annotation is Dispatcher (or a subclass), resolved on its own
     (a parameter's annotation that does not resolve does not hide it). One that does not resolve
     (a name imported only for type checkers) is read as written: `Dispatcher`, `pybus.Dispatcher`."""
-    hints, unresolved = _hints(function)
+    hints, unresolved = resolved_hints(function)
     if "return" in unresolved:
         try:
             hint = function.__annotations__.get("return")

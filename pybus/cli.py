@@ -38,7 +38,7 @@ from pybus.apps import build_dispatcher, find_app, relative
 from pybus.apps import load_dispatcher as load_dispatcher
 from pybus.dispatcher import Dispatcher
 from pybus.errors import ImproperlyConfigured, Kind, PyBusError, TransportError, key_name
-from pybus.handlers import _hints
+from pybus.handlers import resolved_hints
 from pybus.routes import Route, message_flow, registrations, routes
 
 if TYPE_CHECKING:
@@ -286,8 +286,8 @@ def _constructor_fields(cls: type) -> dict[str, tuple[object, bool]] | None:
     # Each annotation resolved on its own: one that does not resolve leaves the others checked.
     # The constructor's own annotations first, then the class's (a hand-written __init__ that
     # annotates nothing, below `sku: str` in the class body).
-    init_hints, _ = _hints(getattr(cls, "__init__"))  # noqa: B009 - mypy refuses cls.__init__
-    hints = {**_hints(cls)[0], **init_hints}
+    init_hints, _ = resolved_hints(getattr(cls, "__init__"))  # noqa: B009 - mypy refuses cls.__init__
+    hints = {**resolved_hints(cls)[0], **init_hints}
     fields: dict[str, tuple[object, bool]] = {}
     for parameter in parameters:
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:

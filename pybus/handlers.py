@@ -401,7 +401,7 @@ def _context_params(
 ) -> tuple[tuple[str, ...], dict[str, str]]:
     """The parameters annotated `HandlingContext` (string annotations resolved when they
     can be), and why the annotations that could not be resolved could not, by name."""
-    hints, unresolved = _hints(func)
+    hints, unresolved = resolved_hints(func)
     found: list[str] = []
     for param in params:
         annotation = hints.get(param.name, param.annotation)
@@ -426,7 +426,9 @@ def _context_params(
 _CONTEXT_NAMES = frozenset({"HandlingContext", "pybus.HandlingContext", "pybus.context.HandlingContext"})
 
 
-def _hints(func: Callable[..., Any], *, extras: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+def resolved_hints(
+    func: Callable[..., Any], *, extras: bool = False
+) -> tuple[dict[str, Any], dict[str, str]]:
     """`func`'s resolved annotations, and for those that do not resolve (say, a return type
     imported under `if TYPE_CHECKING:`), why; each annotation is resolved on its own, so one
     that does not resolve leaves the others' as they are."""
@@ -478,7 +480,7 @@ def by_type(
         func = getattr(target, method) if method else None
     if func is None:
         return {}
-    hints, _ = _hints(func, extras=True)
+    hints, _ = resolved_hints(func, extras=True)
     try:
         params = inspect.signature(func).parameters
     except (TypeError, ValueError):  # no signature: nothing to find
@@ -671,7 +673,7 @@ def _check_bound_accepted(
 
 def _check_init(kind: Kind, key: object, name: str, cls: type, bound: Mapping[str, object]) -> None:
     params = list(_signature(kind, key, name, cls).parameters.values())
-    hints, _ = _hints(getattr(cls, "__init__"))  # noqa: B009 - mypy refuses cls.__init__
+    hints, _ = resolved_hints(getattr(cls, "__init__"))  # noqa: B009 - mypy refuses cls.__init__
     for param in params:
         if param.default is _EMPTY and _is_context(hints.get(param.name, param.annotation)):
             raise HandlerSignatureError(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from pybus.dispatcher import Dispatcher
 from pybus.errors import Kind, key_name
-from pybus.handlers import Handler, _hints, callable_name
+from pybus.handlers import Handler, callable_name, resolved_hints
 from pybus.messages import Event
 from pybus.providers import Provider
 from pybus.retry import Retry
@@ -127,7 +127,7 @@ def _returned_types(handler: Handler) -> tuple[list[object], bool]:
     target = handler.target
     func = getattr(target, handler.method) if handler.method else target
     # Each annotation resolved on its own: a parameter's that does not resolve leaves the return's.
-    hints, _ = _hints(typing.cast("Callable[..., typing.Any]", func))
+    hints, _ = resolved_hints(typing.cast("Callable[..., typing.Any]", func))
     if "return" not in hints:  # none, or one that does not resolve: nothing can be said
         return [], False
     return _flatten(hints["return"])
